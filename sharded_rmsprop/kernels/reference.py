@@ -1,0 +1,64 @@
+"""The reference update: torch's own single-tensor RMSprop, one span of a shard at a time.
+
+It runs exactly the operations of ``torch.optim.rmsprop._single_tensor_rmsprop`` in the same
+order and dtype, so parameters come out bit for bit equal to ``torch.optim.RMSprop``. Every
+operation is elementwise, so applying it to a span that covers parts of several parameters
+gives each element the same result as applying it to each parameter alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rmsprop_reference_"]
+
+
+@torch.no_grad()
+def rmsprop_reference_(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    grad_avg: Tensor | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    """Update ``param`` and the state in place; ``grad`` is scratch and gets overwritten.
+
+    ``momentum_buffer`` is required when ``momentum > 0`` and ``grad_avg`` when ``centered``.
+    """
+    if param.is_complex():
+        param, grad, square_avg = (torch.view_as_real(t) for t in (param, grad, square_avg))
+        if momentum_buffer is not None:
+            momentum_buffer = torch.view_as_real(momentum_buffer)
+        if grad_avg is not None:
+            grad_avg = torch.view_as_real(grad_avg)
+
+    if maximize:
+        grad.neg_()
+    if weight_decay != 0:
+        grad.add_(param, alpha=weight_decay)
+
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+
+    if centered:
+        assert grad_avg is not None
+        grad_avg.lerp_(grad, 1 - alpha)
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = square_avg.sqrt()
+    avg.add_(eps)
+
+    if momentum > 0:
+        assert momentum_buffer is not None
+        momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
+        param.add_(momentum_buffer, alpha=-lr)
+    else:
+        param.addcdiv_(grad, avg, value=-lr)

@@ -1,0 +1,223 @@
+"""ShardedRMSprop's behaviour as a torch optimizer: DDP, subgroups, groups, schedulers, state."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sharded_rmsprop import ShardedRMSprop
+from spawn import run_ranks
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(13, 32), nn.Tanh(), nn.Linear(32, 5), nn.LayerNorm(5))
+
+
+def clone_params(params) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+# -- DDP -------------------------------------------------------------------------------------
+
+
+def ddp_on_rank(rank: int, world_size: int) -> dict:
+    """A DDP model stepped by ShardedRMSprop against torch's RMSprop fed the same gradients."""
+    model = DDP(tiny_model())
+    reference = clone_params(model.parameters())
+    options = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)
+    opt = ShardedRMSprop(model.parameters(), **options)
+    ref = torch.optim.RMSprop(reference, **options)
+    losses, equal = [], True
+    generator = torch.Generator().manual_seed(rank)  # each rank its own data
+    for _ in range(5):
+        x = torch.randn(8, 13, generator=generator)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        for p, r in zip(model.parameters(), reference):
+            r.grad = p.grad.clone()  # DDP's averaged gradient
+        opt.step()
+        ref.step()
+        equal &= all(torch.equal(p, r) for p, r in zip(model.parameters(), reference))
+        losses.append(loss.item())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {"equal": equal, "losses": losses, "flat": flat}
+
+
+def test_ddp_model_matches_torch_and_ranks_agree() -> None:
+    results = run_ranks(2, ddp_on_rank)
+    for result in results:
+        assert result["equal"]
+        assert result["losses"][-1] < result["losses"][0]
+    assert torch.equal(results[0]["flat"], results[1]["flat"])
+
+
+# -- subgroups -------------------------------------------------------------------------------
+
+
+def subgroup_on_rank(rank: int, world_size: int) -> dict:
+    """Two independent data-parallel pairs, {0, 1} and {2, 3}, each with its own optimizer."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = pairs[rank // 2]
+    params = [torch.randn(37, generator=torch.Generator().manual_seed(rank // 2)).requires_grad_()]
+    reference = clone_params(params)
+    opt = ShardedRMSprop(params, lr=0.1, momentum=0.5, process_group=group)
+    ref = torch.optim.RMSprop(reference, lr=0.1, momentum=0.5)
+    for step in range(3):
+        grad = torch.full((37,), float(step + 1 + rank // 2))
+        params[0].grad, reference[0].grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    return {
+        "equal": torch.equal(params[0], reference[0]),
+        "state_numel": opt.state[params[0]]["square_avg"].numel(),
+        "param": params[0].detach().clone(),
+    }
+
+
+def test_process_group_may_be_a_subgroup() -> None:
+    results = run_ranks(4, subgroup_on_rank)
+    assert all(r["equal"] for r in results)
+    # 37 elements padded to 64 over a pair: rank 0 of each pair owns 32, rank 1 owns 5
+    assert [r["state_numel"] for r in results] == [32, 5, 32, 5]
+    assert torch.equal(results[0]["param"], results[1]["param"])
+    assert torch.equal(results[2]["param"], results[3]["param"])
+    assert not torch.equal(results[0]["param"], results[2]["param"])
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def memory_on_rank(rank: int, world_size: int) -> dict:
+    model = tiny_model()
+    params = list(model.parameters())
+    opt = ShardedRMSprop(params, momentum=0.9, centered=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    (bucket,) = opt._buckets
+    return {
+        "param_numel": sum(p.numel() for p in params),
+        "shard_numel": bucket.plan.shard_numel,
+        "buffers": {key: t.numel() for key, t in bucket.state.items()},
+        "grad_shard": bucket.grad_shard.numel(),
+        "state_numel": sum(
+            t.numel() for p in params for k, t in opt.state[p].items() if k != "step"
+        ),
+        "shares_storage": all(
+            p.untyped_storage().data_ptr() == bucket.flat.untyped_storage().data_ptr()
+            for p in params
+        ),
+    }
+
+
+def test_state_exists_only_for_the_owned_range() -> None:
+    world_size = 3
+    results = run_ranks(world_size, memory_on_rank)
+    total = results[0]["param_numel"]
+    for r in results:
+        assert r["buffers"] == {
+            "square_avg": r["shard_numel"],
+            "momentum_buffer": r["shard_numel"],
+            "grad_avg": r["shard_numel"],
+        }
+        assert r["grad_shard"] == r["shard_numel"]
+        assert r["shard_numel"] * world_size < total + 16 * world_size * 5  # padding only
+        assert r["shares_storage"]  # parameters are views of the flat buffer, not copies
+    # the per-parameter state views add up to each element exactly once across ranks
+    assert sum(r["state_numel"] for r in results) == 3 * total
+
+
+# -- single-process behaviour (no process group) ----------------------------------------------
+
+
+def test_closure_is_called_with_grad_enabled_and_its_loss_returned() -> None:
+    model = tiny_model()
+    opt = ShardedRMSprop(model.parameters())
+    x = torch.randn(4, 13)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+def test_zero_grad_sets_gradients_to_none() -> None:
+    model = tiny_model()
+    opt = ShardedRMSprop(model.parameters())
+    model(torch.randn(2, 13)).sum().backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lr_scheduler_matches_torch() -> None:
+    params = [torch.randn(50, requires_grad=True)]
+    reference = clone_params(params)
+    opt = ShardedRMSprop(params, lr=0.1)
+    ref = torch.optim.RMSprop(reference, lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3) for o in (opt, ref)]
+    for step in range(7):
+        grad = torch.randn(50, generator=torch.Generator().manual_seed(step))
+        params[0].grad, reference[0].grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] != 0.1
+    assert torch.equal(params[0], reference[0])
+
+
+def test_named_parameters_are_accepted() -> None:
+    model = tiny_model()
+    opt = ShardedRMSprop(model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_add_param_group_continues_like_torch() -> None:
+    first, second = [torch.randn(20, requires_grad=True)], [torch.randn(7, 3, requires_grad=True)]
+    ref_first, ref_second = clone_params(first), clone_params(second)
+    opt = ShardedRMSprop(first, lr=0.05)
+    ref = torch.optim.RMSprop(ref_first, lr=0.05)
+    for step in range(4):
+        if step == 2:
+            opt.add_param_group({"params": second, "momentum": 0.9, "centered": True})
+            ref.add_param_group({"params": ref_second, "momentum": 0.9, "centered": True})
+        for p, r in zip(first + second, ref_first + ref_second):
+            grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            p.grad, r.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, r) for p, r in zip(first + second, ref_first + ref_second))
+    assert opt.param_groups[1]["momentum"] == 0.9 and len(opt.param_groups) == 2
+
+
+def test_state_holds_torch_keys_and_step_counts() -> None:
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = ShardedRMSprop(params, momentum=0.9)
+    params[0].grad = torch.ones(5)
+    opt.step()
+    opt.step()
+    assert set(opt.state[params[0]]) == {"step", "square_avg", "momentum_buffer"}
+    assert opt.state[params[0]]["step"].item() == 2.0
+    assert opt.state[params[0]]["step"].dtype == torch.float32
+    assert params[1] not in opt.state  # never had a gradient: no state, as in torch
+    assert torch.equal(opt.state[params[0]]["square_avg"], torch.full((5,), 1 - 0.99**2))
+
+
+def test_momentum_switched_on_later_starts_from_zero() -> None:
+    params = [torch.randn(10, requires_grad=True)]
+    opt = ShardedRMSprop(params)
+    params[0].grad = torch.ones(10)
+    opt.step()
+    opt.param_groups[0]["momentum"] = 0.9
+    opt.step()
+    assert (opt.state[params[0]]["momentum_buffer"] != 0).all()
