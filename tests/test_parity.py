@@ -36,17 +36,25 @@ SHAPES = {
     torch.float32: [(), (0,), (1,), (3,), (5, 7), (17,), (4, 4, 3), (33, 2), (16,), (40,)],
     torch.float64: [(11,), (2, 3), (1,)],
     torch.bfloat16: [(9,), (6, 5)],
+    torch.complex64: [(5,), (2, 3)],
 }
 STEPS = 6
 
 
-def make_params(seed: int = 0) -> list[torch.Tensor]:
+def random_like(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator):
+    if dtype.is_complex:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def make_params(seed: int = 0, shapes: dict = SHAPES) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     params = []
-    for dtype, shapes in SHAPES.items():
-        for shape in shapes:
-            params.append(torch.randn(shape, generator=generator).to(dtype).requires_grad_())
-    params[2].requires_grad_(False)  # a frozen parameter: never has a gradient
+    for dtype, dtype_shapes in shapes.items():
+        for shape in dtype_shapes:
+            params.append(random_like(shape, dtype, generator).requires_grad_())
+    if len(params) > 2:
+        params[2].requires_grad_(False)  # a frozen parameter: never has a gradient
     return params
 
 
@@ -54,7 +62,7 @@ def set_grads(params: list[torch.Tensor], step: int) -> None:
     """The same gradients on every rank, as DDP would leave them; some are None."""
     generator = torch.Generator().manual_seed(1000 + step)
     for i, param in enumerate(params):
-        grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+        grad = random_like(param.shape, param.dtype, generator)
         skipped = not param.requires_grad or (i + step) % 4 == 0
         param.grad = None if skipped else grad
 
@@ -68,15 +76,15 @@ def two_groups(params: list[torch.Tensor], options: dict) -> list[dict]:
 def first_mismatch(ours: list[torch.Tensor], theirs: list[torch.Tensor], step: int) -> str | None:
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if not torch.equal(a, b):
-            diff = (a.double() - b.double()).abs().max().item()
+            diff = (a - b).abs().max().item()
             return f"step {step}, param {i} {tuple(a.shape)} {a.dtype}: max |diff| {diff:.3e}"
     return None
 
 
-def run_config(options: dict, process_group=None) -> str | None:
-    ours = make_params()
+def run_config(options: dict, shapes: dict = SHAPES) -> str | None:
+    ours = make_params(shapes=shapes)
     theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in ours]
-    opt = ShardedRMSprop(two_groups(ours, options), fused=False, process_group=process_group)
+    opt = ShardedRMSprop(two_groups(ours, options), fused=False)
     ref = torch.optim.RMSprop(two_groups(theirs, options))
     for step in range(STEPS):
         if step == STEPS // 2:  # an LR schedule and an alpha change between steps
@@ -93,8 +101,14 @@ def run_config(options: dict, process_group=None) -> str | None:
     return None
 
 
+# Fewer parameters than ranks, each smaller than any world size.
+FEW_SHAPES = {torch.float32: [(3,), ()]}
+
+
 def parity_on_rank(rank: int, world_size: int) -> dict[str, str | None]:
-    return {name: run_config(options) for name, options in CONFIGS.items()}
+    results = {name: run_config(options) for name, options in CONFIGS.items()}
+    results["few_params"] = run_config(CONFIGS["all+maximize"], FEW_SHAPES)
+    return results
 
 
 @functools.cache
@@ -102,7 +116,7 @@ def parity_results(world_size: int) -> list[dict[str, str | None]]:
     return run_ranks(world_size, parity_on_rank)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [*CONFIGS, "few_params"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_bitwise_parity_with_torch_rmsprop(world_size: int, name: str) -> None:
     for rank, results in enumerate(parity_results(world_size)):

@@ -34,17 +34,17 @@ def rmsprop_reference_(
 
     ``momentum_buffer`` is required when ``momentum > 0`` and ``grad_avg`` when ``centered``.
     """
+    if maximize:
+        grad.neg_()
+    if weight_decay != 0:
+        grad.add_(param, alpha=weight_decay)  # in the complex dtype, as torch does it
+
     if param.is_complex():
         param, grad, square_avg = (torch.view_as_real(t) for t in (param, grad, square_avg))
         if momentum_buffer is not None:
             momentum_buffer = torch.view_as_real(momentum_buffer)
         if grad_avg is not None:
             grad_avg = torch.view_as_real(grad_avg)
-
-    if maximize:
-        grad.neg_()
-    if weight_decay != 0:
-        grad.add_(param, alpha=weight_decay)
 
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 
