@@ -169,9 +169,9 @@ def mean_across_ranks(value: float) -> float:
 def gather_across_ranks(value: int) -> list[int]:
     if not dist.is_initialized():
         return [value]
-    gathered: list[int | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return [int(v) for v in gathered]  # type: ignore[arg-type]
+    everyone = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, torch.tensor([value], dtype=torch.int64))
+    return [int(t) for t in everyone]
 
 
 # ---------------------------------------------------------------------------------------
