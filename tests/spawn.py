@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sharded_rmsprop.distributed import destroy_distributed
+
 
 def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple) -> None:
     torch.set_num_threads(1)
@@ -28,7 +30,7 @@ def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, workdir: str,
         torch.save(result, os.path.join(workdir, f"result{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 240) -> list[Any]:
