@@ -267,26 +267,52 @@ class ShardedRMSprop(Optimizer):
                     )
 
     def _gather_grads(self, bucket: ShardedBucket) -> list[Span]:
-        """Count the step of every parameter with a gradient and copy the owned slices."""
+        """Count the step of every parameter with a gradient and copy the owned slices.
+
+        Every rank sees the same gradients (DDP), so every rank allocates the same state
+        buffers at the same step, whatever it owns.
+        """
         stepped = bucket.positions_with_grad()
-        if stepped:
-            bucket.steps[stepped] += 1
-            for position in stepped:
-                param = bucket.params[position]
-                if param not in self.state:
-                    self.state[param] = bucket.param_state(position)
+        if not stepped:
+            return []
+        bucket.steps[stepped] += 1
+        if self._allocate_state(bucket):
+            self._refresh_state_views(bucket)
+        for position in stepped:
+            param = bucket.params[position]
+            if param not in self.state:
+                self.state[param] = bucket.param_state(position)
         return bucket.gather_grads()
+
+    def _allocate_state(self, bucket: ShardedBucket) -> bool:
+        """Create the buffers the bucket's param groups need; True if any was new."""
+        groups = [self.param_groups[g] for g in bucket.group_indices]
+        needed = {
+            "square_avg": True,
+            "momentum_buffer": any(group["momentum"] > 0 for group in groups),
+            "grad_avg": any(group["centered"] for group in groups),
+        }
+        created = False
+        for key, need in needed.items():
+            if need and key not in bucket.state:
+                bucket.ensure_state(key)
+                created = True
+        return created
 
     def _update(self, bucket: ShardedBucket, spans: list[Span]) -> None:
         """Run the update kernel on each span with its param group's current options."""
         update = select_update(self._fused, bucket.plan.device)
         for span in spans:
             group = self.param_groups[span.group]
-            buffers = self._buffers_for(bucket, group)
+            window = slice(span.start, span.end)
+            momentum_buffer = bucket.state["momentum_buffer"] if group["momentum"] > 0 else None
+            grad_avg = bucket.state["grad_avg"] if group["centered"] else None
             update(
-                bucket.shard[span.start : span.end],
-                bucket.grad_shard[span.start : span.end],
-                *(buffer[span.start : span.end] if buffer is not None else None for buffer in buffers),
+                bucket.shard[window],
+                bucket.grad_shard[window],
+                bucket.state["square_avg"][window],
+                None if momentum_buffer is None else momentum_buffer[window],
+                None if grad_avg is None else grad_avg[window],
                 lr=_as_float(group["lr"]),
                 alpha=group["alpha"],
                 eps=group["eps"],
@@ -295,22 +321,6 @@ class ShardedRMSprop(Optimizer):
                 centered=group["centered"],
                 maximize=group["maximize"],
             )
-
-    def _buffers_for(
-        self, bucket: ShardedBucket, group: dict[str, Any]
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``square_avg``, ``momentum_buffer`` and ``grad_avg`` as ``group`` needs them."""
-        wanted = {
-            "square_avg": True,
-            "momentum_buffer": group["momentum"] > 0,
-            "grad_avg": bool(group["centered"]),
-        }
-        if any(need and key not in bucket.state for key, need in wanted.items()):
-            for key, need in wanted.items():
-                if need:
-                    bucket.ensure_state(key)
-            self._refresh_state_views(bucket)
-        return tuple(bucket.state[key] if need else None for key, need in wanted.items())
 
     def _refresh_state_views(self, bucket: ShardedBucket) -> None:
         for position, param in enumerate(bucket.params):

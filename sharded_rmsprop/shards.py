@@ -65,6 +65,7 @@ class ShardedBucket:
         self.pieces = plan.pieces(rank)
         self._owned_piece = {piece.slot.index: piece for piece in self.pieces}
         self._position = {slot.index: i for i, slot in enumerate(plan.slots)}
+        self.group_indices = sorted({slot.group for slot in plan.slots})
         self.flat = self._flatten_params()
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
