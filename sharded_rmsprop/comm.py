@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -122,3 +122,36 @@ class DataParallelGroup:
                 works.append(_all_gather_into(flat, shards[self.rank], self.group))
         for work in works:
             work.wait()
+
+    def stream_shards(
+        self, shard: Tensor, to: int | None, chunk_numel: int
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Every rank's ``shard``, chunk by chunk, at rank ``to`` (every rank if None).
+
+        Collective: every rank must exhaust the iterator. On receiving ranks it yields
+        ``(flat_start, chunk)``, where ``flat_start`` is the chunk's position in the flat
+        buffer that the shards split (owner ``r``'s shard starts at ``r * shard.numel()``);
+        a chunk is only valid until the next one is yielded. Other ranks yield nothing.
+        """
+        numel = shard.numel()
+        buffer = torch.empty(min(chunk_numel, numel), dtype=shard.dtype, device=shard.device)
+        for owner in range(self.world_size):
+            src = owner if self.group is None else dist.get_global_rank(self.group, owner)
+            for start in range(0, numel, chunk_numel):
+                mine = shard[start : start + chunk_numel]
+                flat_start = owner * numel + start
+                if not self.is_distributed:
+                    yield flat_start, mine
+                elif to is None:
+                    chunk = mine if owner == self.rank else buffer[: mine.numel()]
+                    dist.broadcast(chunk, src, group=self.group)
+                    yield flat_start, chunk
+                elif self.rank == to:
+                    if owner == to:
+                        yield flat_start, mine
+                    else:
+                        dist.recv(buffer[: mine.numel()], src, group=self.group)
+                        yield flat_start, buffer[: mine.numel()]
+                elif self.rank == owner:
+                    dst = to if self.group is None else dist.get_global_rank(self.group, to)
+                    dist.send(mine, dst, group=self.group)

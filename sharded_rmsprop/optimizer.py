@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import checkpoint
 from .comm import DataParallelGroup
 from .kernels import select_update
 from .layout import ParamSpec, plan_buckets
@@ -327,16 +328,40 @@ class ShardedRMSprop(Optimizer):
             if param in self.state:
                 self.state[param] = bucket.param_state(position)
 
-    # -- checkpointing (full and sharded formats come with the checkpoint module) -------------
+    # -- checkpointing ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError(
-            "ShardedRMSprop.state_dict() is not available yet: each rank holds only its "
-            "shard, and the consolidated and sharded checkpoint formats are still to come"
-        )
+        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``.
+
+        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use it (the optimizer is
+        a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
+        reads the ranges it now owns. For torch's own single-file format use
+        :meth:`full_state_dict`. No collectives.
+        """
+        return checkpoint.sharded_state_dict(self)
+
+    def full_state_dict(
+        self, to: int | None = 0, *, chunk_numel: int = checkpoint.DEFAULT_CHUNK_NUMEL
+    ) -> dict[str, Any] | None:
+        """``torch.optim.RMSprop``'s state dict, assembled on rank ``to`` (all ranks if None).
+
+        Its tensors are on the CPU, shaped like the parameters; other ranks get None.
+        ``torch.optim.RMSprop.load_state_dict`` and :meth:`load_state_dict` accept it, and
+        ``torch.load(..., weights_only=True)`` reads it back. The receiving rank needs memory
+        for the output plus one chunk of ``chunk_numel`` elements.
+
+        .. warning::
+            Collective: every rank of the process group must call it.
+        """
+        return checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise NotImplementedError(
-            "ShardedRMSprop.load_state_dict() is not available yet: each rank holds only its "
-            "shard, and the consolidated and sharded checkpoint formats are still to come"
-        )
+        """Load torch's format (from ``torch.optim.RMSprop`` or :meth:`full_state_dict`) or
+        the sharded one (from :meth:`state_dict` through DCP).
+
+        Every rank passes the same state dict and keeps the ranges it owns; the group
+        options come from ``state_dict``, as in torch. Everything is checked before anything
+        is changed: a bad state dict raises ``ValueError`` and leaves the optimizer as it was.
+        No collectives.
+        """
+        checkpoint.load_state_dict(self, state_dict)

@@ -89,13 +89,17 @@ class ShardedBucket:
             buffer = self.state[key] = torch.zeros_like(self.shard)
         return buffer
 
+    def owned_piece(self, position: int) -> Piece | None:
+        """The part of the parameter at ``position`` that this rank owns, if any."""
+        return self._owned_piece.get(self.plan.slots[position].index)
+
     def param_state(self, position: int) -> dict[str, Tensor]:
         """torch-style state of the parameter at ``position`` on this rank.
 
         ``step`` is a 0-d view of its counter; each allocated buffer contributes the owned
         slice (1-D, empty where this rank owns none of the parameter).
         """
-        piece = self._owned_piece.get(self.plan.slots[position].index)
+        piece = self.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         state = {"step": self.steps[position]}
         for key in STATE_KEYS:
