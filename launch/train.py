@@ -1,22 +1,32 @@
-"""Train a small MLP with ``ShardedRMSprop``: the library's first end-to-end job.
+"""Train a small GPT on text with DDP and ``ShardedRMSprop``: the library's end-to-end job.
 
-Run from the repository root, on CPU, with no download:
+Run from the repository root; nothing is downloaded (the default text is CPython's own
+``pydoc_data.topics``, the language reference that ``help()`` shows):
 
-    torchrun --standalone --nproc-per-node 2 launch/train.py
-    python launch/train.py                      # one process, no process group
+    torchrun --standalone --nproc-per-node 2 launch/train.py       # 2 CPU ranks, gloo
+    mpirun -n 2 python launch/train.py                             # the same through MPI
+    srun -n 2 python launch/train.py                               # or Slurm
+    python launch/train.py                                         # one process (a world of 1)
 
-    # options (every field of ``Config`` is a flag; ``--help`` lists them):
-    torchrun --standalone --nproc-per-node 2 launch/train.py \
-        --max-steps 60 --momentum 0.9 --centered
+    # the same command on a GPU machine uses NCCL, one GPU per rank:
+    torchrun --standalone --nproc-per-node 8 launch/train.py --n-layer 6 --n-embd 384 \
+        --block-size 256 --batch-size 64 --max-steps 2000
 
-``torchrun`` may be spelled ``python -m torch.distributed.run``.
+    # other text, RMSprop options, a loss plot, checkpoints every 100 steps and a resume:
+    torchrun --standalone --nproc-per-node 2 launch/train.py --corpus book.txt \
+        --momentum 0.9 --centered --plot loss.png --checkpoint-dir checkpoints
+    torchrun --standalone --nproc-per-node 2 launch/train.py --checkpoint-dir checkpoints \
+        --resume --max-steps 600
 
-The task is a regression onto a fixed random "teacher" MLP: the teacher's weights come from
-a fixed seed, every rank draws its own input batches (generator seeded ``seed + rank``), and
-the student is wrapped in ``DistributedDataParallel`` when a process group exists. Rank 0
-logs the loss averaged over ranks, each rank's optimizer-state bytes beside what a replicated
-``torch.optim.RMSprop`` would hold, and ends with a summary line
-``summary: loss START -> END | ...`` whose END is the final loss.
+``torchrun`` may be spelled ``python -m torch.distributed.run``; every field of ``Config`` is
+a flag (``--help`` lists them). The model is a character-level GPT (``gpt.py``) wrapped in
+``DistributedDataParallel``; each rank draws its own random windows of the training text
+(``text_data.py``). Rank 0 shows a progress bar with the loss (averaged over ranks) and
+tokens/s, logs each rank's optimizer-state bytes beside what a replicated
+``torch.optim.RMSprop`` would hold, and ends with the line
+``summary: train loss START -> END | val loss START -> END | ...``. The other ranks log only
+warnings and errors. Bad input (flags, sizes, a missing corpus, an unreachable master)
+gives a message and a non-zero exit on every rank.
 """
 
 from __future__ import annotations
@@ -28,241 +38,207 @@ import math
 import os
 import sys
 import time
+import types
 import typing
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+# Run from a checkout without installing: the repository root (for ``sharded_rmsprop``) and
+# this folder (for the job's own modules) go on the path.
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE.parent), str(_HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-# Run from a checkout without installing: put the repository root ahead of the script's own
-# folder so ``import sharded_rmsprop`` finds the library next to ``launch/``.
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from gpt import GPT, GPTConfig  # noqa: E402
+from rank_stats import MIB, broadcast_int, mean_over_ranks, report_memory  # noqa: E402
 from sharded_rmsprop import ShardedRMSprop  # noqa: E402
+from sharded_rmsprop.distributed import (  # noqa: E402
+    DistributedContext,
+    detect_launch,
+    distributed,
+)
+from text_data import (  # noqa: E402
+    CharCorpus,
+    CorpusError,
+    TrainBatches,
+    check_fits,
+    load_corpus,
+    val_batches,
+)
+from train_log import Progress, format_rate, setup_logging, write_loss_plot  # noqa: E402
 
 log = logging.getLogger("train")
 
-IN_FEATURES = 32
-OUT_FEATURES = 8
-TEACHER_HIDDEN = 64
-TEACHER_SEED = 20240601  # fixed: every run and every rank learns the same function
-MIB = 1024**2
-_GLOO_DRAIN_S = 0.1  # see shutdown_distributed
+
+class JobError(Exception):
+    """A problem the user can fix; reported as one line and a non-zero exit."""
 
 
 @dataclass
 class Config:
     """Everything the job can be told; each field is a ``--kebab-case`` flag."""
 
-    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=128, metadata={"help": "examples per rank per step"})
-    hidden: int = field(default=256, metadata={"help": "student hidden width"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    # model
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=128, metadata={"help": "model width (a multiple of --n-head)"})
+    block_size: int = field(default=64, metadata={"help": "context length in characters"})
+    # data
+    corpus: str | None = field(
+        default=None, metadata={"help": "UTF-8 text file to train on (default: pydoc_data.topics)"}
+    )
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per rank per step"})
+    eval_windows: int = field(
+        default=256, metadata={"help": "validation windows (spread over the ranks)"}
+    )
+    eval_every: int = field(
+        default=100, metadata={"help": "validation loss every N steps (0: start and end only)"}
+    )
+    # optimization
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps in all"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=60, metadata={"help": "linear warm-up steps"})
+    final_lr_ratio: float = field(
+        default=0.1, metadata={"help": "cosine decay down to this fraction of --lr"}
+    )
     alpha: float = field(default=0.99, metadata={"help": "RMSprop smoothing constant"})
     eps: float = field(default=1e-8, metadata={"help": "RMSprop epsilon"})
-    weight_decay: float = field(default=0.0, metadata={"help": "L2 penalty"})
-    momentum: float = field(default=0.0, metadata={"help": "momentum factor"})
+    weight_decay: float = field(default=0.0, metadata={"help": "RMSprop L2 penalty"})
+    momentum: float = field(default=0.0, metadata={"help": "RMSprop momentum factor"})
     centered: bool = field(default=False, metadata={"help": "centered RMSprop"})
-    seed: int = field(
-        default=0, metadata={"help": "model init seed; rank r draws data with seed + r"}
+    fused: str = field(
+        default="auto",
+        metadata={"help": "fused update kernel", "choices": ("auto", "on", "off")},
     )
-    log_every: int = field(default=20, metadata={"help": "log the loss every this many steps"})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads per rank"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    seed: int = field(
+        default=0, metadata={"help": "init seed; batches come from (seed, rank, step)"}
+    )
+    # run
+    backend: str | None = field(
+        default=None,
+        metadata={"help": "default: nccl with CUDA, else gloo", "choices": ("gloo", "nccl")},
+    )
+    init_timeout: float = field(
+        default=120.0, metadata={"help": "seconds to wait for the other ranks"}
+    )
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per rank (0: torch's)"})
+    log_every: int = field(default=10, metadata={"help": "log a progress line every N steps"})
+    plot: str | None = field(default=None, metadata={"help": "write the loss curve to this PNG"})
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "write sharded checkpoints into this directory"}
+    )
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest checkpoint in --checkpoint-dir"}
+    )
 
 
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(hint: Any) -> Any:
+    """``int`` for ``int``, ``str`` for ``str | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a small MLP on a synthetic teacher task with ShardedRMSprop.",
+        description="Train a character-level GPT with DDP and ShardedRMSprop.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        kind = _value_type(hints[f.name])
         if kind is bool:
             parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
+                _flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
                 help=f.metadata["help"],
             )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(
+                _flag(f.name), type=kind, default=f.default, help=f.metadata["help"],
+                choices=f.metadata.get("choices"),
+            )
     return parser
 
 
-def _validate(parser: argparse.ArgumentParser, config: Config) -> None:
-    for name in ("max_steps", "batch_size", "hidden", "log_every", "threads"):
-        value = getattr(config, name)
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("lr", "eps", "weight_decay", "momentum"):
+def _problems(config: Config) -> list[str]:
+    """What is wrong with ``config``, as messages naming the flags."""
+    problems = []
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_windows",
+                 "max_steps", "log_every"):
+        if getattr(config, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1, got {getattr(config, name)}")
+    for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            problems.append(f"{_flag(name)} must be at least 0, got {getattr(config, name)}")
+    for name in ("lr", "eps", "weight_decay", "momentum", "grad_clip"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value >= 0):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if not 0.0 <= config.alpha <= 1.0:
-        parser.error(f"--alpha must be in [0, 1], got {config.alpha}")
+            problems.append(f"{_flag(name)} must be a finite number >= 0, got {value}")
+    for name in ("alpha", "final_lr_ratio"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            problems.append(f"{_flag(name)} must be in [0, 1], got {getattr(config, name)}")
+    if not 0.0 < config.val_fraction < 1.0:
+        problems.append(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    if config.n_head >= 1 and config.n_embd % config.n_head:
+        problems.append(f"--n-embd {config.n_embd} is not a multiple of --n-head {config.n_head}")
+    if not (math.isfinite(config.init_timeout) and config.init_timeout > 0):
+        problems.append(f"--init-timeout must be a positive number, got {config.init_timeout}")
+    if config.resume and config.checkpoint_dir is None:
+        problems.append("--resume needs --checkpoint-dir")
+    return problems
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """The config from the command line; usage errors exit with status 2, as argparse does."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # unknown flags: argparse prints usage and exits 2
-    config = Config(**vars(args))
-    _validate(parser, config)
+    config = Config(**vars(parser.parse_args(argv)))
+    problems = _problems(config)
+    if problems:
+        parser.error("; ".join(problems))
     return config
 
 
-# ---------------------------------------------------------------------------------------
-# Distributed setup
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join a gloo process group when started by torchrun; return ``(rank, world_size)``."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    dist.init_process_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size()
+def build_model(
+    config: Config, vocab_size: int, ctx: DistributedContext
+) -> DistributedDataParallel:
+    torch.manual_seed(config.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    shape = GPTConfig(vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd)
+    model = GPT(shape).to(ctx.device)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group, then let gloo's worker threads finish before exit.
-
-    A gloo worker thread drops its references to a finished collective's tensors itself,
-    and for tensors created in Python that takes the GIL. If the main thread is already
-    finalizing the interpreter by then (a rank that logs nothing can get there within a
-    millisecond of its last collective), the waiting thread is killed inside a noexcept
-    destructor and the process aborts with "terminate called without an active exception"
-    (SIGABRT; 7 runs in 77 here on torch 2.13 CPU; see pytorch/pytorch#179291). Sleeping
-    with the GIL released hands it to those threads first.
-    """
-    dist.destroy_process_group()
-    time.sleep(_GLOO_DRAIN_S)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
-
-
-def mean_across_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
-
-
-def gather_across_ranks(value: int) -> list[int]:
-    if not dist.is_initialized():
-        return [value]
-    everyone = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, torch.tensor([value], dtype=torch.int64))
-    return [int(t) for t in everyone]
-
-
-# ---------------------------------------------------------------------------------------
-# Task and model
-
-
-class Teacher:
-    """A fixed random two-layer tanh network; its outputs are the regression targets."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(TEACHER_SEED)
-        self.w1 = torch.randn(IN_FEATURES, TEACHER_HIDDEN, generator=g) / math.sqrt(IN_FEATURES)
-        self.b1 = 0.1 * torch.randn(TEACHER_HIDDEN, generator=g)
-        self.w2 = torch.randn(TEACHER_HIDDEN, OUT_FEATURES, generator=g) / math.sqrt(TEACHER_HIDDEN)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x @ self.w1 + self.b1) @ self.w2
-
-
-class BatchStream:
-    """An endless stream of ``(inputs, targets)`` drawn from this rank's own generator."""
-
-    def __init__(self, teacher: Teacher, batch_size: int, seed: int) -> None:
-        self.teacher = teacher
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(self.batch_size, IN_FEATURES, generator=self.generator)
-        return x, self.teacher(x)
-
-
-def build_model(hidden: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    return nn.Sequential(
-        nn.Linear(IN_FEATURES, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, OUT_FEATURES),
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Optimizer memory
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of this rank's optimizer state tensors, each counted by its own ``numel``.
-
-    0-d tensors (the ``step`` counter) are skipped: they are bookkeeping, not per-element
-    state, and the replicated baseline below leaves them out as well.
-    """
-    total = 0
-    for p_state in opt.state.values():
-        for value in p_state.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                total += value.numel() * value.element_size()
-    return total
-
-
-def replicated_rmsprop_bytes(model: nn.Module, config: Config) -> int:
-    """What ``torch.optim.RMSprop`` with these options holds on every rank (0-d step excluded)."""
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    buffers = 1 + int(config.momentum > 0) + int(config.centered)  # square_avg, momentum, grad_avg
-    return param_bytes * buffers
-
-
-def log_memory(per_rank: list[int], replicated: int) -> None:
-    for rank, nbytes in enumerate(per_rank):
-        ratio = nbytes / replicated if replicated else float("nan")
-        log.info(
-            "optimizer state rank %d: %.4f MiB sharded vs %.4f MiB replicated RMSprop (ratio %.3f)",
-            rank, nbytes / MIB, replicated / MIB, ratio,
-        )
-    log.info(
-        "optimizer state all ranks: %.4f MiB sharded vs %.4f MiB replicated",
-        sum(per_rank) / MIB, replicated * len(per_rank) / MIB,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Training
-
-
-def train(config: Config, rank: int, world_size: int) -> float:
-    """Run the job; return the final loss averaged across ranks."""
-    model: nn.Module = build_model(config.hidden, config.seed)
-    if dist.is_initialized():
-        model = DistributedDataParallel(model)
-    opt = ShardedRMSprop(
+def build_optimizer(model: nn.Module, config: Config) -> ShardedRMSprop:
+    """Constructed after DDP, as the library asks: it makes the parameters views of its buffers."""
+    return ShardedRMSprop(
         model.parameters(),
         lr=config.lr,
         alpha=config.alpha,
@@ -270,52 +246,251 @@ def train(config: Config, rank: int, world_size: int) -> float:
         weight_decay=config.weight_decay,
         momentum=config.momentum,
         centered=config.centered,
+        fused={"auto": None, "on": True, "off": False}[config.fused],
     )
-    batches = BatchStream(Teacher(), config.batch_size, config.seed + rank)
-    loss_fn = nn.MSELoss()
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("world size %d, %d parameters, config %s", world_size, n_params, config)
 
-    first_loss = last_loss = float("nan")
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then a cosine down to ``final_lr_ratio``."""
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr * (config.final_lr_ratio + (1.0 - config.final_lr_ratio) * cosine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, checkpoints
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, corpus: CharCorpus, config: Config, ctx: DistributedContext
+) -> float:
+    """Mean validation loss over the fixed validation windows, whatever the world size.
+
+    ``model`` is the bare module: ranks may hold different numbers of windows, so no DDP
+    forward runs here.
+
+    .. warning:: Collective: every rank must call it.
+    """
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss x tokens, tokens
+    for inputs, targets in val_batches(
+        corpus.val, block_size=config.block_size, batch_size=config.batch_size,
+        count=config.eval_windows, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+    ):
+        totals[0] += model(inputs, targets).double() * targets.numel()
+        totals[1] += targets.numel()
+    model.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def resume_step(
+    config: Config, model: nn.Module, opt: torch.optim.Optimizer, ctx: DistributedContext
+) -> int:
+    """Load the newest complete checkpoint (rank 0 chooses); the step it was taken at.
+
+    .. warning:: Collective: every rank must call it.
+    """
+    directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
+    newest = latest_checkpoint(directory) if ctx.is_main else None
+    step = broadcast_int(int(newest.name.split("_")[1]) if newest else -1, ctx.device)
+    if step < 0:
+        log.info("no complete checkpoint in %s: starting from step 0", directory)
+        return 0
+    path = directory / f"step_{step:08d}"
+    loaded = load_checkpoint(path, model, opt)
+    log.info("resumed from %s (step %d)", path, loaded)
+    return loaded
+
+
+def checkpoint_due(step: int, config: Config) -> bool:
+    if config.checkpoint_dir is None:
+        return False
+    every = config.checkpoint_every
+    return step == config.max_steps or (every > 0 and step % every == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class RunRecord:
+    """What the summary and the plot need."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
+    val: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    state_bytes: int = 0  # rank 0's optimizer state
+    replicated_bytes: int = 0
+
+
+def describe_run(
+    config: Config, corpus: CharCorpus, model: nn.Module, ctx: DistributedContext
+) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "world size %d (%s launch, %s backend, %s) | corpus %s: %d train + %d val characters, "
+        "vocabulary %d", ctx.world_size, ctx.launcher, ctx.backend, ctx.device, corpus.source,
+        len(corpus.train), len(corpus.val), corpus.vocab_size,
+    )
+    log.info(
+        "GPT %d layers x %d heads x %d wide, context %d: %.3f M parameters | batch %d x %d "
+        "characters per rank, %d per step | ShardedRMSprop lr %g alpha %g eps %g weight_decay %g"
+        " momentum %g centered %s", config.n_layer, config.n_head, config.n_embd,
+        config.block_size, n_params / 1e6, config.batch_size, config.block_size,
+        tokens_per_step(config, ctx), config.lr, config.alpha, config.eps, config.weight_decay,
+        config.momentum, config.centered,
+    )
+
+
+def tokens_per_step(config: Config, ctx: DistributedContext) -> int:
+    return ctx.world_size * config.batch_size * config.block_size
+
+
+def train_steps(
+    model: DistributedDataParallel,
+    opt: ShardedRMSprop,
+    corpus: CharCorpus,
+    config: Config,
+    ctx: DistributedContext,
+    first_step: int,
+    interactive: bool,
+    record: RunRecord,
+) -> None:
+    """Steps ``first_step`` to ``max_steps``; fills ``record``.
+
+    Everything collective (the loss reduction, validation, checkpoints) happens at steps
+    that every rank computes alike, so the ranks never wait on each other in vain.
+    """
+    batches = TrainBatches(
+        corpus.train, block_size=config.block_size, batch_size=config.batch_size,
+        seed=config.seed, rank=ctx.rank, device=ctx.device,
+    )
+    progress = Progress(
+        first_step=first_step, last_step=config.max_steps, log_every=config.log_every,
+        tokens_per_step=tokens_per_step(config, ctx), interactive=interactive,
+    )
+    pending: list[torch.Tensor] = []  # this rank's losses since the last progress line
     start = time.perf_counter()
-    for step in range(1, config.max_steps + 1):
-        x, y = batches.next()
-        loss = loss_fn(model(x), y)
+    for step in range(first_step, config.max_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        inputs, targets = batches(step)
+        loss = model(inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
+        pending.append(loss.detach())
+        if step == first_step:
+            record.state_bytes, record.replicated_bytes = report_memory(
+                opt, model, momentum=config.momentum, centered=config.centered, device=ctx.device
+            )
+        mean_loss = None
+        if progress.due(step):  # the same steps on every rank: the reduction is collective
+            means = mean_over_ranks(torch.stack(pending))
+            record.steps.extend(range(step - len(means) + 1, step + 1))
+            record.losses.extend(means)
+            mean_loss, pending = means[-1], []
+        progress.update(step, mean_loss)
+        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
+            record.val.append((step, evaluate(model.module, corpus, config, ctx)))
+            log.info("val loss at step %d: %.4f", *record.val[-1])
+        if checkpoint_due(step, config):
+            directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
+            path = save_checkpoint(directory, step, model.module, opt)
+            log.info("checkpoint written to %s", path)
+    record.seconds = time.perf_counter() - start
+    record.tokens = (config.max_steps - first_step + 1) * tokens_per_step(config, ctx)
 
-        if step == 1:
-            log_memory(gather_across_ranks(optimizer_state_bytes(opt)),
-                       replicated_rmsprop_bytes(model, config))
-        if step == 1 or step % config.log_every == 0 or step == config.max_steps:
-            last_loss = mean_across_ranks(loss.item())
-            if step == 1:
-                first_loss = last_loss
-            log.info("step %d/%d loss %.6g", step, config.max_steps, last_loss)
-    elapsed = time.perf_counter() - start
 
+def log_summary(record: RunRecord, config: Config, ctx: DistributedContext) -> None:
+    losses = f"{record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else "n/a"
+    val = f"{record.val[0][1]:.4f} -> {record.val[-1][1]:.4f}"
+    rate = record.tokens / record.seconds if record.seconds > 0 else 0.0
     log.info(
-        "summary: loss %.6g -> %.6g | %d steps in %.2f s | %.1f steps/s | world size %d",
-        first_loss, last_loss, config.max_steps, elapsed, config.max_steps / elapsed, world_size,
+        "summary: train loss %s | val loss %s | %d steps in %.1f s, %s tokens/s | optimizer "
+        "state %.3f MiB per rank vs %.3f MiB replicated | world size %d",
+        losses, val, len(record.losses), record.seconds, format_rate(rate),
+        record.state_bytes / MIB, record.replicated_bytes / MIB, ctx.world_size,
     )
-    return last_loss
+
+
+def train(
+    config: Config, corpus: CharCorpus, ctx: DistributedContext, interactive: bool
+) -> RunRecord:
+    check_fits(corpus, config.block_size, config.batch_size, ctx.world_size)
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_model(config, corpus.vocab_size, ctx)
+    opt = build_optimizer(model, config)
+    describe_run(config, corpus, model, ctx)
+    first_step = resume_step(config, model.module, opt, ctx) + 1 if config.resume else 1
+    record = RunRecord()
+    record.val.append((first_step - 1, evaluate(model.module, corpus, config, ctx)))
+    log.info("val loss at step %d: %.4f", *record.val[0])
+    if first_step <= config.max_steps:
+        train_steps(model, opt, corpus, config, ctx, first_step, interactive, record)
+    else:
+        log.info("the checkpoint is at step %d, past --max-steps: nothing to train", first_step - 1)
+    record.val.append((config.max_steps, evaluate(model.module, corpus, config, ctx)))
+    dist.barrier()  # no rank tears the group down while a peer still talks to it
+    return record
+
+
+def run(config: Config, corpus: CharCorpus, interactive: bool) -> int:
+    """Start the process group, train, tear it down, report; the exit status."""
+    if config.backend == "nccl" and not torch.cuda.is_available():
+        raise JobError("--backend nccl needs CUDA, and torch sees no GPU here; use --backend gloo")
+    with ExitStack() as stack:
+        try:
+            ctx = stack.enter_context(
+                distributed(config.backend, timeout=timedelta(seconds=config.init_timeout))
+            )
+        except (RuntimeError, ValueError) as error:  # no rendezvous, bad launcher variables
+            raise JobError(str(error)) from error
+        record = train(config, corpus, ctx, interactive)
+    log_summary(record, config, ctx)
+    if config.plot and ctx.is_main and record.losses:
+        write_loss_plot(
+            config.plot, record.steps, record.losses, record.val,
+            f"GPT {config.n_layer}x{config.n_embd} on {corpus.source}, {ctx.world_size} "
+            f"rank(s), ShardedRMSprop lr {config.lr}",
+        )
+    final = record.losses[-1] if record.losses else record.val[-1][1]
+    if not math.isfinite(final):
+        log.error("the final loss is not finite: %s", final)
+        return 1
+    return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as the launcher's variables tell it, for logging before init."""
+    try:
+        return detect_launch(os.environ).rank
+    except ValueError:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
-    torch.set_num_threads(config.threads)
-    rank, world_size = init_distributed()
-    setup_logging(rank)
+    handler = setup_logging(_launch_rank())
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     try:
-        final_loss = train(config, rank, world_size)
-    finally:
-        if dist.is_initialized():
-            shutdown_distributed()
-    if not math.isfinite(final_loss):
-        log.error("final loss is not finite: %s", final_loss)
+        # every rank reads and checks the corpus before any rendezvous: all fail alike
+        corpus = load_corpus(config.corpus, config.val_fraction)
+        return run(config, corpus, handler.interactive)
+    except (JobError, CorpusError, NotImplementedError) as error:
+        log.error("%s", error)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
