@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,9 +32,16 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str,
 
 
 def save_checkpoint(
-    directory: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Write ``directory/step_{step:08d}``; ``model`` is the bare module (``ddp.module``).
+
+    ``before_commit`` runs on every rank once its files are written, before the checkpoint
+    gets its final name (the fault-injection tests kill a rank there).
 
     .. warning::
         Collective: every rank must call it.
@@ -42,6 +50,8 @@ def save_checkpoint(
     staging = directory / f"step_{step:08d}.tmp"
     staging.mkdir(parents=True, exist_ok=True)
     dcp.save(_state(model, opt, step), checkpoint_id=staging)
+    if before_commit is not None:
+        before_commit()
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
         if final.exists():  # a run repeated over the same directory

@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import types
@@ -144,6 +145,20 @@ class Config:
     )
     resume: bool = field(
         default=False, metadata={"help": "continue from the newest checkpoint in --checkpoint-dir"}
+    )
+    save_final: str | None = field(
+        default=None, metadata={"help": "rank 0 writes the trained parameters to this file"}
+    )
+    # fault injection, for the tests of restarts under torchrun --max-restarts
+    fail_at_step: int = field(
+        default=0,
+        metadata={"help": "testing: on a job's first attempt the last rank SIGKILLs itself "
+                          "as this step begins (0: never)"},
+    )
+    fail_in_save: bool = field(
+        default=False,
+        metadata={"help": "testing: kill inside the checkpoint save of --fail-at-step instead, "
+                          "after the rank's files are written and before the checkpoint is complete"},
     )
 
 
@@ -306,6 +321,25 @@ def resume_step(
     return loaded
 
 
+def fail_if_told(config: Config, ctx: DistributedContext, step: int, in_save: bool) -> None:
+    """The fault injection of ``--fail-at-step``: SIGKILL, as an out-of-memory killer would."""
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if (
+        first_attempt
+        and step == config.fail_at_step
+        and in_save == config.fail_in_save
+        and ctx.rank == ctx.world_size - 1
+    ):
+        log.warning("fault injection: rank %d kills itself at step %d", ctx.rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_final_parameters(path: str, model: nn.Module, ctx: DistributedContext) -> None:
+    if ctx.is_main:
+        torch.save({name: p.detach().cpu() for name, p in model.named_parameters()}, path)
+        log.info("trained parameters written to %s", path)
+
+
 def checkpoint_due(step: int, config: Config) -> bool:
     if config.checkpoint_dir is None:
         return False
@@ -379,6 +413,7 @@ def train_steps(
     pending: list[torch.Tensor] = []  # this rank's losses since the last progress line
     start = time.perf_counter()
     for step in range(first_step, config.max_steps + 1):
+        fail_if_told(config, ctx, step, in_save=False)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
         inputs, targets = batches(step)
@@ -405,7 +440,10 @@ def train_steps(
             log.info("val loss at step %d: %.4f", *record.val[-1])
         if checkpoint_due(step, config):
             directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
-            path = save_checkpoint(directory, step, model.module, opt)
+            path = save_checkpoint(
+                directory, step, model.module, opt,
+                before_commit=lambda: fail_if_told(config, ctx, step, in_save=True),
+            )
             log.info("checkpoint written to %s", path)
     record.seconds = time.perf_counter() - start
     record.tokens = (config.max_steps - first_step + 1) * tokens_per_step(config, ctx)
@@ -441,6 +479,8 @@ def train(
     else:
         log.info("the checkpoint is at step %d, past --max-steps: nothing to train", first_step - 1)
     record.val.append((config.max_steps, evaluate(model.module, corpus, config, ctx)))
+    if config.save_final:
+        save_final_parameters(config.save_final, model.module, ctx)
     dist.barrier()  # no rank tears the group down while a peer still talks to it
     return record
 

@@ -2,7 +2,8 @@
 
 :func:`init_distributed` reads the launcher's variables once, at the call, and:
 
-- **torchrun** (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): ``env://``;
+- **torchrun** (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): its store, with
+  the keys of each restart kept apart (see :func:`_torchrun_store`);
 - **MPI** (Open MPI's ``OMPI_COMM_WORLD_*``, MPICH/Hydra's and Intel MPI's ``PMI_*``,
   PMIx's ``PMIX_RANK``): through mpi4py, rank 0 picks its address and a free port and
   broadcasts both; the local rank comes from a node-local communicator;
@@ -166,6 +167,27 @@ def _rendezvous_over_mpi(info: LaunchInfo) -> tuple[LaunchInfo, str]:
     return info, f"tcp://{addr}:{port}"
 
 
+def _torchrun_store(info: LaunchInfo, env: Mapping[str, str], timeout: timedelta) -> dist.Store:
+    """torchrun's store, under a key prefix of its own for each restart of the job.
+
+    Under ``--max-restarts`` torchrun keeps its store and ``MASTER_PORT`` across restarts,
+    and ``env://`` reuses the keys of the failed attempt: a restarted rank can read a dead
+    peer's address and fail to connect (torch 2.13, gloo). A prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) keeps every attempt's keys apart.
+    """
+    agent_serves = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        info.master_addr,
+        info.master_port,
+        info.world_size,
+        is_master=not agent_serves and info.rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"sharded_rmsprop/attempt_{attempt}", store)
+
+
 def init_distributed(
     backend: str | None = None,
     *,
@@ -186,11 +208,12 @@ def init_distributed(
     """
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized")
-    info = detect_launch(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    info = detect_launch(env)
     if info.launcher == "mpi":
         info, init_method = _rendezvous_over_mpi(info)
     elif info.launcher == "torchrun":
-        init_method = "env://"  # torchrun's agent may already serve the store on MASTER_PORT
+        init_method = f"tcp://{info.master_addr}:{info.master_port} (torchrun's store)"
     elif info.launcher == "slurm":
         init_method = f"tcp://{info.master_addr}:{info.master_port}"
     else:
@@ -204,12 +227,12 @@ def init_distributed(
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     try:
+        if info.launcher == "torchrun":
+            rendezvous = dict(store=_torchrun_store(info, env, timeout))
+        else:
+            rendezvous = dict(init_method=init_method)
         dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=timeout,
+            backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **rendezvous
         )
     except (RuntimeError, TimeoutError, OSError) as error:  # DistStoreError is a RuntimeError
         raise RuntimeError(
