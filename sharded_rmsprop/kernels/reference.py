@@ -13,6 +13,12 @@ from torch import Tensor
 
 __all__ = ["rmsprop_reference_"]
 
+#: Elements per pass over a long span. Each of torch's operations streams its operands once;
+#: on a 25 M-element span that is main memory every time, while chunks of 1 M elements (20 to
+#: 36 MB for all operands) keep the later operations' reads in cache: about twice as fast on
+#: the CPU here, and bit for bit the same, since every operation is elementwise.
+CHUNK_NUMEL = 1 << 20
+
 
 @torch.no_grad()
 def rmsprop_reference_(
@@ -33,7 +39,20 @@ def rmsprop_reference_(
     """Update ``param`` and the state in place; ``grad`` is scratch and gets overwritten.
 
     ``momentum_buffer`` is required when ``momentum > 0`` and ``grad_avg`` when ``centered``.
+    1-D tensors longer than :data:`CHUNK_NUMEL` are updated chunk by chunk.
     """
+    if param.dim() == 1 and param.numel() > CHUNK_NUMEL:
+        hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                     centered=centered, maximize=maximize)
+        for start in range(0, param.numel(), CHUNK_NUMEL):
+            window = slice(start, start + CHUNK_NUMEL)
+            rmsprop_reference_(
+                param[window], grad[window], square_avg[window],
+                None if momentum_buffer is None else momentum_buffer[window],
+                None if grad_avg is None else grad_avg[window],
+                **hyper,
+            )
+        return
     if maximize:
         grad.neg_()
     if weight_decay != 0:
