@@ -194,7 +194,7 @@ class ShardedRMSprop(Optimizer):
             specs, params, description = self._describe_groups(first)
             plans = plan_buckets(specs, self._ranks.world_size)
             for plan in plans:
-                select_update(self._fused, plan.device)
+                select_update(self._fused, plan.device, plan.dtype)
         except (TypeError, ValueError, RuntimeError):
             del self.param_groups[first:]
             self._ranks.check_same_layout("parameters", None)
@@ -302,7 +302,7 @@ class ShardedRMSprop(Optimizer):
 
     def _update(self, bucket: ShardedBucket, spans: list[Span]) -> None:
         """Run the update kernel on each span with its param group's current options."""
-        update = select_update(self._fused, bucket.plan.device)
+        update = select_update(self._fused, bucket.plan.device, bucket.plan.dtype)
         for span in spans:
             group = self.param_groups[span.group]
             window = slice(span.start, span.end)

@@ -14,6 +14,8 @@ from sharded_rmsprop.checkpoint import dcp_to_torch_format, main as convert_main
 from spawn import run_ranks
 
 OPTIONS = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1)
+# ShardedRMSprop runs its reference update (fused=False) wherever results are compared with
+# torch.optim.RMSprop bit for bit.
 SHAPES = [(7, 5), (3,), (), (0,), (40,), (17, 3)]
 
 
@@ -60,7 +62,7 @@ def assert_same_state(ours: dict, theirs: dict) -> None:
 
 def full_state_on_rank(rank: int, world_size: int, path: str) -> dict:
     params = initial_params()
-    opt = ShardedRMSprop(groups(params), **OPTIONS)
+    opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)
     reference, ref_opt = initial_params(), None
     ref_opt = torch.optim.RMSprop(groups(reference), **OPTIONS)
     for step in range(3):
@@ -93,7 +95,7 @@ def test_full_state_dict_is_torchs_state_dict_and_torch_continues_from_it(tmp_pa
 def load_torch_state_on_rank(rank: int, world_size: int) -> bool:
     params, ref_opt = torch_run(3)
     ours = [p.detach().clone().requires_grad_() for p in params]
-    opt = ShardedRMSprop(groups(ours), lr=0.5)  # options come from the state dict
+    opt = ShardedRMSprop(groups(ours), lr=0.5, fused=False)  # options come from the state dict
     opt.load_state_dict(ref_opt.state_dict())
     for step in range(3, 6):
         step_with_grads([ref_opt, opt], [params, ours], step)
@@ -109,7 +111,7 @@ def test_load_state_dict_from_torch_continues_bit_for_bit() -> None:
 
 def dcp_save_on_rank(rank: int, world_size: int, path: str, steps: int) -> None:
     params = initial_params()
-    opt = ShardedRMSprop(groups(params), **OPTIONS)
+    opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)
     for step in range(steps):
         step_with_grads([opt], [params], step)
     model = {f"p{i}": p.detach() for i, p in enumerate(params)}
@@ -118,7 +120,7 @@ def dcp_save_on_rank(rank: int, world_size: int, path: str, steps: int) -> None:
 
 def dcp_resume_on_rank(rank: int, world_size: int, path: str, steps: int) -> dict:
     params = initial_params()
-    opt = ShardedRMSprop(groups(params), **OPTIONS)  # fresh: never stepped
+    opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)  # fresh: never stepped
     model = {f"p{i}": p.detach() for i, p in enumerate(params)}
     dcp.load({"model": model, "optim": opt}, checkpoint_id=path)  # params load in place
     reference, ref_opt = torch_run(steps)
@@ -165,7 +167,7 @@ def snapshot(opt: ShardedRMSprop) -> list[torch.Tensor]:
 
 def stepped_optimizer() -> tuple[ShardedRMSprop, list[torch.Tensor]]:
     params = initial_params()
-    opt = ShardedRMSprop(groups(params), **OPTIONS)
+    opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)
     for step in range(2):
         step_with_grads([opt], [params], step)
     return opt, params

@@ -49,8 +49,9 @@ def test_duplicate_parameter_is_a_value_error() -> None:
 
 
 def test_fused_true_without_a_kernel_is_a_clear_error() -> None:
-    with pytest.raises(RuntimeError, match="fused=True was requested.*'cpu'"):
-        ShardedRMSprop([torch.zeros(3, requires_grad=True)], fused=True)
+    float64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="fused=True was requested, but the CPU kernel takes.*not torch.float64"):
+        ShardedRMSprop([float64], fused=True)
     with pytest.raises(TypeError, match="fused must be None, True or False"):
         ShardedRMSprop([torch.zeros(3, requires_grad=True)], fused="yes")
 

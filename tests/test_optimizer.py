@@ -28,7 +28,7 @@ def ddp_on_rank(rank: int, world_size: int) -> dict:
     model = DDP(tiny_model())
     reference = clone_params(model.parameters())
     options = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)
-    opt = ShardedRMSprop(model.parameters(), **options)
+    opt = ShardedRMSprop(model.parameters(), **options, fused=False)
     ref = torch.optim.RMSprop(reference, **options)
     losses, equal = [], True
     generator = torch.Generator().manual_seed(rank)  # each rank its own data
@@ -64,7 +64,7 @@ def subgroup_on_rank(rank: int, world_size: int) -> dict:
     group = pairs[rank // 2]
     params = [torch.randn(37, generator=torch.Generator().manual_seed(rank // 2)).requires_grad_()]
     reference = clone_params(params)
-    opt = ShardedRMSprop(params, lr=0.1, momentum=0.5, process_group=group)
+    opt = ShardedRMSprop(params, lr=0.1, momentum=0.5, process_group=group, fused=False)
     ref = torch.optim.RMSprop(reference, lr=0.1, momentum=0.5)
     for step in range(3):
         grad = torch.full((37,), float(step + 1 + rank // 2))
@@ -162,7 +162,7 @@ def test_zero_grad_sets_gradients_to_none() -> None:
 def test_lr_scheduler_matches_torch() -> None:
     params = [torch.randn(50, requires_grad=True)]
     reference = clone_params(params)
-    opt = ShardedRMSprop(params, lr=0.1)
+    opt = ShardedRMSprop(params, lr=0.1, fused=False)
     ref = torch.optim.RMSprop(reference, lr=0.1)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3) for o in (opt, ref)]
     for step in range(7):
@@ -185,7 +185,7 @@ def test_named_parameters_are_accepted() -> None:
 def test_add_param_group_continues_like_torch() -> None:
     first, second = [torch.randn(20, requires_grad=True)], [torch.randn(7, 3, requires_grad=True)]
     ref_first, ref_second = clone_params(first), clone_params(second)
-    opt = ShardedRMSprop(first, lr=0.05)
+    opt = ShardedRMSprop(first, lr=0.05, fused=False)
     ref = torch.optim.RMSprop(ref_first, lr=0.05)
     for step in range(4):
         if step == 2:
@@ -202,7 +202,7 @@ def test_add_param_group_continues_like_torch() -> None:
 
 def test_state_holds_torch_keys_and_step_counts() -> None:
     params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
-    opt = ShardedRMSprop(params, momentum=0.9)
+    opt = ShardedRMSprop(params, momentum=0.9, fused=False)
     params[0].grad = torch.ones(5)
     opt.step()
     opt.step()

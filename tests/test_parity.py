@@ -157,3 +157,53 @@ def mixed_groups_on_rank(rank: int, world_size: int) -> str | None:
 def test_param_groups_with_different_momentum_and_centered(world_size: int) -> None:
     for rank, result in enumerate(run_ranks(world_size, mixed_groups_on_rank)):
         assert result is None, f"rank {rank}: {result}"
+
+
+# -- the fused path (fused=None picks the compiled CPU kernel here) ---------------------------
+
+# The fused kernel computes each element's update in float32 and rounds once per stored value,
+# where torch rounds after every operation (and contracts some into FMAs): float32 results
+# differ by a few ulps per step, bfloat16 ones by up to one bfloat16 ulp (2**-8 relative) per
+# step. Over STEPS steps that stays within these bounds; float64 and complex parameters take
+# the reference path and must match exactly.
+FUSED_TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=STEPS * 2**-8, atol=STEPS * 2**-8),
+    torch.float64: dict(rtol=0, atol=0),
+    torch.complex64: dict(rtol=0, atol=0),
+}
+
+
+def fused_on_rank(rank: int, world_size: int) -> dict[str, str | None]:
+    results = {}
+    for name, options in CONFIGS.items():
+        ours = make_params()
+        theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in ours]
+        opt = ShardedRMSprop(two_groups(ours, options))
+        ref = torch.optim.RMSprop(two_groups(theirs, options))
+        results[name] = None
+        for step in range(STEPS):
+            set_grads(ours, step)
+            set_grads(theirs, step)
+            opt.step()
+            ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            try:
+                torch.testing.assert_close(a, b, **FUSED_TOLERANCE[a.dtype])
+            except AssertionError as error:
+                results[name] = f"param {i} {tuple(a.shape)} {a.dtype}: {error}"
+                break
+    return results
+
+
+def test_default_path_is_fused_on_this_cpu() -> None:
+    from sharded_rmsprop.kernels import rmsprop_cpu_fused_, select_update
+
+    assert select_update(None, torch.device("cpu"), torch.float32) is rmsprop_cpu_fused_
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_fused_path_matches_torch_within_float32_rounding(world_size: int) -> None:
+    for rank, results in enumerate(run_ranks(world_size, fused_on_rank)):
+        for name, result in results.items():
+            assert result is None, f"rank {rank}, {name}: {result}"

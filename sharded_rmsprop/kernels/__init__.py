@@ -1,7 +1,14 @@
 """Update kernels: functions of tensors and keyword-only hyperparameters, nothing else.
 
 Every kernel has the signature of :func:`rmsprop_reference_`, updates in place, returns
-``None`` and never touches ``torch.distributed``.
+``None`` and never touches ``torch.distributed``:
+
+- :func:`rmsprop_reference_`: torch's own operations, bit for bit ``torch.optim.RMSprop``;
+- :func:`rmsprop_triton_`: one Triton kernel, one pass over memory (CUDA);
+- :func:`rmsprop_cpu_fused_`: one compiled C++ loop, one pass over memory (CPU).
+
+The fused kernels compute in float32 for float32, bfloat16 and float16 parameters; other
+dtypes (float64, complex) always take the reference path.
 """
 
 from __future__ import annotations
@@ -10,23 +17,53 @@ from typing import Callable
 
 import torch
 
+from .cpu_fused import SUPPORTED_DTYPES as _CPU_FUSED_DTYPES
+from .cpu_fused import cpu_fused_available, cpu_fused_preferred, rmsprop_cpu_fused_
 from .reference import rmsprop_reference_
+from .triton_rmsprop import _SUPPORTED_DTYPES as _TRITON_DTYPES
+from .triton_rmsprop import rmsprop_triton_, triton_available
 
-__all__ = ["UpdateFn", "rmsprop_reference_", "select_update"]
+__all__ = [
+    "UpdateFn",
+    "rmsprop_cpu_fused_",
+    "rmsprop_reference_",
+    "rmsprop_triton_",
+    "select_update",
+]
 
 UpdateFn = Callable[..., None]
 
 
-def select_update(fused: bool | None, device: torch.device) -> UpdateFn:
-    """The update to run on shards that live on ``device``.
+def _fused_for(device: torch.device, dtype: torch.dtype) -> tuple[UpdateFn | None, str]:
+    """The fused kernel for ``device`` and ``dtype``, or None and the reason there is none."""
+    if device.type == "cuda":
+        if dtype not in _TRITON_DTYPES:
+            return None, f"the Triton kernel takes float32, bfloat16 and float16, not {dtype}"
+        if not triton_available(device):
+            return None, "triton is not installed"
+        return rmsprop_triton_, ""
+    if device.type == "cpu":
+        if dtype not in _CPU_FUSED_DTYPES:
+            return None, f"the CPU kernel takes float32, bfloat16 and float16, not {dtype}"
+        if not cpu_fused_available():
+            return None, "the CPU kernel could not be built (see the warning above)"
+        return rmsprop_cpu_fused_, ""
+    return None, f"there is no fused kernel for device type '{device.type}'"
 
-    ``fused=False`` always gives the reference path; ``None`` the fastest available one;
-    ``True`` a fused kernel or an error saying why there is none.
+
+def select_update(fused: bool | None, device: torch.device, dtype: torch.dtype) -> UpdateFn:
+    """The update for shards of ``dtype`` on ``device``.
+
+    ``fused=False`` gives the reference path; ``None`` the fused kernel where there is one,
+    else the reference path; ``True`` the fused kernel or a ``RuntimeError`` saying why not.
     """
+    if fused is False:
+        return rmsprop_reference_
+    kernel, reason = _fused_for(device, dtype)
+    if kernel is rmsprop_cpu_fused_ and fused is None and not cpu_fused_preferred(dtype):
+        return rmsprop_reference_  # 16-bit on a CPU without AVX2: torch's ops are faster
+    if kernel is not None:
+        return kernel
     if fused:
-        raise RuntimeError(
-            f"fused=True was requested, but no fused RMSprop kernel is available for "
-            f"device type '{device.type}' in this version of sharded_rmsprop; "
-            f"pass fused=None or fused=False to use the reference update"
-        )
+        raise RuntimeError(f"fused=True was requested, but {reason}; pass fused=None or False")
     return rmsprop_reference_

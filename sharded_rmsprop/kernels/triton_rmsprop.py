@@ -1,0 +1,323 @@
+"""The fused RMSprop update as one Triton kernel: one pass over a shard, fp32 math.
+
+:func:`rmsprop_triton_` has the signature and the semantics of
+:func:`~sharded_rmsprop.kernels.reference.rmsprop_reference_` (``torch.optim.RMSprop``'s
+algorithm), but does the whole update in a single kernel launch: every element of ``param``,
+``grad`` and ``square_avg`` (and ``momentum_buffer`` / ``grad_avg`` when enabled) is read once
+and every result is written once. The eager reference runs 5 to 9 torch operations, each a full
+pass over memory with its own intermediate; the update is purely memory-bound, so the fused pass
+is the fastest it can be.
+
+**Bytes per element** (fp32 storage; half of it for bfloat16 and float16):
+
+- plain: reads param, grad, square_avg (12 B), writes param, square_avg (8 B): **20 B**;
+- momentum *or* centered: also reads and writes momentum_buffer or grad_avg: **28 B**;
+- momentum *and* centered: both: **36 B**.
+
+``grad`` is read and never written (the reference uses it as scratch; here the negation and the
+weight decay live in registers), so it costs 4 B, not 8.
+
+**Why fp32 math.** Every element is loaded, converted to float32, updated entirely in float32 and
+rounded once to the storage dtype on the store. For bfloat16 and float16 storage this is *more*
+accurate than the eager path, which rounds to the storage dtype after each of its operations
+(``g*g``, the square root, ``g/avg``, ... each lose up to half an ulp of an 8- or 11-bit mantissa)
+and can even overflow where float32 does not (``eps=1e-8`` is 0 in float16); here only the stored
+state is rounded. For float32 storage it is the eager path's precision: the same operations in the
+same order, each rounded as an IEEE float32 operation, so the results agree to a few ulps, not bit
+for bit (torch's kernels contract some ``a*b + c`` into FMAs; the reference path is the one with
+bitwise parity). The division and the square root are the IEEE round-to-nearest ones
+(``div_rn``, ``sqrt_rn``), not the approximate ones Triton's ``/`` and ``tl.sqrt`` may lower to,
+and the launch disables FMA contraction: the compiled kernel then computes exactly what Triton's
+interpreter computes, so the CPU tests check the GPU's bits. float64 is rejected: the caller runs
+the reference path for it.
+
+**No recompilation on a schedule.** The option switches (``WEIGHT_DECAY``, ``MOMENTUM``,
+``CENTERED``, ``MAXIMIZE``) are ``tl.constexpr``: each combination compiles once, with dead branches
+removed. The numbers (``lr``, ``alpha``, ``1 - alpha``, ``eps``, ``weight_decay``, ``momentum``)
+are runtime arguments annotated ``tl.float32``: Triton neither specialises a float-annotated
+argument on its value nor retypes it (an ``int`` equal to 1 *would* be specialised, and a bare
+``0`` would change the signature to ``i32``), and the wrapper passes ``float(...)`` anyway. An LR
+scheduler changing ``lr`` every step therefore reuses the compiled kernel. ``n_elements`` keeps
+Triton's default specialisation (divisible by 16 or not), which enables vectorised access on the
+padded shards and adds at most a couple of variants per option set.
+
+**Interpreter.** With ``TRITON_INTERPRET=1`` Triton runs kernels in numpy on the host, which CI uses
+to test this math on CPU tensors. ``triton.jit`` decides between the compiled and the interpreted
+kernel *when it decorates* a function, so a module-level ``@triton.jit`` would be frozen by
+whatever the environment said at import time. Instead the kernel body is a plain function that is
+wrapped by ``triton.jit`` lazily, once per mode, and the mode is read from Triton's own knob at
+each call: setting or unsetting ``TRITON_INTERPRET`` at any time (a test fixture, for instance)
+takes effect on the next call, whatever the import order.
+
+Offsets are computed in int64 (``program_id`` is widened before multiplying by ``BLOCK_SIZE``), so
+shards of more than 2**31 elements are addressed correctly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: the package must import on machines without it.
+    import triton
+    import triton.language as tl
+except Exception as exc:  # ImportError, or a broken install that fails while importing
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _HAS_TRITON = False
+    _TRITON_IMPORT_ERROR: Exception | None = exc
+else:
+    _HAS_TRITON = True
+    _TRITON_IMPORT_ERROR = None
+
+__all__ = ["BLOCK_SIZE", "rmsprop_triton_", "triton_available"]
+
+#: Elements per Triton program. 1024 elements on 4 warps is 8 per thread: two 16-byte vector
+#: accesses per fp32 stream, one per 16-bit stream; large enough to hide latency on every stream.
+BLOCK_SIZE: int = 1024
+_NUM_WARPS: int = 4
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpret_mode() -> bool:
+    """Whether Triton would interpret kernels right now (``TRITON_INTERPRET``), read live."""
+    if not _HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # triton >= 3.4: the knob reads the environment on each access
+        return bool(knobs.runtime.interpret)
+    # Older triton reads the variable itself, with these spellings.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether :func:`rmsprop_triton_` can run on tensors that live on ``device``.
+
+    True when triton imports and ``device`` is a CUDA device, or when ``TRITON_INTERPRET=1`` is
+    set and ``device`` is the CPU (Triton's interpreter, slow, for testing the math).
+    """
+    if not _HAS_TRITON:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _interpret_mode()
+
+
+if _HAS_TRITON:
+
+    def _rmsprop_kernel(
+        param_ptr,  # *T, the parameter shard: read, updated, written back once
+        grad_ptr,  # *T, the gradient shard: read once, never written
+        square_avg_ptr,  # *T, running average of grad**2: read and written once
+        momentum_buffer_ptr,  # *T when MOMENTUM; otherwise a placeholder that is never touched
+        grad_avg_ptr,  # *T when CENTERED; otherwise a placeholder that is never touched
+        n_elements,  # elements in every one of the buffers above
+        lr: tl.float32,
+        alpha: tl.float32,
+        one_minus_alpha: tl.float32,  # 1 - alpha, computed in float64 on the host as torch does
+        eps: tl.float32,
+        weight_decay: tl.float32,
+        momentum: tl.float32,
+        WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+        MOMENTUM: tl.constexpr,  # momentum > 0
+        CENTERED: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        # int64 before the multiply: pid * BLOCK_SIZE overflows int32 past 2**31 elements.
+        pid = tl.program_id(axis=0).to(tl.int64)
+        offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < n_elements
+
+        p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        sq = tl.load(square_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:
+            g = g + weight_decay * p
+
+        sq = alpha * sq + one_minus_alpha * g * g
+
+        if CENTERED:
+            ga = tl.load(grad_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            # torch.lerp(start, end, w): start + w*(end - start) if |w| < 0.5,
+            # else end - (end - start)*(1 - w); w = 1 - alpha.
+            ga = tl.where(
+                tl.abs(one_minus_alpha) < 0.5,
+                ga + one_minus_alpha * (g - ga),
+                g - (g - ga) * (1.0 - one_minus_alpha),
+            )
+            tl.store(grad_avg_ptr + offsets, ga.to(grad_avg_ptr.dtype.element_ty), mask=mask)
+            avg = tl.sqrt_rn(sq - ga * ga)
+        else:
+            avg = tl.sqrt_rn(sq)
+        avg = avg + eps  # after the square root, as torch does
+
+        if MOMENTUM:
+            buf = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            buf = momentum * buf + tl.div_rn(g, avg)
+            tl.store(momentum_buffer_ptr + offsets, buf.to(momentum_buffer_ptr.dtype.element_ty), mask=mask)
+            p = p - lr * buf
+        else:
+            p = p - lr * tl.div_rn(g, avg)
+
+        tl.store(square_avg_ptr + offsets, sq.to(square_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + offsets, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+# One jitted wrapper per mode: {False: compiled JITFunction, True: InterpretedFunction}.
+_KERNELS: dict[bool, Any] = {}
+
+
+def _get_kernel(interpret: bool | None = None) -> Any:
+    """The jitted kernel for the current (or the given) ``TRITON_INTERPRET`` mode.
+
+    ``triton.jit`` picks the interpreter or the compiler from the knob at decoration time, so
+    the wrapper is created while the knob has the wanted value. The compiled one keeps its
+    per-device cache of compiled variants (``.device_caches``) across calls.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError(f"triton is not available: {_TRITON_IMPORT_ERROR!r}")
+    current = _interpret_mode()
+    if interpret is None:
+        interpret = current
+    kernel = _KERNELS.get(interpret)
+    if kernel is None:
+        if interpret != current:
+            raise RuntimeError(
+                f"the {'interpreted' if interpret else 'compiled'} Triton kernel has not been "
+                f"created yet and TRITON_INTERPRET is {'set' if current else 'not set'}"
+            )
+        kernel = triton.jit(_rmsprop_kernel)
+        _KERNELS[interpret] = kernel
+    return kernel
+
+
+def _check_tensor(name: str, t: Tensor, ref: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but param has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but param is on {ref.device}")
+    if t.numel() != ref.numel():
+        raise ValueError(f"{name} has {t.numel()} elements but param has {ref.numel()}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got stride {t.stride()})")
+
+
+@torch.no_grad()
+def rmsprop_triton_(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    grad_avg: Tensor | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    """Update ``param`` and the state in place with one fused Triton kernel.
+
+    Same signature and semantics as :func:`rmsprop_reference_`. All tensors are 1-D, contiguous,
+    of the same length, device and dtype (float32, bfloat16 or float16). ``momentum_buffer`` is
+    given iff ``momentum > 0`` and ``grad_avg`` iff ``centered``. ``grad`` is only read. The
+    hyperparameters are converted with ``float()`` (a tensor ``lr`` on a GPU would synchronise).
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError(
+            f"rmsprop_triton_ needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}; "
+            f"use rmsprop_reference_ instead"
+        )
+    if not isinstance(param, Tensor):
+        raise TypeError(f"param must be a Tensor, got {type(param).__name__}")
+    if param.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"rmsprop_triton_ supports float32, bfloat16 and float16 tensors, got {param.dtype}; "
+            f"use rmsprop_reference_ for other dtypes"
+        )
+    use_momentum = bool(momentum > 0)
+    if use_momentum and momentum_buffer is None:
+        raise ValueError(f"momentum_buffer is required when momentum > 0 (momentum={momentum})")
+    if not use_momentum and momentum_buffer is not None:
+        raise ValueError(f"momentum_buffer must be None when momentum <= 0 (momentum={momentum})")
+    if centered and grad_avg is None:
+        raise ValueError("grad_avg is required when centered=True")
+    if not centered and grad_avg is not None:
+        raise ValueError("grad_avg must be None when centered=False")
+
+    tensors = {"param": param, "grad": grad, "square_avg": square_avg}
+    if momentum_buffer is not None:
+        tensors["momentum_buffer"] = momentum_buffer
+    if grad_avg is not None:
+        tensors["grad_avg"] = grad_avg
+    for name, t in tensors.items():
+        _check_tensor(name, t, param)
+
+    interpret = _interpret_mode()
+    device = param.device
+    if not (device.type == "cuda" or (device.type == "cpu" and interpret)):
+        raise RuntimeError(
+            f"rmsprop_triton_ runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+            f"got tensors on {device}"
+        )
+
+    n = param.numel()
+    if n == 0:
+        return
+
+    kernel = _get_kernel(interpret)
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    args = (
+        param,
+        grad,
+        square_avg,
+        momentum_buffer if momentum_buffer is not None else param,  # placeholder, never read
+        grad_avg if grad_avg is not None else param,  # placeholder, never read
+        n,
+        float(lr),
+        float(alpha),
+        1.0 - float(alpha),
+        float(eps),
+        float(weight_decay),
+        float(momentum),
+    )
+    options = dict(
+        WEIGHT_DECAY=bool(weight_decay != 0),
+        MOMENTUM=use_momentum,
+        CENTERED=bool(centered),
+        MAXIMIZE=bool(maximize),
+        BLOCK_SIZE=BLOCK_SIZE,
+        num_warps=_NUM_WARPS,
+        # No a*b + c -> fma contraction: every operation rounds as one IEEE fp32 operation, as
+        # in the interpreter, so the CPU tests and the GPU compute the same bits. Passing it
+        # explicitly also silences Triton 3.9's warning about the default changing in 3.10.
+        enable_fp_fusion=False,
+    )
+    if device.type == "cuda":
+        # Triton launches on the *current* device and its current stream.
+        with torch.cuda.device(device):
+            kernel[grid](*args, **options)
+    else:
+        kernel[grid](*args, **options)
+
+    # The kernel writes through raw pointers, which autograd's version counters cannot see.
+    for name, t in tensors.items():
+        if name != "grad":
+            torch.autograd.graph.increment_version(t)

@@ -1,0 +1,485 @@
+"""The fused CPU update (``sharded_rmsprop.kernels.cpu_fused``).
+
+Numbers: every option combination against a float64 ground truth, with torch's own reference
+path in the same storage dtype as the yardstick, on every instruction set the CPU has. Then
+sizes and misaligned starts, LR schedules (no rebuild), bad input, the fallback when the
+build fails, and several processes building at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from typing import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from sharded_rmsprop.kernels import rmsprop_reference_
+from sharded_rmsprop.kernels import cpu_fused
+from sharded_rmsprop.kernels.cpu_fused import (
+    cpu_fused_available,
+    cpu_fused_preferred,
+    rmsprop_cpu_fused_,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STEPS = 20
+# eps = 1e-8 underflows to 0 in float16, where torch's reference then divides 0 by 0; 1e-4 is
+# a normal float16 number, so the reference stays a meaningful yardstick there.
+EPS = {torch.float32: 1e-8, torch.bfloat16: 1e-8, torch.float16: 1e-4}
+# (weight_decay, momentum, centered, maximize): all 16 combinations.
+COMBOS = list(itertools.product((0.0, 0.1), (0.0, 0.9), (False, True), (False, True)))
+ALL_OPTIONS = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True,
+                   maximize=False)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    """Build (or load) the kernel once; skip, saying why, where no compiler works."""
+    if not cpu_fused_available():
+        pytest.skip(f"no fused CPU kernel here: {cpu_fused._unavailable_reason}")
+
+
+def isas() -> list[str]:
+    """Every instruction set the kernel can use on this CPU, lowest first."""
+    best = cpu_fused._isa()
+    return list(cpu_fused._ISA_NAMES[: cpu_fused._ISA_NAMES.index(best) + 1])
+
+
+@contextlib.contextmanager
+def using_isa(isa: str) -> Iterator[None]:
+    best = cpu_fused._isa()
+    assert cpu_fused._isa(isa) == isa
+    try:
+        yield
+    finally:
+        cpu_fused._isa(best)
+
+
+class Run:
+    """One optimizer state (param and buffers) of a given dtype, stepped by one update fn."""
+
+    def __init__(self, fn, p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool):
+        self.fn, self.momentum, self.centered = fn, momentum, centered
+        self.param = p0.to(dtype).clone()
+        self.square_avg = torch.zeros_like(self.param)
+        self.momentum_buffer = torch.zeros_like(self.param) if momentum > 0 else None
+        self.grad_avg = torch.zeros_like(self.param) if centered else None
+
+    def step(self, grad: Tensor, **hp) -> None:
+        g = grad.to(self.param.dtype).clone()
+        self.fn(self.param, g, self.square_avg, self.momentum_buffer, self.grad_avg,
+                momentum=self.momentum, centered=self.centered, **hp)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"param": self.param, "square_avg": self.square_avg}
+        if self.momentum_buffer is not None:
+            out["momentum_buffer"] = self.momentum_buffer
+        if self.grad_avg is not None:
+            out["grad_avg"] = self.grad_avg
+        return out
+
+
+def three_runs(p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool) -> list[Run]:
+    """The fused kernel and torch's reference in ``dtype``, and the reference in float64."""
+    return [
+        Run(rmsprop_cpu_fused_, p0, dtype, momentum, centered),
+        Run(rmsprop_reference_, p0, dtype, momentum, centered),
+        Run(rmsprop_reference_, p0, torch.float64, momentum, centered),
+    ]
+
+
+def assert_as_accurate(
+    fused: Run, ref: Run, truth: Run, dtype: torch.dtype, where: str, absolute: bool = True
+) -> None:
+    """The fused result is as close to the float64 truth as torch's own path in ``dtype``.
+
+    Bound, per tensor, with e(x) = max |x - truth| and s = max |truth|:
+        e(fused) <= 2 e(reference) + 2 eps(dtype) s.
+    Why: both paths start from the same rounded inputs and store each step's result rounded
+    to ``dtype``; the fused kernel rounds once per step where torch rounds after every op,
+    so it is never expected to be worse, but the two round differently near ties, and the
+    2 eps s term (two ulps of the tensor's largest element) absorbs a path that happens to
+    be exact where the other is not. Observed ratios e(fused) / e(reference) are 0.4 to 1.3.
+    With ``absolute``, also an absolute tolerance: 8 eps(dtype) s. Each step adds about one
+    rounding, damped by alpha and momentum; after 20 steps both paths stay below 4 eps s
+    (observed <= 3.6) at alpha = 0.99. (Not at small alpha with centered: there
+    square_avg - grad_avg**2 cancels and amplifies every rounding, for both paths.)
+    """
+    eps = torch.finfo(dtype).eps
+    want = truth.tensors()
+    for name, f in fused.tensors().items():
+        t = want[name]
+        r = ref.tensors()[name]
+        scale = t.abs().max().item()
+        e_fused = (f.double() - t).abs().max().item()
+        e_ref = (r.double() - t).abs().max().item()
+        assert e_fused <= 2 * e_ref + 2 * eps * scale, (
+            f"{where}: {name} error {e_fused:.3g}, the reference's {e_ref:.3g}, scale {scale:.3g}"
+        )
+        if absolute:
+            torch.testing.assert_close(
+                f.double(), t, rtol=0, atol=8 * eps * scale, msg=lambda m: f"{where}: {name}: {m}"
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_options_match_float64_truth(kernel, dtype: torch.dtype) -> None:
+    n = 1031  # odd: whole vectors and a tail
+    for isa in isas():
+        with using_isa(isa):
+            for wd, momentum, centered, maximize in COMBOS:
+                where = f"{isa} {dtype} wd={wd} mom={momentum} centered={centered} max={maximize}"
+                gen = torch.Generator().manual_seed(0)
+                p0 = torch.randn(n, generator=gen).to(dtype).double()  # exactly representable
+                hp = dict(lr=0.01, alpha=0.99, eps=EPS[dtype], weight_decay=wd, maximize=maximize)
+                runs = three_runs(p0, dtype, momentum, centered)
+                for step in range(STEPS):
+                    grad = torch.randn(n, generator=gen).to(dtype).double()
+                    for run in runs:
+                        run.step(grad, **hp)
+                    assert_as_accurate(*runs, dtype, f"{where} step {step}")
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6], ids=lambda a: f"alpha={a}")
+def test_lerp_both_formulas(kernel, alpha: float) -> None:
+    """torch's lerp switches formula at weight 0.5; weight = 1 - alpha covers both sides."""
+    n, dtype = 1031, torch.float32
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(n, generator=gen).double()
+    runs = three_runs(p0, dtype, 0.9, True)
+    for step in range(STEPS):
+        grad = torch.randn(n, generator=gen).double()
+        for run in runs:
+            run.step(grad, lr=0.01, alpha=alpha, eps=1e-8, weight_decay=0.1, maximize=False)
+        assert_as_accurate(*runs, dtype, f"alpha={alpha} step {step}", absolute=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_conversions_are_exact(kernel, dtype: torch.dtype) -> None:
+    """Every 16-bit pattern loads and stores unchanged; float32 results round to nearest even."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    nan = x.isnan()
+    for isa in isas():
+        with using_isa(isa):
+            # lr = 0 and grad = 0: param is loaded and stored, nothing else
+            p = x.clone()
+            rmsprop_cpu_fused_(p, torch.zeros_like(x), torch.zeros_like(x), None, None, lr=0.0,
+                               alpha=0.99, eps=1e-3, weight_decay=0.0, momentum=0.0,
+                               centered=False, maximize=False)
+            assert torch.equal(p[~nan].view(torch.int16), x[~nan].view(torch.int16)), isa
+            assert p[nan].isnan().all(), isa
+            # alpha = 0: square_avg = g * g, exact in float32, then rounded once to dtype
+            g = torch.where(nan, torch.zeros_like(x), x)
+            sq = torch.zeros_like(x)
+            rmsprop_cpu_fused_(torch.zeros_like(x), g.clone(), sq, None, None, lr=0.0, alpha=0.0,
+                               eps=1e-3, weight_decay=0.0, momentum=0.0, centered=False,
+                               maximize=False)
+            want = (g.float() * g.float()).to(dtype)
+            assert torch.equal(sq.view(torch.int16), want.view(torch.int16)), isa
+
+
+def _spans(n: int, dtype: torch.dtype, offsets: tuple[int, ...], gen: torch.Generator):
+    """Five spans of length n at the given offsets into larger buffers, and the buffers."""
+    bufs = [torch.randn(off + n + 7, generator=gen).to(dtype) for off in offsets]
+    bufs[2] = bufs[2].abs() + 0.1  # square_avg > grad_avg**2: no sqrt of a negative number
+    bufs[4] = bufs[4] * 0.01
+    return [b[off : off + n] for b, off in zip(bufs, offsets)], bufs
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 100003])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offsets", [(0, 0, 0, 0, 0), (1, 3, 17, 1, 3), (17, 1, 3, 17, 1)],
+                         ids=["aligned", "offsets-1-3-17", "offsets-17-1-3"])
+def test_sizes_and_misaligned_starts(kernel, n: int, dtype: torch.dtype, offsets) -> None:
+    gen = torch.Generator().manual_seed(n)
+    (p, g, sq, mb, ga), bufs = _spans(n, dtype, offsets, gen)
+    before = [b.clone() for b in bufs]
+    hp = ALL_OPTIONS
+    truth = [t.double() for t in (p, g, sq, mb, ga)]
+    ref = [t.clone() for t in (p, g, sq, mb, ga)]
+    grad_before = g.clone()
+    rmsprop_cpu_fused_(p, g, sq, mb, ga, **hp)
+    rmsprop_reference_(*ref, **hp)
+    rmsprop_reference_(*truth, **hp)
+    assert torch.equal(g, grad_before)  # grad is read, not written
+    eps = torch.finfo(dtype).eps
+    for name, f, r, t in zip(("param", "grad", "square_avg", "momentum_buffer", "grad_avg"),
+                             (p, g, sq, mb, ga), ref, truth):
+        if name == "grad" or n == 0:
+            continue
+        scale = t.abs().max().item()
+        e_fused = (f.double() - t).abs().max().item()
+        e_ref = (r.double() - t).abs().max().item()
+        # one step: the bound of assert_as_accurate
+        assert e_fused <= 2 * e_ref + 2 * eps * scale, f"{name}: {e_fused:.3g} vs {e_ref:.3g}"
+    # nothing outside the spans changed
+    for b, b0, off in zip(bufs, before, offsets):
+        assert torch.equal(b[:off], b0[:off]) and torch.equal(b[off + n :], b0[off + n :])
+
+
+def test_result_does_not_depend_on_thread_count(kernel) -> None:
+    n = 1_000_003
+    gen = torch.Generator().manual_seed(2)
+    spans, _ = _spans(n, torch.float32, (0, 0, 0, 0, 0), gen)
+    hp = {**ALL_OPTIONS, "maximize": True}
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            copy = [s.clone() for s in spans]
+            rmsprop_cpu_fused_(*copy, **hp)
+            results.append(copy)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_isas_agree_bitwise(kernel) -> None:
+    """Every instruction set runs the same float32 operations in the same order."""
+    gen = torch.Generator().manual_seed(3)
+    hp = ALL_OPTIONS
+    for dtype in DTYPES:
+        spans, _ = _spans(70001, dtype, (0, 0, 0, 0, 0), gen)
+        results = []
+        for isa in isas():
+            with using_isa(isa):
+                copy = [s.clone() for s in spans]
+                rmsprop_cpu_fused_(*copy, **hp)
+                results.append(copy)
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], other)), dtype
+
+
+def test_lr_schedule_without_rebuild(kernel) -> None:
+    """A new LR each step: the torch-reference result for that schedule, and no new build."""
+    attempts, fn = cpu_fused._build_attempts, cpu_fused._kernel
+    n, dtype = 4099, torch.float32
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(n, generator=gen).double()
+    runs = three_runs(p0, dtype, 0.9, True)
+    for step, lr in enumerate([0.1, 0.05, 0.02, 0.01, 3e-3, 1e-3, 1e-4, 0.0, 0.01, 0.1]):
+        grad = torch.randn(n, generator=gen).double()
+        for run in runs:
+            run.step(grad, lr=lr, alpha=0.99, eps=1e-8, weight_decay=0.01, maximize=False)
+        assert_as_accurate(*runs, dtype, f"step {step} lr={lr}")
+    assert cpu_fused._build_attempts == attempts and cpu_fused._kernel is fn
+
+
+def _args(n: int = 5, dtype: torch.dtype = torch.float32, **replace: Tensor | None) -> list:
+    """param, grad, square_avg, momentum_buffer, grad_avg: zeros, some replaced."""
+    names = ("param", "grad", "square_avg", "momentum_buffer", "grad_avg")
+    return [replace[k] if k in replace else torch.zeros(n, dtype=dtype) for k in names]
+
+
+def _overlapping() -> list:
+    base = torch.zeros(6)
+    return _args(square_avg=base[:5], grad_avg=base[1:])
+
+
+def _aliased() -> list:
+    p = torch.zeros(5)
+    return _args(param=p, grad=p)
+
+
+HP = {**ALL_OPTIONS, "weight_decay": 0.0}
+
+BAD_INPUT = {
+    "length": (lambda: _args(grad=torch.zeros(6)), ValueError,
+               r"grad has shape \(6,\), expected a 1-D tensor of 5 elements"),
+    "2-D": (lambda: _args(square_avg=torch.zeros(5, 1)), ValueError,
+            r"square_avg has shape \(5, 1\), expected a 1-D tensor of 5 elements"),
+    "non-contiguous": (lambda: _args(param=torch.zeros(10)[::2]), ValueError,
+                       "param must be contiguous"),
+    "no-momentum-buffer": (lambda: _args(momentum_buffer=None), ValueError,
+                           "momentum_buffer is required when momentum > 0"),
+    "no-grad-avg": (lambda: _args(grad_avg=None), ValueError,
+                    "grad_avg is required when centered=True"),
+    "device": (lambda: _args(momentum_buffer=torch.zeros(5, device="meta")), ValueError,
+               "needs CPU tensors, got momentum_buffer on meta"),
+    "mixed-dtype": (lambda: _args(square_avg=torch.zeros(5, dtype=torch.float64)), TypeError,
+                    "square_avg has dtype torch.float64, expected the param's torch.float32"),
+    "not-a-tensor": (lambda: _args(grad=[0.0] * 5), TypeError, "grad must be a Tensor, got list"),
+    "aliased": (_aliased, ValueError, "param and grad overlap in memory"),
+    "overlapping": (_overlapping, ValueError, "square_avg and grad_avg overlap in memory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_raises_and_changes_nothing(case: str) -> None:
+    make, error, match = BAD_INPUT[case]
+    args = make()
+    before = [a.clone() if isinstance(a, Tensor) and a.device.type == "cpu" else None for a in args]
+    with pytest.raises(error, match=match):
+        rmsprop_cpu_fused_(*args, **HP)
+    for a, b in zip(args, before):
+        if b is not None:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32], ids=str)
+def test_unsupported_dtype(dtype: torch.dtype) -> None:
+    match = rf"supports float32, bfloat16 and float16 parameters, got {dtype}"
+    with pytest.raises(TypeError, match=match):
+        rmsprop_cpu_fused_(*_args(dtype=dtype), **HP)
+
+
+def test_extra_buffers_are_ignored_like_the_reference(kernel) -> None:
+    """momentum = 0 and centered = False leave a given momentum_buffer and grad_avg alone."""
+    p, g, sq = (torch.ones(9) for _ in range(3))
+    mb, ga = torch.full((9,), 5.0), torch.full((9,), 7.0)
+    rmsprop_cpu_fused_(p, g, sq, mb, ga, **{**HP, "momentum": 0.0, "centered": False})
+    assert (mb == 5.0).all() and (ga == 7.0).all() and not (p == 1.0).any()
+
+
+def test_preferred_where_measured_faster(kernel) -> None:
+    """float32 with any instruction set; the half types only with AVX2 or AVX-512."""
+    assert not cpu_fused_preferred(torch.float64)
+    for isa in isas():
+        with using_isa(isa):
+            assert cpu_fused_preferred(torch.float32)
+            for dtype in (torch.bfloat16, torch.float16):
+                assert cpu_fused_preferred(dtype) is (isa != "baseline"), (isa, dtype)
+
+
+def _reset_load_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the module try to load the kernel again (monkeypatch restores it afterwards)."""
+    monkeypatch.setattr(cpu_fused, "_tried", False)
+    monkeypatch.setattr(cpu_fused, "_kernel", None)
+    monkeypatch.setattr(cpu_fused, "_unavailable_reason", None)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    _reset_load_state(monkeypatch)
+
+    def no_compiler() -> str:
+        raise RuntimeError("no C++ compiler found (test)")
+
+    monkeypatch.setattr(cpu_fused, "_build_library", no_compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cpu_fused_available() is False
+        assert cpu_fused_available() is False
+        assert cpu_fused_preferred(torch.float32) is False
+        with pytest.raises(RuntimeError, match="fused CPU RMSprop kernel is unavailable"):
+            rmsprop_cpu_fused_(*_args(), **HP)
+    assert len(caught) == 1
+    assert caught[0].category is RuntimeWarning
+    assert "no C++ compiler found (test)" in str(caught[0].message)
+    assert "falling back to the reference update" in str(caught[0].message)
+
+
+def test_waiting_for_a_stuck_builder_times_out(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Another process holding the build lock (a hung compiler) costs a timeout, not a hang."""
+    _reset_load_state(monkeypatch)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "_BUILD_LOCK_TIMEOUT_S", 0.5)
+    _, build_dir = cpu_fused._build_location()
+    os.makedirs(build_dir)
+    fd = os.open(os.path.join(build_dir, "sharded_rmsprop.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a separate open file: conflicts even in one process
+        start = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="waited 0 s for another process building"):
+            assert cpu_fused_available() is False
+        assert time.monotonic() - start < 10
+    finally:
+        os.close(fd)
+
+
+def _python(code: str, env: dict[str, str], *args: str) -> subprocess.Popen:
+    path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **env, "PYTHONPATH": path}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: float = 300) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"subprocess hung for {timeout} s\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_no_compiler_in_a_fresh_process(tmp_path) -> None:
+    """The real thing: $CXX names no program, nothing is cached, so the build fails."""
+    code = """
+        import json, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from sharded_rmsprop.kernels import cpu_fused
+            first, second = cpu_fused.cpu_fused_available(), cpu_fused.cpu_fused_available()
+        ours = [str(w.message) for w in caught if "sharded_rmsprop" in str(w.message)]
+        print(json.dumps({"first": first, "second": second, "ours": ours,
+                          "all": [str(w.message)[:200] for w in caught]}))
+    """
+    result = _result(_python(code, {"CXX": str(tmp_path / "no-such-compiler"),
+                                    "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}))
+    assert result["first"] is False and result["second"] is False
+    assert len(result["ours"]) == 1, result["all"]
+    assert "fused CPU RMSprop kernel is unavailable" in result["ours"][0]
+    assert "no-such-compiler" in result["ours"][0]
+
+
+def test_concurrent_first_use_builds_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Two processes start using the kernel at the same moment on a machine with no build.
+
+    One builds, the other waits for it and loads the result; a stale lock file of torch's
+    (what a builder killed mid-build leaves) does not make either wait forever.
+    """
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    code = """
+        import json, os, sys, time
+        import torch
+        from sharded_rmsprop.kernels import cpu_fused, rmsprop_reference_
+        ready, go = sys.argv[1], sys.argv[2]
+        open(ready, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.005)
+        start = time.perf_counter()
+        ok = cpu_fused.cpu_fused_available()
+        seconds = time.perf_counter() - start
+        p, g, sq = torch.randn(1000), torch.randn(1000), torch.rand(1000)
+        ref = [t.clone() for t in (p, g, sq)]
+        hp = dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                  maximize=False)
+        cpu_fused.rmsprop_cpu_fused_(p, g, sq, None, None, **hp)
+        rmsprop_reference_(ref[0], ref[1], ref[2], None, None, **hp)
+        close = torch.allclose(p, ref[0], rtol=1e-5, atol=1e-6)
+        print(json.dumps({"ok": ok, "builds": cpu_fused._build_attempts, "close": close,
+                          "seconds": seconds}))
+    """
+    # torch's lock file, as a build killed in the middle leaves it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    _, build_dir = cpu_fused._build_location()
+    os.makedirs(build_dir)
+    open(os.path.join(build_dir, "lock"), "w").close()
+
+    go = tmp_path / "go"
+    procs = [_python(code, env, str(tmp_path / f"ready{i}"), str(go)) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.monotonic() < deadline, "the subprocesses did not start"
+        time.sleep(0.01)
+    go.touch()
+    results = [_result(p) for p in procs]
+    assert all(r["ok"] and r["close"] for r in results), results
+    assert sum(r["builds"] for r in results) == 1, results

@@ -1,0 +1,505 @@
+"""The fused Triton RMSprop kernel against a float64 ground truth and torch's own update.
+
+On CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, numpy, one program at a
+time); the CUDA tests run the compiled kernel where a GPU exists.
+
+How ``TRITON_INTERPRET`` is handled: ``triton.jit`` chooses between the compiler and the
+interpreter when it *decorates* a function, and pytest imports every test module (and so
+possibly triton and the package) before running any test, so setting the variable at the top
+of this module would be order-dependent and would leak into every other test module of the
+process. Instead the kernel module wraps its kernel with ``triton.jit`` lazily, once per mode,
+reading Triton's knob at each call, and the ``interpret`` fixture below sets the variable for
+one test with ``monkeypatch`` (restored afterwards). The CUDA tests unset it, so they run the
+compiled kernel in the same process.
+
+Triton's interpreter converts float32 to bfloat16 by truncation (``_convert_float`` with no
+rounding mode), while the GPU (``cvt.rn.bf16.f32``) and torch round to nearest even. The
+``interpret`` fixture replaces that one conversion with torch's, so the interpreter computes what
+the GPU does; ``test_bfloat16_store_rounds_to_nearest_even`` checks it took effect.
+
+No recompilation on an LR schedule is checked twice: on the CPU by feeding the arguments the
+wrapper passes to the binder Triton builds for the compiled kernel (the cache key), and on a GPU
+by counting the compiled variants in the kernel's cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sharded_rmsprop.kernels import rmsprop_reference_  # noqa: E402
+from sharded_rmsprop.kernels import triton_rmsprop  # noqa: E402
+from sharded_rmsprop.kernels.triton_rmsprop import (  # noqa: E402
+    BLOCK_SIZE,
+    rmsprop_triton_,
+    triton_available,
+)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (weight_decay, momentum, centered, maximize): all 16 combinations of the four switches.
+OPTIONS = list(itertools.product((0.0, 0.1), (0.0, 0.9), (False, True), (False, True)))
+ALL_ON = dict(weight_decay=0.1, momentum=0.9, centered=True, maximize=True)
+
+STEPS = 20
+# Two programs, the second one partial: the full-block path and the masked tail both run.
+N_CORRECTNESS = BLOCK_SIZE + 77
+
+# The fused result may be at most FACTOR times as far from the float64 truth as torch's own
+# update in the same storage dtype, plus SLACK_ULPS ulps at the tensor's scale. Both compute in
+# at least the storage precision and round every stored value once per step, so their errors
+# are of the same size; FACTOR absorbs the different rounding pattern (which elements happen to
+# round badly), SLACK_ULPS the early steps where torch's error can be exactly zero.
+FACTOR = 2.0
+SLACK_ULPS = 4.0
+
+
+def _option_id(opts: tuple[float, float, bool, bool]) -> str:
+    wd, mom, centered, maximize = opts
+    return f"wd{int(wd != 0)}-mom{int(mom > 0)}-cent{int(centered)}-max{int(maximize)}"
+
+
+def _patch_interpreter_bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the interpreter round float32 -> bfloat16 to nearest even, as the GPU does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_fp_trunc", None)
+    if original is None:  # a different Triton; the rounding test below reports it
+        return
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
+            bits = rounded.view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(bits, tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "create_fp_trunc", create_fp_trunc)
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _patch_interpreter_bf16_rounding(monkeypatch)
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _state(
+    n: int, dtype: torch.dtype, device: str, *, momentum: float, centered: bool, gen: torch.Generator
+) -> dict[str, torch.Tensor | None]:
+    """Fresh optimizer state as torch.optim.RMSprop makes it: random params, zero buffers."""
+    param = torch.randn(n, generator=gen).to(dtype)
+    zeros = torch.zeros(n, dtype=dtype)
+    return {
+        "param": param.to(device),
+        "square_avg": zeros.to(device),
+        "momentum_buffer": zeros.clone().to(device) if momentum > 0 else None,
+        "grad_avg": zeros.clone().to(device) if centered else None,
+    }
+
+
+def _copy(state: dict[str, torch.Tensor | None], dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    return {k: None if v is None else v.to(dtype, copy=True) for k, v in state.items()}
+
+
+def _step(fn, state: dict[str, torch.Tensor | None], grad: torch.Tensor, **hp) -> None:
+    fn(state["param"], grad, state["square_avg"], state["momentum_buffer"], state["grad_avg"], **hp)
+
+
+def _check_close_to_truth(
+    name: str, fused: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, step: int
+) -> None:
+    """Assert the fused result is as close to the float64 truth as torch's own update is."""
+    if fused.numel() == 0:
+        return
+    fused64, ref64 = fused.double().cpu(), ref.double().cpu()
+    truth = truth.cpu()
+    ulp = torch.finfo(dtype).eps * truth.abs().max().item()  # one ulp at the tensor's scale
+    assert torch.isfinite(fused64).all(), f"{name}: non-finite values after step {step}"
+    err_fused = (fused64 - truth).abs()
+    # torch's float16 update can overflow where the fused one does not (eps=1e-8 rounds to 0 in
+    # float16, and g/0 = inf); compare where torch's result is finite.
+    finite = torch.isfinite(ref64)
+    err_ref = (ref64 - truth).abs()[finite].max().item() if finite.any() else math.inf
+    worst = err_fused[finite].max().item() if finite.any() else 0.0
+    bound = FACTOR * err_ref + SLACK_ULPS * ulp
+    assert worst <= bound, (
+        f"{name} after step {step}: fused error {worst:.3g} > {FACTOR} x torch's {err_ref:.3g} "
+        f"+ {SLACK_ULPS} ulp ({ulp:.3g})"
+    )
+    # Absolute tolerance at the tensor's scale: a step computes each value through at most four
+    # roundings (square_avg, sqrt, + eps, the division; half an ulp each) and adds that to what
+    # the earlier steps carried, which alpha and momentum damp and param keeps, so after `step`
+    # steps the error is within 2 * step ulps even if every rounding went the same way.
+    # (Observed: at most 4 ulps after 20 steps.)
+    tol = 2 * step * ulp
+    torch.testing.assert_close(fused64, truth, rtol=0.0, atol=tol, msg=lambda m: f"{name}, step {step}: {m}")
+
+
+def _run_against_truth(
+    dtype: torch.dtype, opts: tuple[float, float, bool, bool], device: str, n: int, steps: int = STEPS
+) -> None:
+    wd, mom, centered, maximize = opts
+    hp = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=wd, momentum=mom, centered=centered, maximize=maximize)
+    gen = torch.Generator().manual_seed(1234)
+    fused = _state(n, dtype, device, momentum=mom, centered=centered, gen=gen)
+    ref = _copy(fused, dtype)
+    truth = _copy(fused, torch.float64)  # the same (storage-rounded) start, exact math after it
+    for step in range(1, steps + 1):
+        grad = torch.randn(n, generator=gen).to(dtype).to(device)
+        grad_before = grad.clone()
+        _step(rmsprop_triton_, fused, grad, **hp)
+        assert torch.equal(grad, grad_before), "the kernel must not write grad"
+        _step(rmsprop_reference_, ref, grad.clone(), **hp)
+        _step(rmsprop_reference_, truth, grad.double(), **hp)
+        for name, value in fused.items():
+            if value is not None:
+                _check_close_to_truth(name, value, ref[name], truth[name], dtype, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter (CPU)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_option_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_truth(interpret, dtype: torch.dtype, opts) -> None:
+    _run_against_truth(dtype, opts, "cpu", N_CORRECTNESS)
+
+
+def test_lerp_branch_for_small_alpha(interpret) -> None:
+    # alpha < 0.5 makes grad_avg.lerp_(grad, 1 - alpha) take torch's other formula.
+    gen = torch.Generator().manual_seed(7)
+    n = 300
+    hp = dict(lr=0.01, alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True, maximize=False)
+    fused = _state(n, torch.float32, "cpu", momentum=0.0, centered=True, gen=gen)
+    ref = _copy(fused, torch.float32)
+    truth = _copy(fused, torch.float64)
+    for step in range(1, 6):
+        grad = torch.randn(n, generator=gen)
+        _step(rmsprop_triton_, fused, grad.clone(), **hp)
+        _step(rmsprop_reference_, ref, grad.clone(), **hp)
+        _step(rmsprop_reference_, truth, grad.double(), **hp)
+        for name in ("param", "square_avg", "grad_avg"):
+            _check_close_to_truth(name, fused[name], ref[name], truth[name], torch.float32, step)
+
+
+def _random_live_state(n: int, dtype: torch.dtype, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A mid-training state: square_avg >= grad_avg**2, so centered avg is real."""
+    grad_avg = 0.1 * torch.randn(n, generator=gen)
+    return {
+        "param": torch.randn(n, generator=gen).to(dtype),
+        "grad": torch.randn(n, generator=gen).to(dtype),
+        "square_avg": (grad_avg**2 + torch.rand(n, generator=gen) + 0.1).to(dtype),
+        "momentum_buffer": torch.randn(n, generator=gen).to(dtype),
+        "grad_avg": grad_avg.to(dtype),
+    }
+
+
+_NAMES = ("param", "grad", "square_avg", "momentum_buffer", "grad_avg")
+
+
+def _one_step_matches_reference(views: dict[str, torch.Tensor], dtype: torch.dtype, **hp) -> None:
+    ref = {k: v.clone() for k, v in views.items()}
+    truth = {k: v.double() for k, v in views.items()}
+    grad_before = views["grad"].clone()
+    rmsprop_triton_(*(views[k] for k in _NAMES), **hp)
+    rmsprop_reference_(*(ref[k] for k in _NAMES), **hp)
+    rmsprop_reference_(*(truth[k] for k in _NAMES), **hp)
+    assert torch.equal(views["grad"], grad_before)
+    for name in ("param", "square_avg", "momentum_buffer", "grad_avg"):
+        _check_close_to_truth(name, views[name], ref[name], truth[name], dtype, 1)
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 1_000_003], ids=lambda n: f"n{n}"
+)
+def test_sizes(interpret, n: int) -> None:
+    """Every size updates exactly its n elements: nothing past the end is read or written."""
+    guard = 5
+    gen = torch.Generator().manual_seed(n)
+    full = _random_live_state(n + guard, torch.float32, gen)
+    before = {k: v.clone() for k, v in full.items()}
+    views = {k: v[:n] for k, v in full.items()}
+    _one_step_matches_reference(views, torch.float32, lr=0.01, alpha=0.99, eps=1e-8, **ALL_ON)
+    for k in full:
+        assert torch.equal(full[k][n:], before[k][n:]), f"{k} was written past element {n}"
+
+
+@pytest.mark.parametrize("offset", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_slices(interpret, dtype: torch.dtype, offset: int) -> None:
+    """Shards that start off a 16-byte boundary (views into a larger buffer)."""
+    n, guard = 2 * BLOCK_SIZE + 5, 4
+    gen = torch.Generator().manual_seed(offset)
+    full = _random_live_state(offset + n + guard, dtype, gen)
+    before = {k: v.clone() for k, v in full.items()}
+    views = {k: v[offset : offset + n] for k, v in full.items()}
+    assert views["param"].data_ptr() % 16 != 0
+    _one_step_matches_reference(views, dtype, lr=0.01, alpha=0.99, eps=1e-8, **ALL_ON)
+    for k in full:
+        assert torch.equal(full[k][:offset], before[k][:offset]), f"{k} written before the slice"
+        assert torch.equal(full[k][offset + n :], before[k][offset + n :]), f"{k} written after the slice"
+
+
+def test_lr_schedule(interpret) -> None:
+    """A learning rate changed every step gives torch's result for that schedule."""
+    n = 500
+    gen = torch.Generator().manual_seed(3)
+    fused = _state(n, torch.float32, "cpu", momentum=0.9, centered=True, gen=gen)
+    ref = _copy(fused, torch.float32)
+    truth = _copy(fused, torch.float64)
+    for step in range(1, 11):
+        lr = 0.01 * 0.5 * (1 + math.cos(math.pi * step / 10))  # cosine decay, ends at 0
+        hp = dict(lr=lr, alpha=0.99, eps=1e-8, **ALL_ON)
+        grad = torch.randn(n, generator=gen)
+        _step(rmsprop_triton_, fused, grad.clone(), **hp)
+        _step(rmsprop_reference_, ref, grad.clone(), **hp)
+        _step(rmsprop_reference_, truth, grad.double(), **hp)
+        for name, value in fused.items():
+            _check_close_to_truth(name, value, ref[name], truth[name], torch.float32, step)
+    # The schedule ends at lr=0, where p - 0 * buf == p: the step changed the state, not param.
+    before = fused["param"].clone()
+    _step(rmsprop_triton_, fused, torch.randn(n, generator=gen), lr=0.0, alpha=0.99, eps=1e-8, **ALL_ON)
+    assert torch.equal(fused["param"], before)
+
+
+def test_bfloat16_store_rounds_to_nearest_even(interpret) -> None:
+    """bfloat16 results are rounded to nearest even, as on the GPU and in torch."""
+    _check_bf16_rounding("cpu")
+
+
+def _check_bf16_rounding(device: str) -> None:
+    # alpha=0: square_avg becomes g*g, exact in float32 (8 x 8 significant bits), then rounded
+    # to bfloat16 on the store. Pick values of g where truncation and rounding differ.
+    g = torch.arange(1.0, 2.0, 2**-7, dtype=torch.float32).to(torch.bfloat16)
+    exact = g.float() ** 2
+    nearest = exact.to(torch.bfloat16)
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(nearest, truncated)  # the test distinguishes the two
+    n = g.numel()
+    param = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    square_avg = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    rmsprop_triton_(
+        param, g.to(device), square_avg, None, None,
+        lr=0.0, alpha=0.0, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+    )  # fmt: skip
+    assert torch.equal(square_avg.cpu(), nearest)
+
+
+def test_triton_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_available(torch.device("cpu"))
+    assert triton_available(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_available(torch.device("cpu"))
+    assert not triton_available(torch.device("meta"))
+
+
+def test_imports_and_refuses_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module imports where triton does not; the kernel then says why it cannot run."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_triton_rmsprop_no_triton", triton_rmsprop.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.triton_available(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not module.triton_available(torch.device("cpu"))
+    t = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        module.rmsprop_triton_(
+            t, t.clone(), t.clone(), None, None,
+            lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing modified
+
+
+def _args(n: int = 10, dtype: torch.dtype = torch.float32) -> dict:
+    return {k: torch.ones(n, dtype=dtype) for k in _NAMES}
+
+
+_HP = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False)
+
+
+def _call(args: dict, **overrides) -> None:
+    rmsprop_triton_(*(args[k] for k in _NAMES), **{**_HP, **overrides})
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.update(grad=torch.ones(9)), ValueError, "grad has 9 elements but param has 10"),
+        (lambda a: a.update(grad_avg=torch.ones(11)), ValueError, "grad_avg has 11 elements"),
+        (lambda a: a.update({k: v.double() for k, v in a.items()}), TypeError, "float64"),
+        (lambda a: a.update({k: v.to(torch.int32) for k, v in a.items()}), TypeError, "int32"),
+        (lambda a: a.update(square_avg=a["square_avg"].half()), TypeError, "square_avg has dtype torch.float16"),
+        (lambda a: a.update(square_avg=torch.ones(20)[::2]), ValueError, "square_avg must be contiguous"),
+        (lambda a: a.update({k: v.view(2, 5) for k, v in a.items()}), ValueError, "param must be 1-D"),
+        (lambda a: a.update(momentum_buffer=None), ValueError, "momentum_buffer is required when momentum > 0"),
+        (lambda a: a.update(grad_avg=None), ValueError, "grad_avg is required when centered=True"),
+        (lambda a: a.update(grad=torch.ones(10, device="meta")), ValueError, "grad is on meta but param is on cpu"),
+        (lambda a: a.update(grad=[1.0] * 10), TypeError, "grad must be a Tensor"),
+    ],
+    ids=[
+        "short-grad", "long-grad_avg", "float64", "int32", "mixed-dtypes", "non-contiguous",
+        "2-d", "missing-momentum_buffer", "missing-grad_avg", "other-device", "not-a-tensor",
+    ],
+)  # fmt: skip
+def test_bad_input(interpret, change, error, match) -> None:
+    args = _args()
+    change(args)
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    with pytest.raises(error, match=match):
+        _call(args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was modified by a call that raised"
+
+
+def test_unexpected_buffers(interpret) -> None:
+    with pytest.raises(ValueError, match="momentum_buffer must be None when momentum <= 0"):
+        _call(_args(), momentum=0.0)
+    with pytest.raises(ValueError, match="grad_avg must be None when centered=False"):
+        _call(_args(), centered=False)
+
+
+def test_cpu_without_interpreter(compiled) -> None:
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+        _call(_args())
+
+
+def test_empty(interpret) -> None:
+    args = _args(0)
+    _call(args)
+    assert all(v.numel() == 0 for v in args.values())
+
+
+def test_hyperparameters_keep_the_specialisation_key(interpret, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No recompilation on a schedule, checked without a GPU.
+
+    The compiled kernel's cache is keyed by what Triton's binder makes of the launch arguments.
+    Capture the arguments the wrapper really passes, feed them to the binder Triton builds for
+    the compiled kernel (for an sm_90 target), and check that changing lr, alpha, eps,
+    weight_decay or momentum -- including to ints like 1, which Triton would specialise as
+    constants -- leaves the key unchanged. `test_cuda_changing_hyperparameters_does_not_recompile`
+    checks the real cache on a GPU.
+    """
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as exc:  # internals of this triton version, or no NVIDIA backend
+        pytest.skip(f"cannot build Triton's binder here: {exc!r}")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    jitted = triton_rmsprop._get_kernel(interpret=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    binder = create_function_from_signature(jitted.signature, jitted.params, backend)
+
+    calls = []
+
+    class _Capture:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((args, kwargs))
+
+    monkeypatch.setattr(triton_rmsprop, "_get_kernel", lambda interpret=None: _Capture())
+    n = 4 * BLOCK_SIZE
+    t = {k: torch.rand(n) + 0.5 for k in _NAMES}
+    settings = [
+        (0.01, 0.99, 1e-8, 0.1, 0.9),
+        (0.02, 0.99, 1e-8, 0.1, 0.9),
+        (1, 0.9, 1e-6, 1, 0.5),
+        (1.0, 0.5, 0, 0.01, 1),
+        (1e-5, 0.0, 1e-3, 2.5, 0.99),
+    ]
+    for lr, alpha, eps, wd, mom in settings:
+        rmsprop_triton_(
+            *(t[k] for k in _NAMES),
+            lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=mom, centered=True, maximize=False,
+        )  # fmt: skip
+    keys = {str(binder(*args, **kwargs)[1:]) for args, kwargs in calls}
+    assert len(calls) == len(settings) and len(keys) == 1, keys
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the compiled kernel
+
+
+def _compiled_variants(kernel) -> int:
+    """How many compiled specialisations the jitted kernel holds, over all devices."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:  # triton >= 3.2: device -> (kernel_cache, ...)
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(c) for c in kernel.cache.values())  # older triton: device -> {key: kernel}
+
+
+@requires_cuda
+@pytest.mark.parametrize("opts", OPTIONS, ids=_option_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_float64_truth(compiled, dtype: torch.dtype, opts) -> None:
+    _run_against_truth(dtype, opts, "cuda", (1 << 16) + 77)
+
+
+@requires_cuda
+def test_cuda_bfloat16_rounds_to_nearest_even(compiled) -> None:
+    _check_bf16_rounding("cuda")
+
+
+@requires_cuda
+def test_cuda_changing_hyperparameters_does_not_recompile(compiled) -> None:
+    n = 4 * BLOCK_SIZE  # a multiple of 16, like a padded shard
+    t = {k: torch.rand(n, device="cuda") + 0.5 for k in _NAMES}
+    hp = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True, maximize=False)
+    rmsprop_triton_(*(t[k] for k in _NAMES), **hp)
+    kernel = triton_rmsprop._get_kernel(interpret=False)
+    variants = _compiled_variants(kernel)
+    assert variants >= 1
+    # lr=1 and weight_decay=1 as ints would be specialised by Triton if passed through as ints.
+    for lr, alpha, eps, wd, mom in [
+        (0.02, 0.99, 1e-8, 0.1, 0.9),
+        (1, 0.9, 1e-6, 1, 0.5),
+        (1.0, 0.5, 0.0, 0.01, 1),
+        (1e-5, 0.0, 1e-3, 2.5, 0.99),
+    ]:
+        rmsprop_triton_(
+            *(t[k] for k in _NAMES),
+            lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=mom, centered=True, maximize=False,
+        )  # fmt: skip
+    torch.cuda.synchronize()
+    assert _compiled_variants(kernel) == variants, "changing a hyperparameter compiled a new kernel"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_same_bits_as_interpreter(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """No FMA contraction and IEEE div/sqrt: the GPU computes the interpreter's bits."""
+    n = BLOCK_SIZE + 77
+    gen = torch.Generator().manual_seed(11)
+    cpu = _random_live_state(n, dtype, gen)
+    gpu = {k: v.cuda() for k, v in cpu.items()}
+    hp = dict(lr=0.01, alpha=0.99, eps=1e-8, **ALL_ON)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rmsprop_triton_(*(gpu[k] for k in _NAMES), **hp)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rmsprop_triton_(*(cpu[k] for k in _NAMES), **hp)
+    for k in _NAMES:
+        assert torch.equal(gpu[k].cpu(), cpu[k]), k
