@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from .distributed import DistributedContext, destroy_distributed, distributed, init_distributed
 from .optimizer import ShardedRMSprop
 
-__all__ = ["ShardedRMSprop"]
+__all__ = [
+    "DistributedContext",
+    "ShardedRMSprop",
+    "destroy_distributed",
+    "distributed",
+    "init_distributed",
+]
 
 __version__ = "0.1.0"

@@ -101,17 +101,53 @@ class DataParallelGroup:
             f"the same shapes, dtypes and param-group options."
         )
 
-    def sync_shards(self, flats: Sequence[Tensor], shard_numels: Sequence[int]) -> None:
+    # -- small agreements (collective) ----------------------------------------------------------
+
+    def _all_reduce_int(self, value: int, op: dist.ReduceOp) -> int:
+        if not self.is_distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._control_device())
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return int(tensor.item())
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        return bool(self._all_reduce_int(int(flag), dist.ReduceOp.MIN))
+
+    def all_equal(self, value: int) -> bool:
+        """Whether every rank passed the same ``value``."""
+        return self._all_reduce_int(value, dist.ReduceOp.MIN) == self._all_reduce_int(
+            value, dist.ReduceOp.MAX
+        )
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if not self.is_distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._control_device())
+        dist.broadcast(tensor, dist.get_global_rank(self.group, 0), group=self.group)
+        return int(tensor.item())
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier(group=self.group)
+
+    # -- the parameter sync --------------------------------------------------------------------
+
+    def sync_shards(
+        self, flats: Sequence[Tensor], shard_numels: Sequence[int], host_shared: Sequence[bool]
+    ) -> None:
         """Give every rank the whole of each flat buffer, each rank contributing its shard.
 
         Collective. ``flats[i]`` is split into ``world_size`` shards of ``shard_numels[i]``
-        elements; rank ``r``'s shard is authoritative for that range.
+        elements; rank ``r``'s shard is authoritative for that range. Buffers that all ranks
+        map (``host_shared[i]``) need no transfer: a barrier says every shard is written.
         """
         if not self.is_distributed:
             return
         works = []
-        for flat, shard_numel in zip(flats, shard_numels):
-            if shard_numel == 0:
+        for flat, shard_numel, shared in zip(flats, shard_numels, host_shared):
+            if shard_numel == 0 or shared:
                 continue
             shards = flat.split(shard_numel)
             if self.backend in _BROADCAST_BACKENDS:
@@ -122,6 +158,8 @@ class DataParallelGroup:
                 works.append(_all_gather_into(flat, shards[self.rank], self.group))
         for work in works:
             work.wait()
+        if any(host_shared):
+            self.barrier()
 
     def stream_shards(
         self, shard: Tensor, to: int | None, chunk_numel: int

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from . import checkpoint
 from .comm import DataParallelGroup
+from .host_shared import host_shared_zeros
 from .kernels import select_update
 from .layout import ParamSpec, plan_buckets
 from .shards import ShardedBucket, Span
@@ -207,7 +208,14 @@ class ShardedRMSprop(Optimizer):
         offset = specs[0].index if specs else 0
         for plan in plans:
             members = [params[slot.index - offset] for slot in plan.slots]
-            self._buckets.append(ShardedBucket(plan, self._ranks.rank, members))
+            shared = (
+                host_shared_zeros(self._ranks, plan.padded_numel, plan.dtype)
+                if plan.device.type == "cpu"
+                else None
+            )
+            self._buckets.append(ShardedBucket(plan, self._ranks.rank, members, shared))
+        if self._host_shared:
+            self._ranks.barrier()  # rank 0 has filled the shared buffers
         self._sharded_groups = len(self.param_groups)
 
     def _describe_groups(self, first: int) -> tuple[list[ParamSpec], list[Tensor], list[Any]]:
@@ -244,13 +252,21 @@ class ShardedRMSprop(Optimizer):
                 loss = closure()
         self._check_grads()
         work = [(bucket, self._gather_grads(bucket)) for bucket in self._buckets]
+        if self._host_shared:
+            self._ranks.barrier()  # no rank still reads parameters that the update writes
         for bucket, spans in work:
             self._update(bucket, spans)
         self._ranks.sync_shards(
             [bucket.flat for bucket in self._buckets],
             [bucket.plan.shard_numel for bucket in self._buckets],
+            [bucket.host_shared for bucket in self._buckets],
         )
         return loss
+
+    @property
+    def _host_shared(self) -> bool:
+        """Whether some flat buffer is mapped by every rank of the host."""
+        return any(bucket.host_shared for bucket in self._buckets)
 
     def _check_grads(self) -> None:
         """Reject gradients torch would reject, before anything is modified."""

@@ -3,7 +3,8 @@
 A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` into tensors:
 
 - ``flat``: every parameter of the bucket end to end; the parameters become views of it, so
-  the parameter sync writes them in place.
+  the parameter sync writes them in place. It may be one buffer that all ranks of the host map
+  (``host_shared``): then each rank's update is everyone's.
 - ``shard``: the rank's range of ``flat`` (a view).
 - ``grad_shard``: where the owned slices of the gradients are copied each step.
 - ``state``: ``square_avg``, ``momentum_buffer`` and ``grad_avg`` for the owned range only,
@@ -57,7 +58,14 @@ def _step_dtype() -> torch.dtype:
 class ShardedBucket:
     """The tensors of one :class:`BucketPlan` on one rank (see the module docstring)."""
 
-    def __init__(self, plan: BucketPlan, rank: int, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self,
+        plan: BucketPlan,
+        rank: int,
+        params: Sequence[Tensor],
+        host_shared_flat: Tensor | None = None,
+    ) -> None:
+        """``host_shared_flat``: a zero buffer that all ranks map (rank 0 fills it)."""
         if len(params) != len(plan.slots):
             raise ValueError(f"the plan has {len(plan.slots)} slots, got {len(params)} params")
         self.plan = plan
@@ -66,19 +74,23 @@ class ShardedBucket:
         self._owned_piece = {piece.slot.index: piece for piece in self.pieces}
         self._position = {slot.index: i for i, slot in enumerate(plan.slots)}
         self.group_indices = sorted({slot.group for slot in plan.slots})
-        self.flat = self._flatten_params()
+        self.host_shared = host_shared_flat is not None
+        self.flat = self._flatten_params(host_shared_flat, fill=rank == 0 or not self.host_shared)
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
         self.grad_shard = torch.zeros_like(self.shard)
         self.state: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
-    def _flatten_params(self) -> Tensor:
-        """Copy the parameters into one padded buffer and make them views of it."""
-        flat = torch.zeros(self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device)
+    def _flatten_params(self, flat: Tensor | None, fill: bool) -> Tensor:
+        """Copy the parameters into one padded buffer (unless ``fill`` is False: another
+        rank fills a shared one) and make them views of it."""
+        if flat is None:
+            flat = torch.zeros(self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device)
         for slot, param in zip(self.plan.slots, self.params):
             view = flat[slot.offset : slot.end].view(slot.shape)
-            view.copy_(param.detach())
+            if fill:
+                view.copy_(param.detach())
             param.data = view
         return flat
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sharded_rmsprop import ShardedRMSprop
+from sharded_rmsprop import ShardedRMSprop, host_shared
 from spawn import run_ranks
 
 
@@ -23,8 +24,10 @@ def clone_params(params) -> list[torch.Tensor]:
 # -- DDP -------------------------------------------------------------------------------------
 
 
-def ddp_on_rank(rank: int, world_size: int) -> dict:
+def ddp_on_rank(rank: int, world_size: int, shm_dir: str | None = None) -> dict:
     """A DDP model stepped by ShardedRMSprop against torch's RMSprop fed the same gradients."""
+    if shm_dir is not None:
+        host_shared._SHM_DIR = shm_dir
     model = DDP(tiny_model())
     reference = clone_params(model.parameters())
     options = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)
@@ -44,14 +47,18 @@ def ddp_on_rank(rank: int, world_size: int) -> dict:
         equal &= all(torch.equal(p, r) for p, r in zip(model.parameters(), reference))
         losses.append(loss.item())
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return {"equal": equal, "losses": losses, "flat": flat}
+    shared = [bucket.host_shared for bucket in opt._buckets]
+    return {"equal": equal, "losses": losses, "flat": flat, "host_shared": shared}
 
 
-def test_ddp_model_matches_torch_and_ranks_agree() -> None:
-    results = run_ranks(2, ddp_on_rank)
+@pytest.mark.parametrize("shm_dir", [None, "/nonexistent"], ids=["host-shared", "broadcasts"])
+def test_ddp_model_matches_torch_and_ranks_agree(shm_dir: str | None) -> None:
+    """Both syncs: one buffer mapped by the ranks of this host, and gloo broadcasts."""
+    results = run_ranks(2, ddp_on_rank, shm_dir)
     for result in results:
         assert result["equal"]
         assert result["losses"][-1] < result["losses"][0]
+        assert result["host_shared"] == [shm_dir is None]
     assert torch.equal(results[0]["flat"], results[1]["flat"])
 
 
