@@ -113,6 +113,11 @@ def _homes(opt: ShardedRMSprop) -> list[tuple[ShardedBucket, int]]:
     return homes
 
 
+def _param_shapes(opt: ShardedRMSprop) -> list[list[int]]:
+    """Every parameter's shape, in the optimizer's parameter order."""
+    return [list(bucket.plan.slots[position].shape) for bucket, position in _homes(opt)]
+
+
 def _group_of(opt: ShardedRMSprop, bucket: ShardedBucket, position: int) -> dict[str, Any]:
     return opt.param_groups[bucket.plan.slots[position].group]
 
@@ -163,8 +168,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
             else:
                 entry[key] = ShardView(local, piece.param_start if piece else 0, slot.numel)
         state[slot.index] = entry
-    shapes = [list(bucket.plan.slots[pos].shape) for bucket, pos in _homes(opt)]
-    return {"state": state, "param_groups": _packed_groups(opt), "param_shapes": shapes}
+    return {"state": state, "param_groups": _packed_groups(opt), "param_shapes": _param_shapes(opt)}
 
 
 # -- torch format ------------------------------------------------------------------------------
@@ -293,18 +297,17 @@ def _validated(
                 f"optimizer's group: group {i} has {len(saved['params'])} parameters in the "
                 f"state dict and {len(group['params'])} in the optimizer"
             )
-    shapes = [list(bucket.plan.slots[pos].shape) for bucket, pos in _homes(opt)]
-    saved_shapes = state_dict.get("param_shapes", shapes)
-    if list(map(list, saved_shapes)) != shapes:
-        first = next(
-            i for i, pair in enumerate(zip(map(list, saved_shapes), shapes)) if pair[0] != pair[1]
-        ) if len(saved_shapes) == len(shapes) else None
-        detail = (
-            f"parameter {first} has shape {tuple(saved_shapes[first])} in the state dict and "
-            f"{tuple(shapes[first])} in the optimizer"
-            if first is not None
-            else f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
-        )
+    shapes = _param_shapes(opt)
+    saved_shapes = [list(shape) for shape in state_dict.get("param_shapes", shapes)]
+    if saved_shapes != shapes:
+        if len(saved_shapes) != len(shapes):
+            detail = f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(saved_shapes, shapes)) if a != b)
+            detail = (
+                f"parameter {i} has shape {tuple(saved_shapes[i])} in the state dict and "
+                f"{tuple(shapes[i])} in the optimizer"
+            )
         raise ValueError(f"the state dict is for other parameters: {detail}")
     position_of = {  # saved parameter id -> (bucket, position), by order as torch does
         saved_id: home

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from . import checkpoint
 from .comm import DataParallelGroup
 from .host_shared import host_shared_zeros
-from .kernels import select_update
+from .kernels import UpdateFn, select_update
 from .layout import ParamSpec, plan_buckets
 from .shards import ShardedBucket, Span
 
@@ -142,6 +142,7 @@ class ShardedRMSprop(Optimizer):
         self._ranks = DataParallelGroup.resolve(process_group)
         self._fused = fused
         self._buckets: list[ShardedBucket] = []
+        self._kernels: dict[tuple[torch.device, torch.dtype], UpdateFn] = {}  # chosen once
         self._sharded_groups = 0
         self._constructed = False
         try:
@@ -195,7 +196,9 @@ class ShardedRMSprop(Optimizer):
             specs, params, description = self._describe_groups(first)
             plans = plan_buckets(specs, self._ranks.world_size)
             for plan in plans:
-                select_update(self._fused, plan.device, plan.dtype)
+                self._kernels[plan.device, plan.dtype] = select_update(
+                    self._fused, plan.device, plan.dtype
+                )
         except (TypeError, ValueError, RuntimeError):
             del self.param_groups[first:]
             self._ranks.check_same_layout("parameters", None)
@@ -318,7 +321,7 @@ class ShardedRMSprop(Optimizer):
 
     def _update(self, bucket: ShardedBucket, spans: list[Span]) -> None:
         """Run the update kernel on each span with its param group's current options."""
-        update = select_update(self._fused, bucket.plan.device, bucket.plan.dtype)
+        update = self._kernels[bucket.plan.device, bucket.plan.dtype]
         for span in spans:
             group = self.param_groups[span.group]
             window = slice(span.start, span.end)
