@@ -1,9 +1,10 @@
 """The fused CPU update (``sharded_rmsprop.kernels.cpu_fused``).
 
 Numbers: every option combination against a float64 ground truth, with torch's own reference
-path in the same storage dtype as the yardstick, on every instruction set the CPU has. Then
-sizes and misaligned starts, LR schedules (no rebuild), bad input, the fallback when the
-build fails, and several processes building at once.
+path in the same storage dtype as the yardstick, on every instruction set the CPU has; the
+same for gradient scales and for float32 master weights with a bfloat16 / float16 copy, whose
+rounding is checked bit for bit. Then sizes and misaligned starts, LR schedules (no rebuild),
+bad input, the fallback when the build fails, and several processes building at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -42,6 +43,19 @@ EPS = {torch.float32: 1e-8, torch.bfloat16: 1e-8, torch.float16: 1e-4}
 COMBOS = list(itertools.product((0.0, 0.1), (0.0, 0.9), (False, True), (False, True)))
 ALL_OPTIONS = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True,
                    maximize=False)
+#: The dtypes of a low-precision copy of float32 master weights.
+COPY_DTYPES = (torch.bfloat16, torch.float16)
+#: grad_scale as callers pass it: a number or a 0-d float32 tensor (or None).
+GRAD_SCALES = [0.0, 1.0, 0.37, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.37)]
+
+
+def scale_id(scale: Tensor | float | None) -> str:
+    return f"tensor({scale.item()})" if isinstance(scale, Tensor) else str(scale)
+
+
+def exact_scale(scale: Tensor | float | None) -> float | None:
+    """The scale the kernels multiply by (float32), for the float64 truth."""
+    return None if scale is None else float(torch.as_tensor(scale, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +84,20 @@ def using_isa(isa: str) -> Iterator[None]:
 class Run:
     """One optimizer state (param and buffers) of a given dtype, stepped by one update fn."""
 
-    def __init__(self, fn, p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool):
+    def __init__(self, fn, p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool,
+                 copy_dtype: torch.dtype | None = None):
         self.fn, self.momentum, self.centered = fn, momentum, centered
         self.param = p0.to(dtype).clone()
         self.square_avg = torch.zeros_like(self.param)
         self.momentum_buffer = torch.zeros_like(self.param) if momentum > 0 else None
         self.grad_avg = torch.zeros_like(self.param) if centered else None
+        # the model's low-precision copy of float32 master weights, rewritten by every step
+        self.copy = None if copy_dtype is None else torch.empty(len(p0), dtype=copy_dtype)
 
     def step(self, grad: Tensor, **hp) -> None:
         g = grad.to(self.param.dtype).clone()
+        if self.copy is not None:
+            hp["low_precision_param"] = self.copy
         self.fn(self.param, g, self.square_avg, self.momentum_buffer, self.grad_avg,
                 momentum=self.momentum, centered=self.centered, **hp)
 
@@ -91,13 +110,38 @@ class Run:
         return out
 
 
-def three_runs(p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool) -> list[Run]:
-    """The fused kernel and torch's reference in ``dtype``, and the reference in float64."""
+def three_runs(p0: Tensor, dtype: torch.dtype, momentum: float, centered: bool,
+               copy_dtype: torch.dtype | None = None) -> list[Run]:
+    """The fused kernel and torch's reference in ``dtype`` (both keeping a ``copy_dtype``
+    copy of the params if given), and the reference in float64."""
     return [
-        Run(rmsprop_cpu_fused_, p0, dtype, momentum, centered),
-        Run(rmsprop_reference_, p0, dtype, momentum, centered),
+        Run(rmsprop_cpu_fused_, p0, dtype, momentum, centered, copy_dtype),
+        Run(rmsprop_reference_, p0, dtype, momentum, centered, copy_dtype),
         Run(rmsprop_reference_, p0, torch.float64, momentum, centered),
     ]
+
+
+def step_all(runs: list[Run], grad: Tensor, grad_scale: Tensor | float | None, **hp) -> None:
+    """One step of the three runs; the float64 truth scales by the kernels' float32 value."""
+    fused, ref, truth = runs
+    fused.step(grad, grad_scale=grad_scale, **hp)
+    ref.step(grad, grad_scale=grad_scale, **hp)
+    truth.step(grad, grad_scale=exact_scale(grad_scale), **hp)
+
+
+def assert_rounded_copy(copy: Tensor, param: Tensor, where: str) -> None:
+    """``copy`` holds the bits of ``param.to(copy.dtype)``; a NaN only has to stay a NaN
+    (torch's own conversions disagree on its bits: 0x7FC0 scalar, 0xFFFF vectorised)."""
+    want = param.to(copy.dtype)
+    nan = want.isnan()
+    assert torch.equal(copy.isnan(), nan), f"{where}: NaNs differ"
+    got, want = copy[~nan].view(torch.int16), want[~nan].view(torch.int16)
+    if not torch.equal(got, want):
+        i = (got != want).nonzero()[0].item()
+        bits = param[~nan][i].view(torch.int32).item()
+        got_bits, want_bits = got[i].item() & 0xFFFF, want[i].item() & 0xFFFF
+        raise AssertionError(f"{where}: param bits {bits:#010x}: copy {got_bits:#06x}, "
+                             f"param.to() {want_bits:#06x}")
 
 
 def assert_as_accurate(
@@ -150,6 +194,121 @@ def test_all_options_match_float64_truth(kernel, dtype: torch.dtype) -> None:
                     for run in runs:
                         run.step(grad, **hp)
                     assert_as_accurate(*runs, dtype, f"{where} step {step}")
+
+
+@pytest.mark.parametrize("grad_scale", GRAD_SCALES, ids=scale_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_scale_matches_float64_truth(kernel, dtype: torch.dtype, grad_scale) -> None:
+    """grad * grad_scale, before maximize and weight decay, with every option combination.
+
+    A zero scale leaves weight decay alone as the gradient, 0.1 p, whose square (1e-4 p**2,
+    times 1 - alpha) underflows float16 for small p: there both paths lose the absolute
+    bound (after 5 steps about 80 eps s for the fused momentum buffer, 600-1100 for the
+    reference's), so only the bound relative to the reference applies.
+    """
+    n = 1031
+    absolute = not (dtype == torch.float16 and exact_scale(grad_scale) == 0.0)
+    for wd, momentum, centered, maximize in COMBOS:
+        where = (f"{dtype} scale={scale_id(grad_scale)} wd={wd} mom={momentum} "
+                 f"centered={centered} max={maximize}")
+        gen = torch.Generator().manual_seed(5)
+        p0 = torch.randn(n, generator=gen).to(dtype).double()
+        hp = dict(lr=0.01, alpha=0.99, eps=EPS[dtype], weight_decay=wd, maximize=maximize)
+        runs = three_runs(p0, dtype, momentum, centered)
+        for step in range(5):
+            grad = torch.randn(n, generator=gen).to(dtype).double()
+            step_all(runs, grad, grad_scale, **hp)
+            assert_as_accurate(*runs, dtype, f"{where} step {step}", absolute)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize("scale", [0.0, 1.0, 0.37, -2.5])
+def test_grad_scale_comes_first(kernel, scale: float, as_tensor: bool) -> None:
+    """In float32, scaling in the kernel is bit for bit scaling the gradient beforehand:
+    the scale comes first, before maximize and weight decay (with the scale after them the
+    results differ), and a scale of 1 is no scale."""
+    grad_scale = torch.tensor(scale) if as_tensor else scale
+    hp = {**ALL_OPTIONS, "maximize": True}
+    spans, _ = _spans(1031, torch.float32, (0, 0, 0, 0, 0), torch.Generator().manual_seed(6))
+    for isa in isas():
+        with using_isa(isa):
+            scaled = [s.clone() for s in spans]
+            rmsprop_cpu_fused_(*scaled, **hp, grad_scale=grad_scale)
+            prescaled = [s.clone() for s in spans]
+            prescaled[1].mul_(scale)  # what clip_grad_norm_ does to the gradient
+            rmsprop_cpu_fused_(*prescaled, **hp)
+            for name, a, b in zip(("param", "grad", "square_avg", "momentum_buffer", "grad_avg"),
+                                  scaled, prescaled):
+                if name != "grad":
+                    assert torch.equal(a, b), (isa, name)
+
+
+@pytest.mark.parametrize("copy_dtype", COPY_DTYPES, ids=str)
+def test_master_weights_match_float64_truth(kernel, copy_dtype: torch.dtype) -> None:
+    """float32 master weights with a low-precision copy, every option combination and
+    instruction set: params and state as accurate as the reference's, the copy exactly
+    ``param.to(copy_dtype)`` after every step. Steps cycle through no scale, a float scale
+    and a tensor one."""
+    n, dtype = 1031, torch.float32
+    scales = (None, 0.37, torch.tensor(1.7))
+    for isa in isas():
+        with using_isa(isa):
+            for wd, momentum, centered, maximize in COMBOS:
+                where = (f"{isa} copy {copy_dtype} wd={wd} mom={momentum} centered={centered} "
+                         f"max={maximize}")
+                gen = torch.Generator().manual_seed(7)
+                p0 = torch.randn(n, generator=gen).double()
+                hp = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=wd, maximize=maximize)
+                runs = three_runs(p0, dtype, momentum, centered, copy_dtype)
+                for step in range(STEPS):
+                    grad = torch.randn(n, generator=gen).double()
+                    step_all(runs, grad, scales[step % len(scales)], **hp)
+                    assert_as_accurate(*runs, dtype, f"{where} step {step}")
+                    assert_rounded_copy(runs[0].copy, runs[0].param, f"{where} step {step}")
+
+
+def _rounding_cases(copy_dtype: torch.dtype) -> Tensor:
+    """float32 values whose rounding to ``copy_dtype`` is delicate, both signs.
+
+    Every tie between neighbouring finite ``copy_dtype`` values (subnormal ones included)
+    and between the largest one and the next power of two (rounds to inf), the float32
+    values either side of each tie; float32 subnormals, zeros, infinities, NaNs; and random
+    bit patterns.
+    """
+    if copy_dtype == torch.bfloat16:  # a bfloat16 is a float32's top half: ties end in 0x8000
+        top = torch.arange(0, 0x7F80, dtype=torch.int32) << 16  # every finite bfloat16 >= 0
+        grid, ties = top.view(torch.float32), (top | 0x8000).view(torch.float32)
+    else:
+        grid = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(copy_dtype).float()
+        upper = torch.cat([grid[1:], torch.tensor([65536.0])])
+        ties = ((grid.double() + upper.double()) / 2).float()  # exact: 12 significant bits
+        assert torch.equal(ties.double(), (grid.double() + upper.double()) / 2)
+    up, down = ties.nextafter(torch.tensor(float("inf"))), ties.nextafter(torch.tensor(0.0))
+    special = torch.tensor([0.0, 1e-45, 1e-40, 1.1754942e-38, 65504.0, 65519.996, 65520.0,
+                            65520.004, 3.4028235e38, float("inf"), float("nan")])
+    gen = torch.Generator().manual_seed(8)
+    bits = torch.randint(-(2**31), 2**31, (1 << 16,), generator=gen, dtype=torch.int64)
+    bits = bits.to(torch.int32).view(torch.float32)
+    values = torch.cat([ties, up, down, grid, special, bits])
+    return torch.cat([values, -values])
+
+
+@pytest.mark.parametrize("copy_dtype", COPY_DTYPES, ids=str)
+def test_low_precision_copy_rounds_exactly(kernel, copy_dtype: torch.dtype) -> None:
+    """The copy of any float32 result holds the bits of ``param.to(copy_dtype)``."""
+    values = _rounding_cases(copy_dtype)
+    for isa in isas():
+        with using_isa(isa):
+            # lr = 0 and grad = 0: param is loaded and stored unchanged, and its copy rounded
+            p = values.clone()
+            copy = torch.full_like(p, 7.0, dtype=copy_dtype)
+            zeros = torch.zeros_like(p)
+            rmsprop_cpu_fused_(p, zeros.clone(), zeros.clone(), None, None, lr=0.0, alpha=0.99,
+                               eps=1e-3, weight_decay=0.0, momentum=0.0, centered=False,
+                               maximize=False, low_precision_param=copy)
+            nan = values.isnan()
+            assert torch.equal(p[~nan].view(torch.int32), values[~nan].view(torch.int32)), isa
+            assert_rounded_copy(copy, p, isa)
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6], ids=lambda a: f"alpha={a}")
@@ -229,19 +388,23 @@ def test_sizes_and_misaligned_starts(kernel, n: int, dtype: torch.dtype, offsets
         assert torch.equal(b[:off], b0[:off]) and torch.equal(b[off + n :], b0[off + n :])
 
 
-def test_result_does_not_depend_on_thread_count(kernel) -> None:
+@pytest.mark.parametrize("copy_dtype", [None, *COPY_DTYPES], ids=str)
+def test_result_does_not_depend_on_thread_count(kernel, copy_dtype: torch.dtype | None) -> None:
     n = 1_000_003
     gen = torch.Generator().manual_seed(2)
     spans, _ = _spans(n, torch.float32, (0, 0, 0, 0, 0), gen)
-    hp = {**ALL_OPTIONS, "maximize": True}
+    hp = {**ALL_OPTIONS, "maximize": True, "grad_scale": 0.37}
     results = []
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            copy = [s.clone() for s in spans]
-            rmsprop_cpu_fused_(*copy, **hp)
-            results.append(copy)
+            state = [s.clone() for s in spans]
+            if copy_dtype is not None:
+                state.append(torch.empty(n, dtype=copy_dtype))
+                hp["low_precision_param"] = state[-1]
+            rmsprop_cpu_fused_(*state[:5], **hp)
+            results.append(state)
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -262,6 +425,44 @@ def test_isas_agree_bitwise(kernel) -> None:
                 results.append(copy)
         for other in results[1:]:
             assert all(torch.equal(a, b) for a, b in zip(results[0], other)), dtype
+
+
+@pytest.mark.parametrize("copy_dtype", COPY_DTYPES, ids=str)
+def test_isas_agree_bitwise_with_scale_and_copy(kernel, copy_dtype: torch.dtype) -> None:
+    """A gradient scale and a low-precision copy (F16C or bit manipulation for float16)."""
+    gen = torch.Generator().manual_seed(9)
+    hp = {**ALL_OPTIONS, "maximize": True, "grad_scale": torch.tensor(0.37)}
+    spans, _ = _spans(70001, torch.float32, (0, 0, 0, 0, 0), gen)
+    results = []
+    for isa in isas():
+        with using_isa(isa):
+            state = [s.clone() for s in spans] + [torch.empty(70001, dtype=copy_dtype)]
+            rmsprop_cpu_fused_(*state[:5], **hp, low_precision_param=state[5])
+            results.append(state)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("copy_offset", [0, 1, 3])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 511, 512, 513, 100003])
+@pytest.mark.parametrize("copy_dtype", COPY_DTYPES, ids=str)
+def test_copy_sizes_and_misaligned_starts(kernel, copy_dtype: torch.dtype, n: int,
+                                          copy_offset: int) -> None:
+    """With a copy, params and state get the same bits as without one (sizes around the
+    vector width and the 512-element blocks of the F16C path, one above the threading
+    threshold); the copy is the rounded params, and nothing outside its span changes."""
+    gen = torch.Generator().manual_seed(n)
+    spans, _ = _spans(n, torch.float32, (1, 3, 17, 1, 3), gen)
+    plain = [s.clone() for s in spans]
+    rmsprop_cpu_fused_(*plain, **ALL_OPTIONS)
+    buffer = torch.full((copy_offset + n + 5,), 7.0, dtype=copy_dtype)
+    copy = buffer[copy_offset : copy_offset + n]
+    version = copy._version
+    rmsprop_cpu_fused_(*spans, **ALL_OPTIONS, low_precision_param=copy)
+    assert all(torch.equal(a, b) for a, b in zip(spans, plain))
+    assert_rounded_copy(copy, spans[0], f"n={n}")
+    assert (buffer[:copy_offset] == 7.0).all() and (buffer[copy_offset + n :] == 7.0).all()
+    assert n == 0 or copy._version > version  # autograd sees the copy change
 
 
 def test_lr_schedule_without_rebuild(kernel) -> None:
@@ -328,6 +529,88 @@ def test_bad_input_raises_and_changes_nothing(case: str) -> None:
     for a, b in zip(args, before):
         if b is not None:
             assert torch.equal(a, b)
+
+
+def _copy_in(base: Tensor, byte_offset: int) -> Tensor:
+    """A 5-element bfloat16 copy over ``base``'s bytes from ``byte_offset`` on."""
+    return base.view(torch.uint8)[byte_offset : byte_offset + 10].view(torch.bfloat16)
+
+
+def _copy_aliasing_param() -> tuple[list, dict]:
+    args = _args()
+    return args, {"low_precision_param": _copy_in(args[0], 0)}
+
+
+def _copy_overlapping_grad_avg() -> tuple[list, dict]:
+    base = torch.zeros(8)  # grad_avg: bytes 0-19; the copy, of narrower elements: 18-27
+    return _args(grad_avg=base[:5]), {"low_precision_param": _copy_in(base, 18)}
+
+
+def _with(args: Callable[[], list] = _args, **options) -> Callable[[], tuple[list, dict]]:
+    """A case: arguments (by default float32 zeros) and these options."""
+    return lambda: (args(), options)
+
+
+def _bf16(*shape: int, **kwargs) -> Tensor:
+    return torch.zeros(*shape, dtype=torch.bfloat16, **kwargs)
+
+
+#: Bad master-weight copies and gradient scales: (arguments and options, error, match).
+BAD_OPTIONS = {
+    "copy-of-bf16-param": (_with(lambda: _args(dtype=torch.bfloat16), low_precision_param=_bf16(5)),
+                           TypeError, "low_precision_param needs float32 master weights, got "
+                           "param of dtype torch.bfloat16"),
+    "copy-float32": (_with(low_precision_param=torch.zeros(5)), TypeError,
+                     "low_precision_param has dtype torch.float32, expected torch.bfloat16 or "
+                     "torch.float16"),
+    "copy-length": (_with(low_precision_param=_bf16(6)), ValueError,
+                    r"low_precision_param has shape \(6,\), expected a 1-D tensor of 5 elements"),
+    "copy-2-D": (_with(low_precision_param=_bf16(5, 1)), ValueError,
+                 r"low_precision_param has shape \(5, 1\), expected a 1-D tensor of 5 elements"),
+    "copy-non-contiguous": (_with(low_precision_param=_bf16(10)[::2]), ValueError,
+                            "low_precision_param must be contiguous"),
+    "copy-device": (_with(low_precision_param=_bf16(5, device="meta")), ValueError,
+                    "needs CPU tensors, got low_precision_param on meta"),
+    "copy-not-a-tensor": (_with(low_precision_param=[0.0] * 5), TypeError,
+                          "low_precision_param must be a Tensor, got list"),
+    "copy-aliases-param": (_copy_aliasing_param, ValueError,
+                           "param and low_precision_param overlap in memory"),
+    "copy-overlaps-grad_avg": (_copy_overlapping_grad_avg, ValueError,
+                               "grad_avg and low_precision_param overlap in memory"),
+    "scale-1-D": (_with(grad_scale=torch.ones(1)), ValueError,
+                  r"grad_scale must be a 0-d tensor, got shape \(1,\)"),
+    "scale-float64": (_with(grad_scale=torch.tensor(0.5, dtype=torch.float64)), TypeError,
+                      "grad_scale must be a float32 tensor, got dtype torch.float64"),
+    "scale-device": (_with(grad_scale=torch.tensor(0.5, device="meta")), ValueError,
+                     "needs CPU tensors, got grad_scale on meta"),
+    "scale-str": (_with(grad_scale="0.5"), TypeError,
+                  "grad_scale must be a number, a 0-d tensor or None, got str"),
+    "scale-bool": (_with(grad_scale=True), TypeError,
+                   "grad_scale must be a number, a 0-d tensor or None, got bool"),
+    "scale-after-good-copy": (_with(low_precision_param=_bf16(5), grad_scale=torch.ones(2)),
+                              ValueError, "grad_scale must be a 0-d tensor"),
+}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t``'s elements as integers of the same width: compared bit for bit, NaNs included."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_copy_or_scale_raises_and_changes_nothing(case: str) -> None:
+    make, error, match = BAD_OPTIONS[case]
+    args, options = make()
+    tensors = [t for t in [*args, *options.values()]
+               if isinstance(t, Tensor) and t.device.type == "cpu"]
+    gen = torch.Generator().manual_seed(10)
+    for t in tensors:  # not zeros, which an update of zeros would leave as they are
+        t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+    before = [_bits(t).clone() for t in tensors]
+    with pytest.raises(error, match=match):
+        rmsprop_cpu_fused_(*args, **HP, **options)
+    for t, b in zip(tensors, before):
+        assert torch.equal(_bits(t), b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32], ids=str)

@@ -5,7 +5,10 @@
 1-D contiguous CPU shards of float32, bfloat16 or float16. It reads every input once and
 writes every output once (``grad`` is only read): 20 bytes per float32 element plain, 28 with
 momentum or centered, 36 with both, where the reference runs seven eager ops, each a pass of
-its own with temporaries. All arithmetic is float32, rounded once on store.
+its own with temporaries. All arithmetic is float32, rounded once on store. Float32 master
+weights with a bfloat16 or float16 ``low_precision_param`` write 2 bytes more per element
+(22 / 30 / 38), the new value rounded in the same pass. A ``grad_scale`` costs nothing: it
+joins the factor the gradient is already multiplied by (1, or -1 for ``maximize``).
 
 Why a C++ extension: measured
 -----------------------------
@@ -44,8 +47,9 @@ and weight decay, the fused pass 450 MB, here at 62 GB/s, 90 % of a plain copy's
 Both fused candidates run at memory speed; what differs is the first use:
 
 - C++ through ``torch.utils.cpp_extension.load_inline``, without torch headers, called with
-  ctypes: 4-5 s to build, once per machine (three instruction-set copies of 24 loops); a
-  later process loads the cached library in about 0.1 s. (A pybind11 extension including
+  ctypes: 4-5 s to build, once per machine (three instruction-set copies of 24 loops; 6 s
+  with the 16 more for master weights with a copy); a later process loads the cached
+  library in about 0.1 s. (A pybind11 extension including
   ``torch/extension.h`` takes 24 s to build one loop.) About 11 us per call at 1000 elements,
   against 22 us for the reference.
 - ``torch.compile`` (inductor C++, ``dynamic=True``, hyperparameters as 0-d tensors, so a new
@@ -59,15 +63,33 @@ So: the C++ kernel, as fast, with a smaller first-use cost paid once per machine
 Instruction sets: float32 is memory-bound, and the x86-64 baseline (SSE2) is as fast as AVX2
 and AVX-512. The half types are not: their conversions make the SSE2 loop slower than torch's
 own (vectorised) ops. So the loop is compiled three times through ``target`` attributes and
-the library picks the best copy the CPU supports when it loads: no ``-march`` flag, one
+the library picks the best version the CPU supports when it loads: no ``-march`` flag, one
 binary for any x86-64 machine. :func:`cpu_fused_preferred` says whether the fused path is
-the faster one for a dtype with the copy in use.
+the faster one for a dtype with the instruction set in use.
+
+Master weights with a low-precision copy, float32 with weight decay, plain: ms as above but
+the best of 11 rounds with the machine under other load (compare within this table only);
+the reference is followed by ``low_precision_param.copy_(param)``:
+
+========  =========================  =============================
+copy      fused: none / bf16 / fp16  reference: none / bf16 / fp16
+========  =========================  =============================
+SSE2      4.7 / 6.7 / 12.9           11.5 / 12.5 / 12.8
+AVX2      4.6 / 5.0 / 4.9            11.9 / 12.9 / 13.0
+AVX-512   4.6 / 5.3 / 5.3            12.6 / 13.6 / 13.5
+========  =========================  =============================
+
+With momentum and centered, AVX-512: 7.9 / 8.6 / 8.7 against 19.9 / 21.1 / 21.2. The copy's
+2 bytes cost about 4 (a store first reads its cache line), 10-15 % at memory speed; the
+float16 copy uses F16C on AVX2 and AVX-512. SSE2's float16 rounding is slow: there, with a
+float16 copy, the fused update only matches the reference.
 
 Build and cache
 ---------------
-:func:`cpu_fused_available` builds on first use (needs a C++ compiler with OpenMP, ``$CXX``
-or ``c++``, and the ``ninja`` executable on ``PATH``, as ``torch.utils.cpp_extension`` does)
-into ``$TORCH_EXTENSIONS_DIR`` or torch's default ``~/.cache/torch_extensions``, in
+:func:`cpu_fused_available` builds ``cpu_fused.cpp`` (next to this module, shipped as
+package data) on first use (needs a C++ compiler with OpenMP, ``$CXX`` or ``c++``, and the
+``ninja`` executable on ``PATH``, as ``torch.utils.cpp_extension`` does) into
+``$TORCH_EXTENSIONS_DIR`` or torch's default ``~/.cache/torch_extensions``, in
 ``sharded_rmsprop_cpu_<hash>``: the hash covers the source, the flags, the torch and Python
 versions and the machine type, so versions never share a build. Concurrent first uses (the
 ranks of one machine) take turns on an ``flock``: one builds, the others wait and load its
@@ -83,8 +105,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
+import importlib.resources
+import itertools
 import logging
+import numbers
 import os
 import platform
 import sys
@@ -104,283 +130,8 @@ except ImportError:  # not POSIX: rely on torch's own lock file alone
 
 __all__ = ["SUPPORTED_DTYPES", "cpu_fused_available", "cpu_fused_preferred", "rmsprop_cpu_fused_"]
 
-# The kernel: C++ with OpenMP and no torch headers (it compiles in a few seconds), reached
-# from Python through ctypes (``extern "C"``). One loop, ``update_span``, does the whole
-# update of a range of elements; the options are template parameters and the selections
-# integer masks, so the compiler vectorises every variant. The loop is compiled three times,
-# for the x86-64 baseline (SSE2), AVX2 and AVX-512, through ``target`` attributes, and the
-# library picks the best one the CPU supports when it loads (``__builtin_cpu_supports``), so
-# one binary runs on any x86-64 machine; elsewhere only the baseline copy exists. Float16 on
-# AVX2 and AVX-512 converts blocks with the F16C instructions instead of bit manipulation.
-# The arithmetic follows torch's op sequence in float32: the same operations in the same
-# order (``addcmul`` is ``self + (value * t1) * t2``, ``addcdiv`` is ``self + (value * t1) /
-# t2``, ``lerp`` switches formula at weight 0.5), each intermediate kept in float32 instead
-# of being rounded to the storage dtype, and the result rounded once (to nearest even). No
-# fused multiply-adds (-ffp-contract=off), so every instruction set gives the same bits.
-_CPP_SOURCE = r"""
-#include <omp.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-namespace {
-
-// Selections are written as integer masks, not branches or ?:, so GCC vectorises every loop.
-inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
-inline uint32_t to_bits(float f) { uint32_t u; std::memcpy(&u, &f, sizeof u); return u; }
-inline uint32_t mask(bool c) { return 0u - uint32_t(c); }
-inline uint32_t blend(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
-// |x| is a NaN (signed compare: both sides are below 2^31).
-inline uint32_t nan_mask(uint32_t u) { return mask(int32_t(u & 0x7FFFFFFFu) > 0x7F800000); }
-
-struct Float32 {
-  using storage_t = float;
-  static inline float load(float x) { return x; }
-  static inline float store(float x) { return x; }
-};
-
-// bfloat16: the top half of a float32; rounding as c10::BFloat16 (nearest even, NaN -> 0x7FC0).
-struct BFloat16 {
-  using storage_t = uint16_t;
-  static inline float load(uint16_t h) { return from_bits(uint32_t(h) << 16); }
-  static inline uint16_t store(float f) {
-    const uint32_t u = to_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return uint16_t(blend(nan_mask(u), 0x7FC0u, rounded));
-  }
-};
-
-// IEEE half by integer and float bit manipulation (the branch-free method c10::Half uses),
-// exact in both directions (round to nearest even) and vectorisable without F16C.
-struct Float16 {
-  using storage_t = uint16_t;
-  static inline float load(uint16_t h) {
-    const uint32_t w = uint32_t(h) << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normal = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float subnormal = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t is_subnormal = mask(int32_t(h & 0x7FFFu) < 0x0400);  // exponent field 0
-    return from_bits(sign | blend(is_subnormal, to_bits(subnormal), to_bits(normal)));
-  }
-  static inline uint16_t store(float f) {
-    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = to_bits(f);
-    const uint32_t sign = w & 0x80000000u;
-    const int32_t exp_byte = int32_t((w >> 23) & 0xFFu);              // (2 w) >> 24
-    const uint32_t bias = uint32_t(exp_byte < 0x71 ? 0x71 : exp_byte) << 24;
-    base = from_bits((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = to_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return uint16_t((sign >> 16) | blend(nan_mask(w), 0x7E00u, nonsign));
-  }
-};
-
-struct Hyper {
-  float neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign;
-  bool lerp_small;  // |1 - alpha| < 0.5: torch's lerp computes start + w * (end - start)
-};
-
-// The whole update of elements [begin, end). Inlined into one function per instruction set
-// (below), which the compiler vectorises for that set.
-template <class S, bool WD, bool MOM, bool CEN>
-__attribute__((always_inline)) inline void update_span(
-    typename S::storage_t* __restrict param, const typename S::storage_t* __restrict grad,
-    typename S::storage_t* __restrict square_avg, typename S::storage_t* __restrict momentum_buffer,
-    typename S::storage_t* __restrict grad_avg, const Hyper& h, int64_t begin, int64_t end) {
-  const float neg_lr = h.neg_lr, alpha = h.alpha, oma = h.one_minus_alpha, eps = h.eps;
-  const float wd = h.weight_decay, mom = h.momentum, sign = h.grad_sign;
-  const uint32_t lerp_from_start = mask(h.lerp_small);
-  const float lerp_w = h.lerp_small ? oma : oma - 1.0f;
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const float p = S::load(param[i]);
-    float g = S::load(grad[i]) * sign;                      // maximize: grad.neg_()
-    if (WD) g = g + wd * p;                                 // grad.add_(param, alpha=wd)
-    const float sq = S::load(square_avg[i]) * alpha + (oma * g) * g;
-    square_avg[i] = S::store(sq);                           // mul_(alpha).addcmul_(g, g, 1-alpha)
-    float avg;
-    if (CEN) {
-      const float ga0 = S::load(grad_avg[i]);
-      const float base = from_bits(blend(lerp_from_start, to_bits(ga0), to_bits(g)));
-      const float ga = base + lerp_w * (g - ga0);           // grad_avg.lerp_(g, 1 - alpha)
-      grad_avg[i] = S::store(ga);
-      avg = std::sqrt(sq + (-1.0f * ga) * ga);             // addcmul(ga, ga, -1).sqrt_()
-    } else {
-      avg = std::sqrt(sq);
-    }
-    avg = avg + eps;
-    if (MOM) {
-      const float buf = S::load(momentum_buffer[i]) * mom + g / avg;  // mul_(m).addcdiv_(g, avg)
-      momentum_buffer[i] = S::store(buf);
-      param[i] = S::store(p + neg_lr * buf);                // param.add_(buf, alpha=-lr)
-    } else {
-      param[i] = S::store(p + (neg_lr * g) / avg);          // param.addcdiv_(g, avg, -lr)
-    }
-  }
-}
-
-struct Args {
-  void* param; const void* grad; void* square_avg; void* momentum_buffer; void* grad_avg;
-  Hyper h;
-};
-using SpanFn = void (*)(const Args&, int64_t, int64_t);
-
-// One copy of every (dtype, options) loop per instruction set, each compiled for its target.
-#define SR_SPAN_FOR_TARGET(NAME, TARGET)                                                     \
-  template <class S, bool WD, bool MOM, bool CEN>                                            \
-  TARGET void span_##NAME(const Args& a, int64_t begin, int64_t end) {                       \
-    using T = typename S::storage_t;                                                         \
-    update_span<S, WD, MOM, CEN>(static_cast<T*>(a.param), static_cast<const T*>(a.grad),    \
-                                 static_cast<T*>(a.square_avg),                              \
-                                 static_cast<T*>(a.momentum_buffer),                         \
-                                 static_cast<T*>(a.grad_avg), a.h, begin, end);              \
-  }
-
-SR_SPAN_FOR_TARGET(baseline, )  // x86-64 baseline (SSE2), or whatever the compiler targets
-
-#if defined(__x86_64__) || defined(__i386__)
-#define SR_X86 1
-#define SR_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define SR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-SR_SPAN_FOR_TARGET(avx2, SR_AVX2)
-SR_SPAN_FOR_TARGET(avx512, SR_AVX512)
-
-// float16 with F16C: the compiler does not vectorise half conversions itself, so convert
-// blocks of kBlock elements to float32 in L1-resident scratch with the F16C instructions
-// (round to nearest even, as the bit-level version), run the float32 loop, convert back.
-constexpr int64_t kBlock = 512;
-
-SR_AVX2 inline void half_to_float(const uint16_t* src, float* dst, int64_t m) {
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8)
-    _mm256_storeu_ps(dst + i,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < m; ++i) dst[i] = _cvtsh_ss(src[i]);
-}
-
-SR_AVX2 inline void float_to_half(const float* src, uint16_t* dst, int64_t m) {
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < m; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-}
-
-#define SR_HALF_SPAN_FOR_TARGET(NAME, TARGET)                                                \
-  template <class S, bool WD, bool MOM, bool CEN>                                            \
-  TARGET void half_span_##NAME(const Args& a, int64_t begin, int64_t end) {                  \
-    alignas(64) float p[kBlock], g[kBlock], sq[kBlock], mb[kBlock], ga[kBlock];              \
-    uint16_t* P = static_cast<uint16_t*>(a.param);                                           \
-    const uint16_t* G = static_cast<const uint16_t*>(a.grad);                                \
-    uint16_t* SQ = static_cast<uint16_t*>(a.square_avg);                                     \
-    uint16_t* MB = static_cast<uint16_t*>(a.momentum_buffer);                                \
-    uint16_t* GA = static_cast<uint16_t*>(a.grad_avg);                                       \
-    for (int64_t b = begin; b < end; b += kBlock) {                                          \
-      const int64_t m = end - b < kBlock ? end - b : kBlock;                                 \
-      half_to_float(P + b, p, m); half_to_float(G + b, g, m); half_to_float(SQ + b, sq, m);  \
-      if (MOM) half_to_float(MB + b, mb, m);                                                 \
-      if (CEN) half_to_float(GA + b, ga, m);                                                 \
-      update_span<Float32, WD, MOM, CEN>(p, g, sq, mb, ga, a.h, 0, m);                       \
-      float_to_half(p, P + b, m); float_to_half(sq, SQ + b, m);                              \
-      if (MOM) float_to_half(mb, MB + b, m);                                                 \
-      if (CEN) float_to_half(ga, GA + b, m);                                                 \
-    }                                                                                        \
-  }
-
-SR_HALF_SPAN_FOR_TARGET(avx2, SR_AVX2)
-SR_HALF_SPAN_FOR_TARGET(avx512, SR_AVX512)
-#endif
-
-// t[(wd << 2) | (momentum << 1) | centered] = FN<S, wd, momentum, centered>
-#define SR_FILL(t, FN, S)                                                       \
-  t[0] = FN<S, false, false, false>; t[1] = FN<S, false, false, true>;          \
-  t[2] = FN<S, false, true, false>;  t[3] = FN<S, false, true, true>;           \
-  t[4] = FN<S, true, false, false>;  t[5] = FN<S, true, false, true>;           \
-  t[6] = FN<S, true, true, false>;   t[7] = FN<S, true, true, true>;
-
-// fn[isa][dtype][options]; without x86 only the baseline row is filled (and ever selected).
-struct Table {
-  SpanFn fn[3][3][8] = {};
-  Table() {
-    SR_FILL(fn[0][0], span_baseline, Float32)
-    SR_FILL(fn[0][1], span_baseline, BFloat16)
-    SR_FILL(fn[0][2], span_baseline, Float16)
-#ifdef SR_X86
-    SR_FILL(fn[1][0], span_avx2, Float32)
-    SR_FILL(fn[1][1], span_avx2, BFloat16)
-    SR_FILL(fn[1][2], half_span_avx2, Float16)
-    SR_FILL(fn[2][0], span_avx512, Float32)
-    SR_FILL(fn[2][1], span_avx512, BFloat16)
-    SR_FILL(fn[2][2], half_span_avx512, Float16)
-#endif
-  }
-};
-const Table kTable;
-
-// The best instruction set this CPU (and OS) supports: 0 baseline, 1 AVX2, 2 AVX-512.
-int detect_isa() {
-#ifdef SR_X86
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq");
-  return avx512 ? 2 : avx2 ? 1 : 0;
-#else
-  return 0;
-#endif
-}
-const int kDetectedIsa = detect_isa();
-std::atomic<int> g_isa{kDetectedIsa};
-
-// Spans shorter than this run on the calling thread (torch's at::internal::GRAIN_SIZE).
-constexpr int64_t kGrain = 32768;
-
-}  // namespace
-
-// The instruction set in use; a request >= 0 first selects min(request, best supported).
-extern "C" int sharded_rmsprop_cpu_isa(int request) {
-  if (request >= 0) g_isa.store(request < kDetectedIsa ? request : kDetectedIsa);
-  return g_isa.load();
-}
-
-// dtype: 0 float32, 1 bfloat16, 2 float16. momentum_buffer / grad_avg are null when unused.
-// Returns 0, or 1 for an unknown dtype.
-extern "C" int sharded_rmsprop_cpu_update(
-    int dtype, void* param, void* grad, void* square_avg, void* momentum_buffer, void* grad_avg,
-    int64_t n, float neg_lr, float alpha, float one_minus_alpha, float eps, float weight_decay,
-    int has_weight_decay, float momentum, int maximize, int threads) {
-  if (dtype < 0 || dtype > 2) return 1;
-  const Args a{param, grad, square_avg, momentum_buffer, grad_avg,
-               Hyper{neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                     maximize ? -1.0f : 1.0f, std::fabs(one_minus_alpha) < 0.5f}};
-  const int k = (has_weight_decay ? 4 : 0) | (momentum_buffer ? 2 : 0) | (grad_avg ? 1 : 0);
-  const SpanFn fn = kTable.fn[g_isa.load()][dtype][k];
-  int64_t tasks = (n + kGrain - 1) / kGrain;
-  if (tasks > threads) tasks = threads;
-  if (tasks <= 1) {
-    fn(a, 0, n);
-    return 0;
-  }
-#pragma omp parallel num_threads(int(tasks))
-  {
-    // Contiguous chunks, one per thread, each a multiple of 64 elements (whole cache lines).
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t chunk = ((n + nt - 1) / nt + 63) / 64 * 64;
-    const int64_t begin = t * chunk < n ? t * chunk : n;
-    const int64_t end = begin + chunk < n ? begin + chunk : n;
-    if (begin < end) fn(a, begin, end);
-  }
-  return 0;
-}
-"""
+#: The kernel's C++ source, next to this module and shipped with it as package data.
+_CPP_FILE = "cpu_fused.cpp"
 
 #: Compiler flags: no -march, so the binary runs on any machine of the architecture (the
 #: AVX2 and AVX-512 copies are chosen at run time); -fno-math-errno lets sqrt vectorise;
@@ -389,13 +140,15 @@ _CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: The dtypes of a low-precision copy of float32 master weights, by the kernel's code.
+_COPY_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 
 #: The storage dtypes the kernel handles; the caller routes others (float64, complex) to the
 #: reference update.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 #: How long a process waits for another one that is building the same library before it
-#: gives up and falls back to the reference update (a build takes about 5 s).
+#: gives up and falls back to the reference update (a build takes about 6 s).
 _BUILD_LOCK_TIMEOUT_S = 300.0
 
 _load_lock = threading.Lock()
@@ -411,7 +164,7 @@ def cpu_fused_available() -> bool:
     """Whether the fused CPU kernel can run here; builds (or loads) it on the first call.
 
     The first call in a process compiles the C++ source with ``torch.utils.cpp_extension``
-    (about 5 s on 2 cores) unless a finished build is already cached, then loads it. A failure
+    (about 6 s on 2 cores) unless a finished build is already cached, then loads it. A failure
     (no C++ compiler, no ninja, a broken build) emits one warning saying why and makes this
     return ``False`` from then on, so the caller can fall back to ``rmsprop_reference_``.
     """
@@ -422,8 +175,8 @@ def cpu_fused_preferred(dtype: torch.dtype) -> bool:
     """Whether the fused kernel is available and the faster update for ``dtype`` here.
 
     float32 always (it is memory-bound: 5-7x the reference with any instruction set);
-    bfloat16 and float16 with the AVX2 or AVX-512 copy (1.5-3.2x), not with the baseline
-    copy, whose conversions make it slower than the reference (0.3-1.0x).
+    bfloat16 and float16 with the AVX2 or AVX-512 loops (1.5-3.2x), not with the baseline
+    ones, whose conversions make them slower than the reference (0.3-1.0x).
     """
     if dtype not in _DTYPE_CODE or _load_kernel() is None:
         return False
@@ -484,10 +237,11 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     fn.argtypes = (
         [ctypes.c_int]  # dtype code
         + [ctypes.c_void_p] * 5  # param, grad, square_avg, momentum_buffer, grad_avg
+        + [ctypes.c_void_p, ctypes.c_int]  # low_precision_param, its dtype code
         + [ctypes.c_int64]  # n
         + [ctypes.c_float] * 5  # -lr, alpha, 1 - alpha, eps, weight_decay
         + [ctypes.c_int, ctypes.c_float]  # has_weight_decay, momentum
-        + [ctypes.c_int, ctypes.c_int]  # maximize, threads
+        + [ctypes.c_int, ctypes.c_float, ctypes.c_int]  # maximize, grad_scale, threads
     )
     _isa_fn = isa
     return fn
@@ -515,11 +269,23 @@ def _build_root() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_source() -> str:
+    """The kernel's C++ source, read once per process.
+
+    Once, so that the text the build directory's hash covers is the text that is compiled,
+    even if the file changes while the process runs. Through ``importlib.resources``, which
+    finds package data in a normal install, an editable one and a zip alike.
+    """
+    return importlib.resources.files(__package__).joinpath(_CPP_FILE).read_text("utf-8")
+
+
 def _build_location() -> tuple[str, str]:
     """The library's name and build directory: a hash of everything the binary depends on."""
     key = hashlib.sha256(
         "\0".join(
-            (_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine())
+            (_cpp_source(), *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version,
+             platform.machine())
         ).encode()
     ).hexdigest()[:16]
     name = f"sharded_rmsprop_cpu_{key}"
@@ -565,7 +331,7 @@ def _build_library() -> str:
                 warnings.simplefilter("ignore")
                 load_inline(
                     name,
-                    cpp_sources=[_CPP_SOURCE],
+                    cpp_sources=[_cpp_source()],
                     extra_cflags=list(_CFLAGS),
                     extra_ldflags=list(_LDFLAGS),
                     build_directory=build_dir,
@@ -617,6 +383,7 @@ def _check(
     square_avg: Tensor,
     momentum_buffer: Tensor | None,
     grad_avg: Tensor | None,
+    low_precision_param: Tensor | None,
     momentum: float,
     centered: bool,
 ) -> list[Tensor]:
@@ -630,6 +397,8 @@ def _check(
         named.append(("momentum_buffer", momentum_buffer))
     if centered:
         named.append(("grad_avg", grad_avg))
+    if low_precision_param is not None:
+        named.append(("low_precision_param", low_precision_param))
     for label, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
@@ -638,13 +407,15 @@ def _check(
             f"the fused CPU RMSprop kernel supports float32, bfloat16 and float16 "
             f"parameters, got {param.dtype}"
         )
+    if low_precision_param is not None:
+        _check_copy_dtype(param.dtype, low_precision_param.dtype)
     n = param.numel()
     for label, t in named:
         if t.device.type != "cpu":
             raise ValueError(
                 f"the fused CPU RMSprop kernel needs CPU tensors, got {label} on {t.device}"
             )
-        if t.dtype != param.dtype:
+        if t.dtype != param.dtype and t is not low_precision_param:
             raise TypeError(f"{label} has dtype {t.dtype}, expected the param's {param.dtype}")
         if t.dim() != 1 or t.numel() != n:
             raise ValueError(
@@ -652,15 +423,61 @@ def _check(
             )
         if not t.is_contiguous():
             raise ValueError(f"{label} must be contiguous")
-    tensors = [t for _, t in named]
     if n:  # the kernel reads and writes through restrict pointers: no two may overlap
-        size = n * param.element_size()
-        starts = sorted((t.data_ptr(), i) for i, (_, t) in enumerate(named))
-        for (a, i), (b, j) in zip(starts, starts[1:]):
-            if b < a + size:
-                first, second = sorted((i, j))
-                raise ValueError(f"{named[first][0]} and {named[second][0]} overlap in memory")
-    return tensors
+        _check_no_overlap(named)
+    return [t for _, t in named]
+
+
+def _check_copy_dtype(param_dtype: torch.dtype, copy_dtype: torch.dtype) -> None:
+    """A low-precision copy is bfloat16 or float16, of float32 master weights."""
+    if param_dtype != torch.float32:
+        raise TypeError(
+            f"low_precision_param needs float32 master weights, got param of dtype {param_dtype}"
+        )
+    if copy_dtype not in _COPY_DTYPE_CODE:
+        raise TypeError(
+            f"low_precision_param has dtype {copy_dtype}, expected torch.bfloat16 or "
+            f"torch.float16"
+        )
+
+
+def _check_no_overlap(named: list[tuple[str, Tensor]]) -> None:
+    """Raise naming the first two tensors (in argument order) whose bytes overlap.
+
+    Every pair, since the copy's elements are narrower than the others'.
+    """
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for _, t in named]
+    for (i, (a0, a1)), (j, (b0, b1)) in itertools.combinations(enumerate(spans), 2):
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{named[i][0]} and {named[j][0]} overlap in memory")
+
+
+def _scale_value(grad_scale: Tensor | float | None) -> float:
+    """``grad_scale`` as the number the kernel multiplies the gradient by (1 for ``None``).
+
+    The kernel rounds it to float32, as torch's ``grad.mul_(number)`` does on a float32
+    gradient. A 0-d float32 CPU tensor is read with ``float()``: on the CPU, no sync. A bool
+    is refused (as by the Triton kernel): more likely a mix-up than a scale of 0 or 1.
+    """
+    if grad_scale is None:
+        return 1.0
+    if isinstance(grad_scale, Tensor):
+        if grad_scale.dim() != 0:
+            raise ValueError(
+                f"grad_scale must be a 0-d tensor, got shape {tuple(grad_scale.shape)}"
+            )
+        if grad_scale.dtype != torch.float32:
+            raise TypeError(f"grad_scale must be a float32 tensor, got dtype {grad_scale.dtype}")
+        if grad_scale.device.type != "cpu":
+            raise ValueError(
+                f"the fused CPU RMSprop kernel needs CPU tensors, got grad_scale on "
+                f"{grad_scale.device}"
+            )
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(
+            f"grad_scale must be a number, a 0-d tensor or None, got {type(grad_scale).__name__}"
+        )
+    return float(grad_scale)
 
 
 def rmsprop_cpu_fused_(
@@ -677,6 +494,8 @@ def rmsprop_cpu_fused_(
     momentum: float,
     centered: bool,
     maximize: bool,
+    grad_scale: Tensor | float | None = None,
+    low_precision_param: Tensor | None = None,
 ) -> None:
     """Update ``param`` and the state in place, in one pass; ``grad`` is read, not written.
 
@@ -684,9 +503,15 @@ def rmsprop_cpu_fused_(
     1-D contiguous CPU tensors of one dtype from :data:`SUPPORTED_DTYPES`; the arithmetic is
     float32 whatever the storage dtype, rounded once on store. ``momentum_buffer`` is
     required when ``momentum > 0`` and ``grad_avg`` when ``centered`` (otherwise they are
-    ignored). Raises ``RuntimeError`` when :func:`cpu_fused_available` is ``False``.
+    ignored). ``grad_scale``, a number or a 0-d float32 CPU tensor, multiplies the gradient
+    first. ``low_precision_param``, bfloat16 or float16 and shaped like a float32 ``param``,
+    receives the new ``param`` rounded to nearest even: the bits of
+    ``low_precision_param.copy_(param)``. Bad arguments raise ``TypeError`` or ``ValueError``
+    before anything is written; ``RuntimeError`` when :func:`cpu_fused_available` is ``False``.
     """
-    tensors = _check(param, grad, square_avg, momentum_buffer, grad_avg, momentum, centered)
+    copy = low_precision_param
+    tensors = _check(param, grad, square_avg, momentum_buffer, grad_avg, copy, momentum, centered)
+    scale = _scale_value(grad_scale)
     kernel = _load_kernel()
     if kernel is None:
         raise RuntimeError(
@@ -696,6 +521,7 @@ def rmsprop_cpu_fused_(
     n = param.numel()
     if n == 0:
         return
+    # In the order of _bind's argument types.
     rc = kernel(
         _DTYPE_CODE[param.dtype],
         param.data_ptr(),
@@ -703,16 +529,12 @@ def rmsprop_cpu_fused_(
         square_avg.data_ptr(),
         momentum_buffer.data_ptr() if momentum > 0 else None,
         grad_avg.data_ptr() if centered else None,
+        None if copy is None else copy.data_ptr(),
+        0 if copy is None else _COPY_DTYPE_CODE[copy.dtype],
         n,
-        -float(lr),
-        float(alpha),
-        1.0 - float(alpha),
-        float(eps),
-        float(weight_decay),
-        int(weight_decay != 0),
-        float(momentum),
-        int(bool(maximize)),
-        torch.get_num_threads(),
+        -float(lr), float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay),
+        int(weight_decay != 0), float(momentum),
+        int(bool(maximize)), scale, torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"the fused CPU RMSprop kernel failed with code {rc}")

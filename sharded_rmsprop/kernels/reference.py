@@ -8,6 +8,8 @@ gives each element the same result as applying it to each parameter alone.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -35,49 +37,62 @@ def rmsprop_reference_(
     momentum: float,
     centered: bool,
     maximize: bool,
+    grad_scale: Tensor | float | None = None,
+    low_precision_param: Tensor | None = None,
 ) -> None:
     """Update ``param`` and the state in place; ``grad`` is scratch and gets overwritten.
 
     ``momentum_buffer`` is required when ``momentum > 0`` and ``grad_avg`` when ``centered``.
-    1-D tensors longer than :data:`CHUNK_NUMEL` are updated chunk by chunk.
+    ``grad_scale`` (a number or a 0-d tensor) multiplies the gradient first, as
+    ``torch.nn.utils.clip_grad_norm_`` would have. ``low_precision_param``, if given,
+    receives the updated ``param`` rounded to its own dtype (the model's bfloat16 or float16
+    copy of float32 master weights). 1-D tensors longer than :data:`CHUNK_NUMEL` are updated
+    chunk by chunk.
     """
-    if param.dim() == 1 and param.numel() > CHUNK_NUMEL:
-        hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                     centered=centered, maximize=maximize)
-        for start in range(0, param.numel(), CHUNK_NUMEL):
-            window = slice(start, start + CHUNK_NUMEL)
-            rmsprop_reference_(
-                param[window], grad[window], square_avg[window],
-                None if momentum_buffer is None else momentum_buffer[window],
-                None if grad_avg is None else grad_avg[window],
-                **hyper,
-            )
+    chunks = _chunks(param, grad, square_avg, momentum_buffer, grad_avg, low_precision_param)
+    for param, grad, square_avg, momentum_buffer, grad_avg, low_precision_param in chunks:
+        if grad_scale is not None:
+            grad.mul_(grad_scale)
+        if maximize:
+            grad.neg_()
+        if weight_decay != 0:
+            grad.add_(param, alpha=weight_decay)  # in the complex dtype, as torch does it
+
+        if param.is_complex():  # (master weights, and so a rounded copy, are never complex)
+            param, grad, square_avg = (torch.view_as_real(t) for t in (param, grad, square_avg))
+            if momentum_buffer is not None:
+                momentum_buffer = torch.view_as_real(momentum_buffer)
+            if grad_avg is not None:
+                grad_avg = torch.view_as_real(grad_avg)
+
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+
+        if centered:
+            assert grad_avg is not None
+            grad_avg.lerp_(grad, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+        avg.add_(eps)
+
+        if momentum > 0:
+            assert momentum_buffer is not None
+            momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
+            param.add_(momentum_buffer, alpha=-lr)
+        else:
+            param.addcdiv_(grad, avg, value=-lr)
+
+        if low_precision_param is not None:
+            low_precision_param.copy_(param)  # round to nearest even, as .to(bfloat16) does
+
+
+def _chunks(*tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...]]:
+    """The tensors whole, or, when 1-D and longer than :data:`CHUNK_NUMEL`, chunk by chunk."""
+    first = tensors[0]
+    assert first is not None
+    if first.dim() != 1 or first.numel() <= CHUNK_NUMEL:
+        yield tensors
         return
-    if maximize:
-        grad.neg_()
-    if weight_decay != 0:
-        grad.add_(param, alpha=weight_decay)  # in the complex dtype, as torch does it
-
-    if param.is_complex():
-        param, grad, square_avg = (torch.view_as_real(t) for t in (param, grad, square_avg))
-        if momentum_buffer is not None:
-            momentum_buffer = torch.view_as_real(momentum_buffer)
-        if grad_avg is not None:
-            grad_avg = torch.view_as_real(grad_avg)
-
-    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-
-    if centered:
-        assert grad_avg is not None
-        grad_avg.lerp_(grad, 1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-    else:
-        avg = square_avg.sqrt()
-    avg.add_(eps)
-
-    if momentum > 0:
-        assert momentum_buffer is not None
-        momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
-        param.add_(momentum_buffer, alpha=-lr)
-    else:
-        param.addcdiv_(grad, avg, value=-lr)
+    for start in range(0, first.numel(), CHUNK_NUMEL):
+        window = slice(start, start + CHUNK_NUMEL)
+        yield tuple(None if t is None else t[window] for t in tensors)

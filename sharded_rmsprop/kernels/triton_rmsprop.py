@@ -14,8 +14,16 @@ is the fastest it can be.
 - momentum *or* centered: also reads and writes momentum_buffer or grad_avg: **28 B**;
 - momentum *and* centered: both: **36 B**.
 
-``grad`` is read and never written (the reference uses it as scratch; here the negation and the
-weight decay live in registers), so it costs 4 B, not 8.
+``grad`` is read and never written (the reference uses it as scratch; here the scaling, the
+negation and the weight decay live in registers), so it costs 4 B, not 8.
+
+**Options that add no pass.** ``low_precision_param`` (float32 master weights with a bfloat16 or
+float16 model copy) additionally writes the new ``param`` rounded to nearest even: **+2 B**, so
+22, 30 or 38 B; a separate ``low_precision_param.copy_(param)`` after the update would be a
+second pass of 6 B (reading ``param`` back, 4 B, and writing the copy). ``grad_scale`` (gradient clipping, loss-scale
+unscaling) costs nothing per element: a number is a kernel argument, and a 0-d tensor is one
+4-byte load per program, read on the device so that a scale computed on the GPU never makes the
+host wait (``.item()`` would).
 
 **Why fp32 math.** Every element is loaded, converted to float32, updated entirely in float32 and
 rounded once to the storage dtype on the store. For bfloat16 and float16 storage this is *more*
@@ -32,14 +40,17 @@ interpreter computes, so the CPU tests check the GPU's bits. float64 is rejected
 the reference path for it.
 
 **No recompilation on a schedule.** The option switches (``WEIGHT_DECAY``, ``MOMENTUM``,
-``CENTERED``, ``MAXIMIZE``) are ``tl.constexpr``: each combination compiles once, with dead branches
-removed. The numbers (``lr``, ``alpha``, ``1 - alpha``, ``eps``, ``weight_decay``, ``momentum``)
-are runtime arguments annotated ``tl.float32``: Triton neither specialises a float-annotated
+``CENTERED``, ``MAXIMIZE``, ``STORE_LOW_PRECISION`` and ``GRAD_SCALE``: none, a number, or a
+tensor) are ``tl.constexpr``: each combination compiles once, with dead branches removed, so the
+plain update compiles to the same code as before the options existed. The numbers (``lr``,
+``alpha``, ``1 - alpha``, ``eps``, ``weight_decay``, ``momentum``, a numeric ``grad_scale``) are
+runtime arguments annotated ``tl.float32``: Triton neither specialises a float-annotated
 argument on its value nor retypes it (an ``int`` equal to 1 *would* be specialised, and a bare
 ``0`` would change the signature to ``i32``), and the wrapper passes ``float(...)`` anyway. An LR
-scheduler changing ``lr`` every step therefore reuses the compiled kernel. ``n_elements`` keeps
-Triton's default specialisation (divisible by 16 or not), which enables vectorised access on the
-padded shards and adds at most a couple of variants per option set.
+scheduler changing ``lr``, or a clipping coefficient changing every step, therefore reuses the
+compiled kernel. ``n_elements`` keeps Triton's default specialisation (divisible by 16 or not),
+which enables vectorised access on the padded shards and adds at most a couple of variants per
+option set.
 
 **Interpreter.** With ``TRITON_INTERPRET=1`` Triton runs kernels in numpy on the host, which CI uses
 to test this math on CPU tensors. ``triton.jit`` decides between the compiled and the interpreted
@@ -55,6 +66,7 @@ shards of more than 2**31 elements are addressed correctly.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -81,6 +93,8 @@ BLOCK_SIZE: int = 1024
 _NUM_WARPS: int = 4
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Dtypes of the rounded copy of float32 master weights (``low_precision_param``).
+_LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _interpret_mode() -> bool:
@@ -116,6 +130,8 @@ if _HAS_TRITON:
         square_avg_ptr,  # *T, running average of grad**2: read and written once
         momentum_buffer_ptr,  # *T when MOMENTUM; otherwise a placeholder that is never touched
         grad_avg_ptr,  # *T when CENTERED; otherwise a placeholder that is never touched
+        low_precision_param_ptr,  # *bf16 or *fp16 when STORE_LOW_PRECISION; else a placeholder
+        grad_scale_ptr,  # *fp32, a 0-d tensor, when GRAD_SCALE == "pointer"; else a placeholder
         n_elements,  # elements in every one of the buffers above
         lr: tl.float32,
         alpha: tl.float32,
@@ -123,10 +139,13 @@ if _HAS_TRITON:
         eps: tl.float32,
         weight_decay: tl.float32,
         momentum: tl.float32,
+        grad_scale: tl.float32,  # used when GRAD_SCALE == "value"
         WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
         MOMENTUM: tl.constexpr,  # momentum > 0
         CENTERED: tl.constexpr,
         MAXIMIZE: tl.constexpr,
+        GRAD_SCALE: tl.constexpr,  # "none", "value" (the float grad_scale) or "pointer"
+        STORE_LOW_PRECISION: tl.constexpr,  # also write the rounded copy of the new param
         BLOCK_SIZE: tl.constexpr,
     ):
         # int64 before the multiply: pid * BLOCK_SIZE overflows int32 past 2**31 elements.
@@ -138,6 +157,14 @@ if _HAS_TRITON:
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         sq = tl.load(square_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
+        # The scale comes first: it stands for what clip_grad_norm_ (or an unscale) would have
+        # done to the gradient before the optimizer saw it.
+        if GRAD_SCALE == "pointer":
+            # Read on the device: a scale computed on the GPU (a clipping coefficient) is used
+            # without the host ever waiting for it. One 4-byte load per program, cached.
+            g = g * tl.load(grad_scale_ptr).to(tl.float32)
+        elif GRAD_SCALE == "value":
+            g = g * grad_scale
         if MAXIMIZE:
             g = -g
         if WEIGHT_DECAY:
@@ -170,6 +197,14 @@ if _HAS_TRITON:
 
         tl.store(square_avg_ptr + offsets, sq.to(square_avg_ptr.dtype.element_ty), mask=mask)
         tl.store(param_ptr + offsets, p.to(param_ptr.dtype.element_ty), mask=mask)
+        if STORE_LOW_PRECISION:
+            # param is float32 here, so p holds exactly the value just stored; rounding it once
+            # gives the bits of low_precision_param.copy_(param). Round to nearest even is
+            # Triton's default for a float downcast, spelled out because the bits are the
+            # contract (cvt.rn.bf16.f32 / cvt.rn.f16.f32 on the GPU). Triton 3.9's interpreter
+            # truncates to bfloat16 whatever the mode says; the tests make it round as the GPU.
+            lp = p.to(low_precision_param_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(low_precision_param_ptr + offsets, lp, mask=mask)
 
 
 # One jitted wrapper per mode: {False: compiled JITFunction, True: InterpretedFunction}.
@@ -200,21 +235,95 @@ def _get_kernel(interpret: bool | None = None) -> Any:
     return kernel
 
 
-def _check_tensor(name: str, t: Tensor, ref: Tensor) -> None:
+def _check_tensor(
+    name: str, t: Tensor, ref: Tensor, *, dtypes: tuple[torch.dtype, ...] | None = None
+) -> None:
+    """Raise unless ``t`` is a dense, contiguous 1-D tensor with ``ref``'s length and device.
+
+    Its dtype must be ``ref``'s, or one of ``dtypes`` when those are given.
+    """
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if t.dtype != ref.dtype:
+    if dtypes is None and t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but param has dtype {ref.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but param is on {ref.device}")
     if t.numel() != ref.numel():
         raise ValueError(f"{name} has {t.numel()} elements but param has {ref.numel()}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got stride {t.stride()})")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors on the same device share any byte of memory."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + a.numel() * a.element_size()
+    b_end = b_start + b.numel() * b.element_size()
+    return a_start < b_end and b_start < a_end
+
+
+def _check_low_precision_param(low_precision_param: Tensor, tensors: dict[str, Tensor]) -> None:
+    """Raise unless ``low_precision_param`` can receive the rounded copy of ``param``.
+
+    ``tensors`` are the kernel's other buffers, already checked. The copy is stored while the
+    other buffers are still being read and written, so it must not alias any of them: a
+    ``bfloat16`` view of ``param``'s own storage would corrupt the update.
+    """
+    param = tensors["param"]
+    if param.dtype != torch.float32:
+        raise TypeError(
+            f"low_precision_param needs float32 master weights, got param of dtype {param.dtype}"
+        )
+    _check_tensor("low_precision_param", low_precision_param, param, dtypes=_LOW_PRECISION_DTYPES)
+    for name, t in tensors.items():
+        if _overlaps(low_precision_param, t):
+            raise ValueError(f"low_precision_param overlaps {name} in memory")
+
+
+def _grad_scale_mode(
+    grad_scale: Tensor | float | None, param: Tensor, written: dict[str, Tensor]
+) -> tuple[str, Tensor | None, float]:
+    """How the kernel gets ``grad_scale``: ``(GRAD_SCALE mode, 0-d tensor to read, float)``.
+
+    A number becomes a runtime float32 argument (mode ``"value"``): no device copy per call and,
+    being a float-annotated argument, no recompilation when it changes every step. A tensor is
+    read by the kernel through its pointer (mode ``"pointer"``), on the CPU under the
+    interpreter as well, so the tests exercise the GPU's code path; it is never read on the
+    host, which for a CUDA tensor would wait for the GPU. Every program reads it while others
+    already write their results, so it must not lie in any of the ``written`` buffers (a 0-d
+    view of ``param``, say): the programs would not agree on its value. ``None`` compiles the
+    multiply away.
+    """
+    if grad_scale is None:
+        return "none", None, 1.0
+    if isinstance(grad_scale, Tensor):
+        if grad_scale.dim() != 0:
+            raise ValueError(
+                f"grad_scale must be a 0-d tensor, got shape {tuple(grad_scale.shape)}"
+            )
+        if grad_scale.dtype != torch.float32:
+            raise TypeError(f"grad_scale must be a float32 tensor, got dtype {grad_scale.dtype}")
+        if grad_scale.device != param.device:
+            raise ValueError(f"grad_scale is on {grad_scale.device} but param is on {param.device}")
+        for name, t in written.items():
+            if _overlaps(grad_scale, t):
+                raise ValueError(f"grad_scale lies in {name}, which the kernel writes")
+        return "pointer", grad_scale, 1.0
+    # bool is an int subclass, but grad_scale=True is a mistake, not a scale of 1.
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(
+            f"grad_scale must be a number, a 0-d tensor or None, got {type(grad_scale).__name__}"
+        )
+    return "value", None, float(grad_scale)
 
 
 @torch.no_grad()
@@ -232,6 +341,8 @@ def rmsprop_triton_(
     momentum: float,
     centered: bool,
     maximize: bool,
+    grad_scale: Tensor | float | None = None,
+    low_precision_param: Tensor | None = None,
 ) -> None:
     """Update ``param`` and the state in place with one fused Triton kernel.
 
@@ -239,6 +350,13 @@ def rmsprop_triton_(
     of the same length, device and dtype (float32, bfloat16 or float16). ``momentum_buffer`` is
     given iff ``momentum > 0`` and ``grad_avg`` iff ``centered``. ``grad`` is only read. The
     hyperparameters are converted with ``float()`` (a tensor ``lr`` on a GPU would synchronise).
+
+    ``grad_scale`` (a number, or a 0-d float32 tensor on ``param``'s device, read by the kernel
+    without a host synchronisation) multiplies the gradient before anything else, as
+    ``clip_grad_norm_`` would have. ``low_precision_param`` (bfloat16 or float16, for float32
+    ``param`` only, sharing no memory with the other buffers) receives the updated ``param``
+    rounded to nearest even: the bits of ``low_precision_param.copy_(param)``. Every check runs
+    before the launch, so a call that raises has written nothing.
     """
     if not _HAS_TRITON:
         raise RuntimeError(
@@ -269,6 +387,11 @@ def rmsprop_triton_(
         tensors["grad_avg"] = grad_avg
     for name, t in tensors.items():
         _check_tensor(name, t, param)
+    written = {name: t for name, t in tensors.items() if name != "grad"}
+    if low_precision_param is not None:
+        _check_low_precision_param(low_precision_param, tensors)
+        written["low_precision_param"] = low_precision_param
+    scale_mode, scale_tensor, scale_value = _grad_scale_mode(grad_scale, param, written)
 
     interpret = _interpret_mode()
     device = param.device
@@ -290,6 +413,9 @@ def rmsprop_triton_(
         square_avg,
         momentum_buffer if momentum_buffer is not None else param,  # placeholder, never read
         grad_avg if grad_avg is not None else param,  # placeholder, never read
+        # Placeholders, never touched, where a feature is off.
+        low_precision_param if low_precision_param is not None else param,
+        scale_tensor if scale_tensor is not None else param,
         n,
         float(lr),
         float(alpha),
@@ -297,12 +423,15 @@ def rmsprop_triton_(
         float(eps),
         float(weight_decay),
         float(momentum),
+        scale_value,
     )
     options = dict(
         WEIGHT_DECAY=bool(weight_decay != 0),
         MOMENTUM=use_momentum,
         CENTERED=bool(centered),
         MAXIMIZE=bool(maximize),
+        GRAD_SCALE=scale_mode,
+        STORE_LOW_PRECISION=low_precision_param is not None,
         BLOCK_SIZE=BLOCK_SIZE,
         num_warps=_NUM_WARPS,
         # No a*b + c -> fma contraction: every operation rounds as one IEEE fp32 operation, as
@@ -318,6 +447,5 @@ def rmsprop_triton_(
         kernel[grid](*args, **options)
 
     # The kernel writes through raw pointers, which autograd's version counters cannot see.
-    for name, t in tensors.items():
-        if name != "grad":
-            torch.autograd.graph.increment_version(t)
+    for t in written.values():
+        torch.autograd.graph.increment_version(t)
