@@ -267,7 +267,7 @@ class Ours(Contender):
         total = 0
         for bucket in self.opt._buckets:
             total += sum(_tensor_bytes(t) for t in bucket.state.values())
-            total += _tensor_bytes(bucket.grad_shard) + _tensor_bytes(bucket.steps)
+            total += _tensor_bytes(bucket.grad_window) + _tensor_bytes(bucket.steps)
         return total
 
 

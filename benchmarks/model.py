@@ -57,8 +57,10 @@ MEASURED = RESULTS / "step_cpu_gloo.json"
 #: Bytes per element moved by one fused update with momentum and centered (float32):
 #: param, grad, square_avg, momentum_buffer, grad_avg read; all but grad written.
 UPDATE_BYTES = 36
-#: Bytes per element of the gradient gather (read the gradient slice, write the grad shard).
+#: Bytes per element of the gradient gather (read the gradient slice, write the grad window).
 GATHER_BYTES = 8
+#: The staging buffer of the owned gradients (sharded_rmsprop.shards.GRAD_WINDOW_NUMEL, fp32).
+GRAD_WINDOW_BYTES = 4 * (1 << 22)
 #: torch.optim.RMSprop's foreach op sequence with momentum and centered, per element (no grad
 #: copy): mul_ 8, addcmul_ 12, lerp_ 12, addcmul 12, sqrt_ 8, add_ 8, mul_ 8, addcdiv_ 16,
 #: add_ 12.
@@ -314,7 +316,7 @@ def predictions(cluster: Cluster) -> list[str]:
             t = step_time(m, params, 0, world)
             bf16 = step_time(m, params, 0, world, sync_bytes_per_elem=2)
             replicated = REPLICATED_BYTES * params / cluster.hbm
-            ours_mem = 4 * 4 * params / world  # 3 state buffers + the grad shard, fp32
+            ours_mem = 3 * 4 * params / world + GRAD_WINDOW_BYTES  # 3 fp32 state buffers + window
             total_mem = 4 * params * 2 + ours_mem  # + params and grads, fp32, unsharded
             rows.append(
                 f"| {billions} B | {world} | {world // cluster.gpus_per_node} | "

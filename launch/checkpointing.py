@@ -1,34 +1,56 @@
 """Sharded checkpoints of the training job through ``torch.distributed.checkpoint``.
 
 A checkpoint is the directory ``DIR/step_00000100/`` holding the model (each rank writes a
-part of the replicated weights), the optimizer (``ShardedRMSprop`` is a DCP ``Stateful``:
-each rank writes its own shard, and a load may run at another world size) and
-``{"step": 100}``. It is written into ``step_00000100.tmp/`` first and renamed by rank 0
-once every rank has finished, so a directory without ``.tmp`` is always complete.
+part of the replicated weights, in the model's dtype), the optimizer (``ShardedRMSprop`` is a
+DCP ``Stateful``: each rank writes its own shard, float32 master weights included, and a
+load may run at another world size), ``{"step": 100, "skipped_steps": ...}`` (the
+optimizer's count of skipped steps), and any other DCP ``Stateful`` the job passes as
+``extra`` (the float16 run's ``GradScaler``, whose scale a resumed run continues from). It
+is written into ``step_00000100.tmp/`` first and renamed by rank 0 once every rank has
+finished, so a directory without ``.tmp`` is always complete. Also here: the fault
+injection of the restart tests, and the ``--save-final`` parameter file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+from rank_stats import broadcast_int
+
+if TYPE_CHECKING:
+    from train import Config
+
+__all__ = [
+    "checkpoint_due",
+    "fail_if_told",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "resume_from_latest",
+    "save_checkpoint",
+    "save_final_parameters",
+]
 
 log = logging.getLogger("train")
 
 _NAME = re.compile(r"step_(\d{8,})")
 
 
-def _state(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, object]:
-    return {"model": model.state_dict(), "optim": opt, "meta": {"step": step}}
+def _state(
+    model: nn.Module, opt: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    meta = {"step": step, "skipped_steps": getattr(opt, "skipped_steps", 0)}
+    return {"model": model.state_dict(), "optim": opt, "meta": meta, **(extra or {})}
 
 
 def save_checkpoint(
@@ -37,6 +59,7 @@ def save_checkpoint(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     before_commit: Callable[[], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``directory/step_{step:08d}``; ``model`` is the bare module (``ddp.module``).
 
@@ -49,7 +72,7 @@ def save_checkpoint(
     final = directory / f"step_{step:08d}"
     staging = directory / f"step_{step:08d}.tmp"
     staging.mkdir(parents=True, exist_ok=True)
-    dcp.save(_state(model, opt, step), checkpoint_id=staging)
+    dcp.save(_state(model, opt, step, extra), checkpoint_id=staging)
     if before_commit is not None:
         before_commit()
     dist.barrier()  # every rank's files are written
@@ -61,19 +84,52 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Load ``path`` into ``model`` (the bare module) and ``opt``; return its step.
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+    extra: Mapping[str, Any] | None = None,
+) -> int:
+    """Load ``path`` into ``model`` (the bare module), ``opt`` and ``extra``; return its step.
 
     .. warning::
         Collective: every rank must call it.
     """
-    state = _state(model, opt, -1)
+    state = _state(model, opt, -1, extra)
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
-    step = int(state["meta"]["step"])  # type: ignore[index]
+    step = int(state["meta"]["step"])
     if step < 0:
         raise RuntimeError(f"checkpoint {path} has no step")
+    if hasattr(opt, "skipped_steps"):
+        opt.skipped_steps = int(state["meta"]["skipped_steps"])
     return step
+
+
+def resume_from_latest(
+    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+    extra: Mapping[str, Any] | None = None,
+) -> int:
+    """Load the newest complete checkpoint in ``directory`` (rank 0 chooses); its step, or 0
+    if there is none.
+
+    .. warning::
+        Collective: every rank must call it.
+    """
+    newest = latest_checkpoint(directory) if dist.get_rank() == 0 else None
+    step = broadcast_int(int(newest.name.split("_")[1]) if newest else -1, device)
+    if step < 0:
+        log.info("no complete checkpoint in %s: starting from step 0", directory)
+        return 0
+    path = directory / f"step_{step:08d}"
+    loaded = load_checkpoint(path, model, opt, extra)
+    log.info("resumed from %s (step %d)", path, loaded)
+    return loaded
+
+
+def save_final_parameters(path: str, model: nn.Module) -> None:
+    """Rank 0 writes the parameters (in their dtype) to ``path`` with ``torch.save``."""
+    if dist.get_rank() == 0:
+        torch.save({name: p.detach().cpu() for name, p in model.named_parameters()}, path)
+        log.info("trained parameters written to %s", path)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -86,3 +142,26 @@ def latest_checkpoint(directory: Path) -> Path | None:
         if (match := _NAME.fullmatch(entry.name)) and (entry / ".metadata").is_file()
     ]
     return max(found)[1] if found else None
+
+
+def checkpoint_due(step: int, config: Config) -> bool:
+    if config.checkpoint_dir is None:
+        return False
+    every = config.checkpoint_every
+    return step == config.max_steps or (every > 0 and step % every == 0)
+
+
+def fail_if_told(config: Config, rank: int, world_size: int, step: int, in_save: bool) -> None:
+    """The fault injection of ``--fail-at-step``: SIGKILL, as an out-of-memory killer would.
+
+    Only on a job's first attempt under torchrun, and only the last rank.
+    """
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if (
+        first_attempt
+        and step == config.fail_at_step
+        and in_save == config.fail_in_save
+        and rank == world_size - 1
+    ):
+        log.warning("fault injection: rank %d kills itself at step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)

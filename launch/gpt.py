@@ -4,6 +4,10 @@ Each block is ``x + attn(ln(x))`` then ``x + mlp(ln(x))``; attention is causal a
 through :func:`torch.nn.functional.scaled_dot_product_attention` (the fused kernels on CUDA
 and CPU). Weights start as GPT-2's: normal(0, 0.02), with the projections that write into
 the residual stream scaled by ``1 / sqrt(2 * n_layer)``.
+
+The model runs in whatever dtype its parameters have (the job casts it to ``--dtype``); the
+loss is computed in float32 from the logits whatever that dtype is, so a bfloat16 or float16
+model does not lose the log-softmax of ~100 classes to 8 or 11 bits of mantissa.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """``GPT(config)(idx)`` gives logits ``(B, T, vocab)``; with ``targets`` the mean
-    cross-entropy in nats per token instead."""
+    cross-entropy in nats per token instead (computed in float32)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -115,4 +119,4 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

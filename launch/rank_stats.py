@@ -1,4 +1,4 @@
-"""Small values shared across ranks (losses, byte counts) and the optimizer-memory report.
+"""Small values shared across ranks (losses, byte counts) and the per-rank memory report.
 
 The collectives move tensors, never Python objects: ``all_gather_object`` needs numpy, which
 may be absent. Tensors live on the rank's device (NCCL moves only CUDA tensors).
@@ -7,12 +7,14 @@ may be absent. Tensors live on the rank's device (NCCL moves only CUDA tensors).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "MemoryFigures",
     "broadcast_int",
     "gather_ints",
     "mean_over_ranks",
@@ -33,12 +35,13 @@ def mean_over_ranks(values: torch.Tensor) -> list[float]:
     return (summed / dist.get_world_size()).tolist()
 
 
-def gather_ints(value: int, device: torch.device) -> list[int]:
-    """Every rank's ``value``, in rank order. Collective."""
+def gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), in rank order. Collective."""
     world_size = dist.get_world_size()
-    everyone = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
-    dist.all_gather(everyone, torch.tensor([value], dtype=torch.int64, device=device))
-    return [int(t.item()) for t in everyone]
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    return [t.tolist() for t in everyone]
 
 
 def broadcast_int(value: int, device: torch.device) -> int:
@@ -49,7 +52,8 @@ def broadcast_int(value: int, device: torch.device) -> int:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of this rank's optimizer state (ShardedRMSprop's state views are its shard).
+    """Bytes of this rank's optimizer state (ShardedRMSprop's state views are its shard,
+    master weights included).
 
     0-d tensors (the ``step`` counters) are bookkeeping and left out, here and below.
     """
@@ -61,33 +65,93 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def replicated_rmsprop_bytes(model: nn.Module, *, momentum: float, centered: bool) -> int:
-    """What ``torch.optim.RMSprop`` with these options holds on every rank.
+def _trained(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
 
-    ``square_avg`` always, ``momentum_buffer`` with momentum, ``grad_avg`` when centered.
+
+def replicated_rmsprop_bytes(model: nn.Module, *, momentum: float, centered: bool) -> int:
+    """What ``torch.optim.RMSprop`` holds on every rank when the model trains in float32.
+
+    ``square_avg`` always, ``momentum_buffer`` with momentum, ``grad_avg`` when centered;
+    4 bytes an element (or the parameters' own size if wider), whatever dtype the model
+    has here: the baseline is plain float32 training.
     """
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return param_bytes * (1 + int(momentum > 0) + int(centered))
+    return _fp32_bytes(_trained(model)) * (1 + int(momentum > 0) + int(centered))
+
+
+def _fp32_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * max(t.element_size(), 4) for t in tensors)
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """One rank's bytes beside replicated float32 RMSprop's.
+
+    Left out on both sides: activations and DDP's gradient buckets; and ShardedRMSprop's
+    gradient staging buffer (where it copies the owned gradient slices for the update),
+    whose size the library does not expose.
+    """
+
+    params: int
+    grads: int
+    state: int  # this rank's optimizer state: RMSprop buffers and master weights, 1/N each
+    replicated_params: int
+    replicated_grads: int
+    replicated_state: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.state
+
+    @property
+    def replicated_total(self) -> int:
+        return self.replicated_params + self.replicated_grads + self.replicated_state
+
+    def line(self, rank: int) -> str:
+        return (
+            f"memory rank {rank}: params {self.params / MIB:.4f} + grads {self.grads / MIB:.4f}"
+            f" + sharded state {self.state / MIB:.4f} = {self.total / MIB:.4f} MiB vs "
+            f"{self.replicated_total / MIB:.4f} MiB replicated float32 RMSprop (params "
+            f"{self.replicated_params / MIB:.4f} + grads {self.replicated_grads / MIB:.4f} + "
+            f"state {self.replicated_state / MIB:.4f}) "
+            f"({100 * self.total / max(self.replicated_total, 1):.1f}%)"
+        )
 
 
 def report_memory(
     opt: torch.optim.Optimizer, model: nn.Module, *, momentum: float, centered: bool,
     device: torch.device,
-) -> tuple[int, int]:
-    """Log every rank's optimizer bytes beside the replicated figure; return rank 0's and it.
+) -> MemoryFigures:
+    """Log every rank's memory beside replicated float32 ``torch.optim.RMSprop``'s; rank 0's.
 
-    Call it after a step: the state is created by the first one. Collective.
+    Two lines per rank: the optimizer state alone (RMSprop buffers plus, for 16-bit
+    parameters, the float32 master weights, all sharded) against replicated float32 state;
+    and params + grads (in the model's dtype, whole on every rank) + that sharded state
+    against replicated float32 params + grads + state (see :class:`MemoryFigures` for what
+    is left out). Call it after a step: the state is created by the first one. Collective.
     """
-    per_rank = gather_ints(optimizer_state_bytes(opt), device)
-    replicated = replicated_rmsprop_bytes(model, momentum=momentum, centered=centered)
-    for rank, nbytes in enumerate(per_rank):
+    params = _trained(model)
+    local = [
+        sum(p.numel() * p.element_size() for p in params),
+        sum(p.numel() * p.element_size() for p in params),  # a gradient has its parameter's dtype
+        optimizer_state_bytes(opt),
+    ]
+    everyone = gather_ints(local, device)
+    replicated_state = replicated_rmsprop_bytes(model, momentum=momentum, centered=centered)
+    figures = [
+        MemoryFigures(*mine, _fp32_bytes(params), _fp32_bytes(params), replicated_state)
+        for mine in everyone
+    ]
+    for rank, mine in enumerate(figures):
         log.info(
             "optimizer state rank %d: %.4f MiB sharded vs %.4f MiB replicated "
-            "torch.optim.RMSprop (%.1f%%)",
-            rank, nbytes / MIB, replicated / MIB, 100 * nbytes / max(replicated, 1),
+            "torch.optim.RMSprop in float32 (%.1f%%)",
+            rank, mine.state / MIB, replicated_state / MIB,
+            100 * mine.state / max(replicated_state, 1),
         )
+        log.info("%s", mine.line(rank))
     log.info(
         "optimizer state all %d ranks: %.4f MiB sharded vs %.4f MiB replicated",
-        len(per_rank), sum(per_rank) / MIB, replicated * len(per_rank) / MIB,
+        len(figures), sum(f.state for f in figures) / MIB, replicated_state * len(figures) / MIB,
     )
-    return per_rank[0], replicated
+    return figures[0]

@@ -12,6 +12,12 @@ Run from the repository root; nothing is downloaded (the default text is CPython
     torchrun --standalone --nproc-per-node 8 launch/train.py --n-layer 6 --n-embd 384 \
         --block-size 256 --batch-size 64 --max-steps 2000
 
+    # bfloat16 (fp32 master weights in the optimizer), float16 with torch.amp.GradScaler;
+    # no gradient clipping, and steps with inf/NaN gradients skipped on every rank:
+    torchrun --standalone --nproc-per-node 2 launch/train.py --dtype bfloat16
+    torchrun --standalone --nproc-per-node 2 launch/train.py --dtype float16
+    torchrun --standalone --nproc-per-node 2 launch/train.py --clip-grad-norm 0 --skip-nonfinite
+
     # other text, RMSprop options, a loss plot, checkpoints every 100 steps and a resume:
     torchrun --standalone --nproc-per-node 2 launch/train.py --corpus book.txt \
         --momentum 0.9 --centered --plot loss.png --checkpoint-dir checkpoints
@@ -21,9 +27,13 @@ Run from the repository root; nothing is downloaded (the default text is CPython
 ``torchrun`` may be spelled ``python -m torch.distributed.run``; every field of ``Config`` is
 a flag (``--help`` lists them). The model is a character-level GPT (``gpt.py``) wrapped in
 ``DistributedDataParallel``; each rank draws its own random windows of the training text
-(``text_data.py``). Rank 0 shows a progress bar with the loss (averaged over ranks) and
-tokens/s, logs each rank's optimizer-state bytes beside what a replicated
-``torch.optim.RMSprop`` would hold, and ends with the line
+(``text_data.py``). With ``--dtype bfloat16`` or ``float16`` parameters and gradients are
+16-bit and ``ShardedRMSprop`` updates float32 master weights of each rank's shard
+(``precision.py``). Gradients are clipped to global norm ``--clip-grad-norm`` (default 1.0)
+by ``ShardedRMSprop.clip_grad_norm_``. Rank 0 shows a progress bar with the loss (averaged
+over ranks), the gradient norm, skipped steps and tokens/s; logs each rank's memory (params
++ grads + its optimizer shard) beside replicated float32 ``torch.optim.RMSprop``'s; and
+ends with the line
 ``summary: train loss START -> END | val loss START -> END | ...``. The other ranks log only
 warnings and errors. Bad input (flags, sizes, a missing corpus, an unreachable master)
 gives a message and a non-zero exit on every rank.
@@ -36,7 +46,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import types
@@ -59,9 +68,16 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpointing import (  # noqa: E402
+    checkpoint_due,
+    fail_if_told,
+    resume_from_latest,
+    save_checkpoint,
+    save_final_parameters,
+)
 from gpt import GPT, GPTConfig  # noqa: E402
-from rank_stats import MIB, broadcast_int, mean_over_ranks, report_memory  # noqa: E402
+from precision import DTYPES, autocast, backward_and_step, build_scaler  # noqa: E402
+from rank_stats import mean_over_ranks, report_memory  # noqa: E402
 from sharded_rmsprop import ShardedRMSprop  # noqa: E402
 from sharded_rmsprop.distributed import (  # noqa: E402
     DistributedContext,
@@ -76,7 +92,15 @@ from text_data import (  # noqa: E402
     load_corpus,
     val_batches,
 )
-from train_log import Progress, format_rate, setup_logging, write_loss_plot  # noqa: E402
+from train_log import (  # noqa: E402
+    Progress,
+    RunRecord,
+    describe_run,
+    log_summary,
+    progress_notes,
+    setup_logging,
+    write_loss_plot,
+)
 
 log = logging.getLogger("train")
 
@@ -94,6 +118,11 @@ class Config:
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
     n_embd: int = field(default=128, metadata={"help": "model width (a multiple of --n-head)"})
     block_size: int = field(default=64, metadata={"help": "context length in characters"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "parameter dtype; 16-bit ones train with float32 master weights",
+                  "choices": ("float32", "bfloat16", "float16")},
+    )
     # data
     corpus: str | None = field(
         default=None, metadata={"help": "UTF-8 text file to train on (default: pydoc_data.topics)"}
@@ -122,7 +151,18 @@ class Config:
         default="auto",
         metadata={"help": "fused update kernel", "choices": ("auto", "on", "off")},
     )
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    master_weights: bool = field(
+        default=True,
+        metadata={"help": "float32 master weights for 16-bit parameters (no: update in 16 bits)"},
+    )
+    clip_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "clip the gradients to this global norm (0: off)",
+                  "aliases": ("--grad-clip",)},
+    )
+    skip_nonfinite: bool = field(
+        default=False, metadata={"help": "skip steps whose gradients hold inf or NaN"}
+    )
     seed: int = field(
         default=0, metadata={"help": "init seed; batches come from (seed, rank, step)"}
     )
@@ -193,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             parser.add_argument(
-                _flag(f.name), type=kind, default=f.default, help=f.metadata["help"],
-                choices=f.metadata.get("choices"),
+                _flag(f.name), *f.metadata.get("aliases", ()), type=kind, default=f.default,
+                help=f.metadata["help"], choices=f.metadata.get("choices"),
             )
     return parser
 
@@ -209,7 +249,7 @@ def _problems(config: Config) -> list[str]:
     for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every"):
         if getattr(config, name) < 0:
             problems.append(f"{_flag(name)} must be at least 0, got {getattr(config, name)}")
-    for name in ("lr", "eps", "weight_decay", "momentum", "grad_clip"):
+    for name in ("lr", "eps", "weight_decay", "momentum", "clip_grad_norm"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value >= 0):
             problems.append(f"{_flag(name)} must be a finite number >= 0, got {value}")
@@ -238,7 +278,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimizer, schedule
+# Model, optimizer, schedule (the dtypes: precision.py)
 
 
 def build_model(
@@ -246,7 +286,8 @@ def build_model(
 ) -> DistributedDataParallel:
     torch.manual_seed(config.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     shape = GPTConfig(vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd)
-    model = GPT(shape).to(ctx.device)
+    # initialised in float32, then rounded: every --dtype starts from the same weights
+    model = GPT(shape).to(ctx.device, DTYPES[config.dtype])
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
@@ -262,6 +303,8 @@ def build_optimizer(model: nn.Module, config: Config) -> ShardedRMSprop:
         momentum=config.momentum,
         centered=config.centered,
         fused={"auto": None, "on": True, "off": False}[config.fused],
+        master_weights=config.master_weights,  # applies to bfloat16 / float16 parameters only
+        skip_nonfinite=config.skip_nonfinite,
     )
 
 
@@ -275,7 +318,7 @@ def lr_at(step: int, config: Config) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation, checkpoints
+# Evaluation
 
 
 @torch.no_grad()
@@ -295,92 +338,17 @@ def evaluate(
         corpus.val, block_size=config.block_size, batch_size=config.batch_size,
         count=config.eval_windows, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
     ):
-        totals[0] += model(inputs, targets).double() * targets.numel()
+        with autocast(config, ctx.device):
+            loss = model(inputs, targets)
+        totals[0] += loss.double() * targets.numel()
         totals[1] += targets.numel()
     model.train()
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
 
 
-def resume_step(
-    config: Config, model: nn.Module, opt: torch.optim.Optimizer, ctx: DistributedContext
-) -> int:
-    """Load the newest complete checkpoint (rank 0 chooses); the step it was taken at.
-
-    .. warning:: Collective: every rank must call it.
-    """
-    directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
-    newest = latest_checkpoint(directory) if ctx.is_main else None
-    step = broadcast_int(int(newest.name.split("_")[1]) if newest else -1, ctx.device)
-    if step < 0:
-        log.info("no complete checkpoint in %s: starting from step 0", directory)
-        return 0
-    path = directory / f"step_{step:08d}"
-    loaded = load_checkpoint(path, model, opt)
-    log.info("resumed from %s (step %d)", path, loaded)
-    return loaded
-
-
-def fail_if_told(config: Config, ctx: DistributedContext, step: int, in_save: bool) -> None:
-    """The fault injection of ``--fail-at-step``: SIGKILL, as an out-of-memory killer would."""
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if (
-        first_attempt
-        and step == config.fail_at_step
-        and in_save == config.fail_in_save
-        and ctx.rank == ctx.world_size - 1
-    ):
-        log.warning("fault injection: rank %d kills itself at step %d", ctx.rank, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def save_final_parameters(path: str, model: nn.Module, ctx: DistributedContext) -> None:
-    if ctx.is_main:
-        torch.save({name: p.detach().cpu() for name, p in model.named_parameters()}, path)
-        log.info("trained parameters written to %s", path)
-
-
-def checkpoint_due(step: int, config: Config) -> bool:
-    if config.checkpoint_dir is None:
-        return False
-    every = config.checkpoint_every
-    return step == config.max_steps or (every > 0 and step % every == 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-@dataclass
-class RunRecord:
-    """What the summary and the plot need."""
-
-    steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
-    val: list[tuple[int, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    tokens: int = 0
-    state_bytes: int = 0  # rank 0's optimizer state
-    replicated_bytes: int = 0
-
-
-def describe_run(
-    config: Config, corpus: CharCorpus, model: nn.Module, ctx: DistributedContext
-) -> None:
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "world size %d (%s launch, %s backend, %s) | corpus %s: %d train + %d val characters, "
-        "vocabulary %d", ctx.world_size, ctx.launcher, ctx.backend, ctx.device, corpus.source,
-        len(corpus.train), len(corpus.val), corpus.vocab_size,
-    )
-    log.info(
-        "GPT %d layers x %d heads x %d wide, context %d: %.3f M parameters | batch %d x %d "
-        "characters per rank, %d per step | ShardedRMSprop lr %g alpha %g eps %g weight_decay %g"
-        " momentum %g centered %s", config.n_layer, config.n_head, config.n_embd,
-        config.block_size, n_params / 1e6, config.batch_size, config.block_size,
-        tokens_per_step(config, ctx), config.lr, config.alpha, config.eps, config.weight_decay,
-        config.momentum, config.centered,
-    )
 
 
 def tokens_per_step(config: Config, ctx: DistributedContext) -> int:
@@ -390,6 +358,7 @@ def tokens_per_step(config: Config, ctx: DistributedContext) -> int:
 def train_steps(
     model: DistributedDataParallel,
     opt: ShardedRMSprop,
+    scaler: torch.amp.GradScaler | None,
     corpus: CharCorpus,
     config: Config,
     ctx: DistributedContext,
@@ -411,30 +380,36 @@ def train_steps(
         tokens_per_step=tokens_per_step(config, ctx), interactive=interactive,
     )
     pending: list[torch.Tensor] = []  # this rank's losses since the last progress line
+    norms: list[torch.Tensor] = []  # the gradient norms since then (alike on every rank)
+    extra = {"scaler": scaler} if scaler is not None else None  # checkpointed beside the model
     start = time.perf_counter()
     for step in range(first_step, config.max_steps + 1):
-        fail_if_told(config, ctx, step, in_save=False)
+        fail_if_told(config, ctx.rank, ctx.world_size, step, in_save=False)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
         inputs, targets = batches(step)
-        loss = model(inputs, targets)
+        with autocast(config, ctx.device):
+            loss = model(inputs, targets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        grad_norm = backward_and_step(loss, opt, scaler, config.clip_grad_norm)
         pending.append(loss.detach())
+        if grad_norm is not None:
+            norms.append(grad_norm)
         if step == first_step:
-            record.state_bytes, record.replicated_bytes = report_memory(
+            record.memory = report_memory(
                 opt, model, momentum=config.momentum, centered=config.centered, device=ctx.device
             )
-        mean_loss = None
+        mean_loss = notes = None
         if progress.due(step):  # the same steps on every rank: the reduction is collective
             means = mean_over_ranks(torch.stack(pending))
             record.steps.extend(range(step - len(means) + 1, step + 1))
             record.losses.extend(means)
             mean_loss, pending = means[-1], []
-        progress.update(step, mean_loss)
+            if norms:  # one host synchronisation per progress line, not per step
+                record.grad_norms.extend(torch.stack(norms).tolist())
+                norms = []
+            notes = progress_notes(record, opt, scaler, config)
+        progress.update(step, mean_loss, notes)
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
             record.val.append((step, evaluate(model.module, corpus, config, ctx)))
             log.info("val loss at step %d: %.4f", *record.val[-1])
@@ -442,23 +417,12 @@ def train_steps(
             directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
             path = save_checkpoint(
                 directory, step, model.module, opt,
-                before_commit=lambda: fail_if_told(config, ctx, step, in_save=True),
+                before_commit=lambda: fail_if_told(config, ctx.rank, ctx.world_size, step, True),
+                extra=extra,
             )
             log.info("checkpoint written to %s", path)
     record.seconds = time.perf_counter() - start
     record.tokens = (config.max_steps - first_step + 1) * tokens_per_step(config, ctx)
-
-
-def log_summary(record: RunRecord, config: Config, ctx: DistributedContext) -> None:
-    losses = f"{record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else "n/a"
-    val = f"{record.val[0][1]:.4f} -> {record.val[-1][1]:.4f}"
-    rate = record.tokens / record.seconds if record.seconds > 0 else 0.0
-    log.info(
-        "summary: train loss %s | val loss %s | %d steps in %.1f s, %s tokens/s | optimizer "
-        "state %.3f MiB per rank vs %.3f MiB replicated | world size %d",
-        losses, val, len(record.losses), record.seconds, format_rate(rate),
-        record.state_bytes / MIB, record.replicated_bytes / MIB, ctx.world_size,
-    )
 
 
 def train(
@@ -469,18 +433,26 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(config, corpus.vocab_size, ctx)
     opt = build_optimizer(model, config)
-    describe_run(config, corpus, model, ctx)
-    first_step = resume_step(config, model.module, opt, ctx) + 1 if config.resume else 1
+    scaler = build_scaler(config, ctx.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    describe_run(config, corpus, n_params, tokens_per_step(config, ctx), ctx)
+    first_step = 1
+    if config.resume:
+        first_step += resume_from_latest(
+            Path(config.checkpoint_dir), model.module, opt, ctx.device,  # type: ignore[arg-type]
+            extra={"scaler": scaler} if scaler is not None else None,
+        )
     record = RunRecord()
     record.val.append((first_step - 1, evaluate(model.module, corpus, config, ctx)))
     log.info("val loss at step %d: %.4f", *record.val[0])
     if first_step <= config.max_steps:
-        train_steps(model, opt, corpus, config, ctx, first_step, interactive, record)
+        train_steps(model, opt, scaler, corpus, config, ctx, first_step, interactive, record)
     else:
         log.info("the checkpoint is at step %d, past --max-steps: nothing to train", first_step - 1)
+    record.skipped_steps = opt.skipped_steps
     record.val.append((config.max_steps, evaluate(model.module, corpus, config, ctx)))
     if config.save_final:
-        save_final_parameters(config.save_final, model.module, ctx)
+        save_final_parameters(config.save_final, model.module)
     dist.barrier()  # no rank tears the group down while a peer still talks to it
     return record
 
@@ -497,12 +469,12 @@ def run(config: Config, corpus: CharCorpus, interactive: bool) -> int:
         except (RuntimeError, ValueError) as error:  # no rendezvous, bad launcher variables
             raise JobError(str(error)) from error
         record = train(config, corpus, ctx, interactive)
-    log_summary(record, config, ctx)
+    log_summary(record, config, ctx.world_size)
     if config.plot and ctx.is_main and record.losses:
         write_loss_plot(
             config.plot, record.steps, record.losses, record.val,
             f"GPT {config.n_layer}x{config.n_embd} on {corpus.source}, {ctx.world_size} "
-            f"rank(s), ShardedRMSprop lr {config.lr}",
+            f"rank(s), {config.dtype}, ShardedRMSprop lr {config.lr}",
         )
     final = record.losses[-1] if record.losses else record.val[-1][1]
     if not math.isfinite(final):

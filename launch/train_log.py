@@ -1,4 +1,5 @@
-"""Console output of the training job: logging setup, a text progress bar, the loss plot.
+"""Console output of the training job: logging setup, the run's description, a text
+progress bar, the summary line and the loss plot.
 
 Everything goes through :mod:`logging`. Rank 0 logs at INFO and the other ranks at WARNING,
 so they stay quiet unless something is wrong. The progress bar is a log record marked
@@ -10,11 +11,33 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
-from typing import Sequence, TextIO
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence, TextIO
 
-__all__ = ["ConsoleHandler", "Progress", "format_rate", "setup_logging", "write_loss_plot"]
+from rank_stats import MIB, MemoryFigures
+
+if TYPE_CHECKING:
+    import torch
+
+    from sharded_rmsprop import ShardedRMSprop
+    from sharded_rmsprop.distributed import DistributedContext
+    from text_data import CharCorpus
+    from train import Config
+
+__all__ = [
+    "ConsoleHandler",
+    "Progress",
+    "RunRecord",
+    "describe_run",
+    "format_rate",
+    "log_summary",
+    "progress_notes",
+    "setup_logging",
+    "write_loss_plot",
+]
 
 log = logging.getLogger("train")
 
@@ -76,8 +99,9 @@ class Progress:
     """Step, loss and tokens/s of a run from ``first_step`` to ``last_step``.
 
     Call :meth:`update` after every step; ``loss`` is the latest loss averaged over the ranks
-    (``None`` when this step did not compute one). Tokens/s count every rank's tokens over
-    the steps since the last printed line.
+    (``None`` when this step did not compute one), ``notes`` what else the line shows (the
+    gradient norm, skipped steps; ``None``: the last ones again). Tokens/s count every
+    rank's tokens over the steps since the last printed line.
     """
 
     WIDTH = 24
@@ -97,6 +121,7 @@ class Progress:
         self.log_every = log_every
         self.interactive = interactive
         self.loss = math.nan
+        self.notes = ""
         self._start = time.perf_counter()
         self._mark = (first_step - 1, self._start)  # (step, time) where the rate window began
 
@@ -104,9 +129,11 @@ class Progress:
         """Whether ``step`` prints a line (the first, the last and every ``log_every``-th)."""
         return step == self.first_step or step % self.log_every == 0 or step == self.last_step
 
-    def update(self, step: int, loss: float | None) -> None:
+    def update(self, step: int, loss: float | None, notes: str | None = None) -> None:
         if loss is not None:
             self.loss = loss
+        if notes is not None:
+            self.notes = notes
         due = self.due(step)
         if not (due or self.interactive):
             return
@@ -125,8 +152,101 @@ class Progress:
         width = len(str(self.last_step))
         return (
             f"step {step:{width}d}/{self.last_step} [{bar}] {100 * step / self.last_step:3.0f}% | "
-            f"loss {self.loss:.4f} | {format_rate(rate)} tokens/s | eta {_format_duration(eta)}"
+            f"loss {self.loss:.4f} | {self.notes + ' | ' if self.notes else ''}"
+            f"{format_rate(rate)} tokens/s | eta {_format_duration(eta)}"
         )
+
+
+@dataclass
+class RunRecord:
+    """What the summary and the plot need."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
+    grad_norms: list[float] = field(default_factory=list)  # per step, before clipping
+    val: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    skipped_steps: int = 0  # by the optimizer: inf/NaN gradients, including GradScaler's
+    memory: MemoryFigures | None = None  # rank 0's
+
+
+def progress_notes(
+    record: RunRecord, opt: ShardedRMSprop, scaler: torch.amp.GradScaler | None, config: Config
+) -> str:
+    """The progress line's extras: the latest gradient norm, the loss scale, skipped steps."""
+    notes = [f"grad norm {record.grad_norms[-1]:.3f}"] if record.grad_norms else []
+    if scaler is not None:
+        notes.append(f"loss scale {scaler.get_scale():g}")
+    if scaler is not None or config.skip_nonfinite:  # the cases where steps can be skipped
+        notes.append(f"skipped {opt.skipped_steps}")
+    return " | ".join(notes)
+
+
+def describe_run(
+    config: Config, corpus: CharCorpus, n_params: int, tokens_per_step: int,
+    ctx: DistributedContext,
+) -> None:
+    log.info(
+        "world size %d (%s launch, %s backend, %s) | corpus %s: %d train + %d val characters, "
+        "vocabulary %d", ctx.world_size, ctx.launcher, ctx.backend, ctx.device, corpus.source,
+        len(corpus.train), len(corpus.val), corpus.vocab_size,
+    )
+    options = [
+        f"lr {config.lr:g} alpha {config.alpha:g} eps {config.eps:g} weight_decay "
+        f"{config.weight_decay:g} momentum {config.momentum:g} centered {config.centered}",
+        f"clip grad norm {config.clip_grad_norm:g}" if config.clip_grad_norm else "no clipping",
+    ]
+    if config.dtype != "float32":
+        options.append("float32 master weights" if config.master_weights else "no master weights")
+    if config.dtype == "float16":
+        options.append("GradScaler")
+    if config.skip_nonfinite:
+        options.append("skips non-finite steps")
+    log.info(
+        "GPT %d layers x %d heads x %d wide, context %d: %.3f M parameters in %s | batch %d x %d "
+        "characters per rank, %d per step | ShardedRMSprop %s", config.n_layer, config.n_head,
+        config.n_embd, config.block_size, n_params / 1e6, config.dtype, config.batch_size,
+        config.block_size, tokens_per_step, ", ".join(options),
+    )
+
+
+def _grad_norm_summary(norms: Sequence[float], max_norm: float) -> str | None:
+    finite = [norm for norm in norms if math.isfinite(norm)]
+    if not finite:
+        return None
+    clipped = sum(norm > max_norm for norm in finite)
+    return (
+        f"grad norm median {statistics.median(finite):.3g} max {max(finite):.3g}, "
+        f"clipped in {clipped}/{len(finite)} steps"
+    )
+
+
+def log_summary(record: RunRecord, config: Config, world_size: int) -> None:
+    """The last line: ``summary: train loss A -> B | val loss C -> D | ...``."""
+    rate = record.tokens / record.seconds if record.seconds > 0 else 0.0
+    parts = [
+        "train loss " + (
+            f"{record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else "n/a"
+        ),
+        f"val loss {record.val[0][1]:.4f} -> {record.val[-1][1]:.4f}",
+        f"{len(record.losses)} steps in {record.seconds:.1f} s, {format_rate(rate)} tokens/s",
+    ]
+    memory = record.memory
+    if memory is not None:
+        parts.append(
+            f"optimizer state {memory.state / MIB:.3f} MiB per rank vs "
+            f"{memory.replicated_state / MIB:.3f} MiB replicated"
+        )
+        parts.append(
+            f"memory {memory.total / MIB:.3f} MiB per rank vs "
+            f"{memory.replicated_total / MIB:.3f} MiB replicated float32"
+        )
+    norms = _grad_norm_summary(record.grad_norms, config.clip_grad_norm)
+    if norms:
+        parts.append(norms)
+    parts += [f"{record.skipped_steps} skipped steps", config.dtype, f"world size {world_size}"]
+    log.info("summary: %s", " | ".join(parts))
 
 
 def write_loss_plot(

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from .shards import STATE_KEYS, ShardedBucket
+from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket
 
 if TYPE_CHECKING:
     from .optimizer import ShardedRMSprop
@@ -131,6 +131,24 @@ def _keys_for(group: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
+def _saved_keys(bucket: ShardedBucket, group: Mapping[str, Any]) -> tuple[str, ...]:
+    """The buffers a checkpoint holds for a parameter of ``group`` in ``bucket``: torch's,
+    and the master weights if the bucket keeps them."""
+    return _keys_for(group) + ((MASTER_KEY,) if bucket.master_weights else ())
+
+
+def _owned_copy(bucket: ShardedBucket, key: str, start: int, end: int) -> Tensor:
+    """A copy of the shard range ``[start, end)`` of buffer ``key``, or of what it would
+    hold if it is not allocated yet (allocating it here would fix the master weights
+    before the model's weights are loaded)."""
+    buffer = bucket.state.get(key)
+    if buffer is not None:
+        return buffer[start:end].clone()
+    if key == MASTER_KEY:
+        return bucket.shard[start:end].to(bucket.compute_dtype, copy=True)
+    return torch.zeros(end - start, dtype=bucket.compute_dtype, device=bucket.shard.device)
+
+
 def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
     """``param_groups`` as torch.optim.RMSprop.state_dict() writes them."""
     packed, index = [], 0
@@ -152,7 +170,8 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
 
     Every parameter gets an entry, with ``step`` 0 where torch would have no state yet, so
     that the structure depends only on the parameters and options and a freshly built
-    optimizer can receive a checkpoint. The tensors are copies.
+    optimizer can receive a checkpoint. The tensors are copies; master weights are saved
+    under ``master_weight``.
     """
     state: dict[int, dict[str, Tensor]] = {}
     for bucket, position in _homes(opt):
@@ -161,8 +180,8 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
         entry: dict[str, Tensor] = {"step": bucket.steps[position].clone()}
         piece = bucket.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
-        for key in _keys_for(group):
-            local = bucket.ensure_state(key)[start:end].clone()
+        for key in _saved_keys(bucket, group):
+            local = _owned_copy(bucket, key, start, end)
             if slot.numel == 0:  # nothing to shard: a replicated empty tensor, as torch has it
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
             else:
@@ -180,7 +199,8 @@ def full_state_dict(
     """torch.optim.RMSprop's state dict on rank ``to`` (every rank if None); collective.
 
     Each bucket's buffers travel from their owners chunk by chunk; the receiver copies each
-    chunk into CPU tensors shaped like the parameters. Other ranks return None.
+    chunk into CPU tensors shaped like the parameters. Other ranks return None. Master weights
+    come under ``master_weight`` (torch.optim.RMSprop keeps the key but never reads it).
     """
     ranks = opt._ranks
     if to is not None and not 0 <= to < ranks.world_size:
@@ -194,9 +214,9 @@ def full_state_dict(
         outputs = {pos: {"step": bucket.steps[pos].clone()} for pos in stateful}
         for key, buffer in bucket.state.items():
             targets = [
-                (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key))
+                (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
-                if key in _keys_for(_group_of(opt, bucket, pos))
+                if key in _saved_keys(bucket, _group_of(opt, bucket, pos))
             ]
             for flat_start, chunk in ranks.stream_shards(buffer, to, chunk_numel):
                 _scatter_chunk(chunk, flat_start, targets)
@@ -208,9 +228,11 @@ def full_state_dict(
     return {"state": dict(sorted(state.items())), "param_groups": _packed_groups(opt)}
 
 
-def _cpu_zeros(bucket: ShardedBucket, position: int, entry: dict[str, Tensor], key: str) -> Tensor:
+def _cpu_zeros(
+    bucket: ShardedBucket, position: int, entry: dict[str, Tensor], key: str, dtype: torch.dtype
+) -> Tensor:
     slot = bucket.plan.slots[position]
-    entry[key] = torch.zeros(slot.shape, dtype=bucket.plan.dtype)
+    entry[key] = torch.zeros(slot.shape, dtype=dtype)
     return entry[key].view(-1)
 
 
@@ -232,7 +254,8 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     """Load either format on this rank (no collectives); validate fully, then copy.
 
     Group options come from ``state_dict`` (as in torch); each rank copies the ranges it owns.
-    Parameters absent from ``state_dict["state"]`` get no state, as in torch.
+    Parameters absent from ``state_dict["state"]`` get no state, as in torch. Master weights
+    missing from ``state_dict`` (torch's own format has none) are taken from the parameters.
     """
     groups, state = _validated(opt, state_dict)
     for group, saved in zip(opt.param_groups, groups):
@@ -250,7 +273,9 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
             for piece in bucket.pieces:
                 owned = buffer[piece.shard_start : piece.shard_end]
                 source = state.get(piece.slot.index, {}).get(key)
-                if source is None:
+                if source is None and key == MASTER_KEY:
+                    owned.copy_(bucket.shard[piece.shard_start : piece.shard_end])
+                elif source is None:
                     owned.zero_()
                 else:
                     owned.copy_(_owned_values(source, piece.param_start, piece.param_end))
@@ -333,7 +358,7 @@ def _check_entry(
     name = f"parameter {saved_id!r}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"the state of {name} is a {type(entry).__name__}, not a mapping")
-    unknown = set(entry) - {"step", *STATE_KEYS}
+    unknown = set(entry) - {"step", *STATE_KEYS, MASTER_KEY}
     if unknown:
         raise ValueError(
             f"the state of {name} has keys {sorted(map(str, unknown))} that RMSprop does not "
@@ -345,7 +370,7 @@ def _check_entry(
     missing = {"step", *keys} - set(entry)
     if missing:
         raise ValueError(f"the state of {name} lacks {sorted(missing)}")
-    for key in keys:
+    for key in (*keys, MASTER_KEY) if MASTER_KEY in entry else keys:
         value = entry[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"{key} of {name} is a {type(value).__name__}, not a tensor")

@@ -120,6 +120,18 @@ class DataParallelGroup:
             value, dist.ReduceOp.MAX
         )
 
+    def all_reduce_scalar(self, value: Tensor, op: str) -> Tensor:
+        """``value`` (a 0-d tensor) reduced over the ranks with ``op``: "sum", "max" or "min".
+
+        The result is a new tensor on ``value``'s device; no host synchronisation on a GPU.
+        """
+        if not self.is_distributed:
+            return value.clone()
+        tensor = value.to(self._control_device(), copy=True)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=reduce_op[op], group=self.group)
+        return tensor.to(value.device)
+
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""
         if not self.is_distributed:

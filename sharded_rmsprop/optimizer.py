@@ -2,57 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint
+from . import checkpoint, gradients
+from .arguments import check_hyperparameters, check_params
 from .comm import DataParallelGroup
+from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
 from .layout import ParamSpec, plan_buckets
-from .shards import ShardedBucket, Span
+from .shards import LOW_PRECISION_DTYPES, MASTER_KEY, ShardedBucket, Span
 
 __all__ = ["ShardedRMSprop"]
 
+_log = logging.getLogger("sharded_rmsprop")
+
 _OPTION_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
-
-
-def _check_hyperparameters(
-    lr: float | Tensor, alpha: float, eps: float, weight_decay: float, momentum: float
-) -> None:
-    """torch.optim.RMSprop's checks, in its order and with its messages."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= momentum:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not 0.0 <= alpha:
-        raise ValueError(f"Invalid alpha value: {alpha}")
-
-
-def _check_params(params: list[Tensor]) -> None:
-    """What sharding needs beyond torch's own checks: distinct, floating-point tensors."""
-    if len(params) != len({id(p) for p in params}):
-        raise ValueError(
-            "ShardedRMSprop got the same parameter twice in one param group; each parameter "
-            "gets one place in the flat buffer, so pass each once"
-        )
-    for param in params:
-        if not (param.is_floating_point() or param.is_complex()):
-            raise TypeError(
-                f"ShardedRMSprop can only optimize floating-point or complex parameters, "
-                f"but one of the params has dtype {param.dtype}"
-            )
-        if param.is_sparse:
-            raise TypeError("ShardedRMSprop cannot shard sparse parameters")
 
 
 def _as_float(value: float | Tensor) -> float:
@@ -107,6 +77,13 @@ class ShardedRMSprop(Optimizer):
         fused (bool, optional): ``None`` picks the fastest update available for the
             parameters' device, ``False`` forces the reference update (bit for bit
             :class:`torch.optim.RMSprop`), ``True`` requires a fused kernel (default: None)
+        master_weights (bool, optional): keep a float32 copy of this rank's shard of the
+            bfloat16 and float16 parameters, run their update in float32 on it with float32
+            state, and write the rounded result into the parameters; ``None`` means ``True``
+            (parameters of other dtypes are their own masters) (default: None)
+        skip_nonfinite (bool, optional): skip, on every rank, a step whose gradients hold
+            an inf or a NaN on any rank: parameters and state stay as they are, and
+            :attr:`skipped_steps` counts it (default: False)
 
     Example::
 
@@ -116,14 +93,37 @@ class ShardedRMSprop(Optimizer):
         >>> loss_fn(model(input), target).backward()
         >>> optimizer.step()
 
+        bfloat16 training with float32 master weights and global-norm clipping::
+
+        >>> model = DistributedDataParallel(model.to(torch.bfloat16))
+        >>> optimizer = ShardedRMSprop(model.parameters(), lr=1e-3, skip_nonfinite=True)
+        >>> loss_fn(model(input), target).backward()
+        >>> optimizer.clip_grad_norm_(1.0)  # returns the norm before clipping
+        >>> optimizer.step()
+
     .. warning::
         The constructor, :meth:`step` and :meth:`add_param_group` are collective: every
         rank of ``process_group`` must call them, in the same order.
 
     .. note::
         ``optimizer.state[p]`` holds this rank's part of ``p``'s state: ``step`` and a 1-D
-        slice (possibly empty) of each buffer.
+        slice (possibly empty) of each buffer, ``master_weight`` included.
+
+    .. note::
+        Master weights are copied from the parameters at the first step that updates them
+        (or come from a checkpoint by :meth:`load_state_dict`), so weights loaded into the
+        model before that are kept. From then on the master weights are the truth: the
+        parameters are overwritten by the rounded master weights at every step.
+
+    .. note::
+        Works with :class:`torch.amp.GradScaler`, including float16 parameters: the scaler
+        hands the optimizer its scale, which is divided out inside the update (no pass over
+        the gradients), and its finding of infs, which the ranks agree on, so the step is
+        skipped on all of them or on none.
     """
+
+    #: Tells torch.amp.GradScaler to pass its scale and inf finding to :meth:`step`.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -138,17 +138,27 @@ class ShardedRMSprop(Optimizer):
         *,
         process_group: torch.distributed.ProcessGroup | None = None,
         fused: bool | None = None,
+        master_weights: bool | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         self._ranks = DataParallelGroup.resolve(process_group)
         self._fused = fused
+        self._master_weights = master_weights is not False
+        self._skip_nonfinite = skip_nonfinite
+        #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
+        self.skipped_steps = 0
+        self._clip: PendingClip | None = None
         self._buckets: list[ShardedBucket] = []
         self._kernels: dict[tuple[torch.device, torch.dtype], UpdateFn] = {}  # chosen once
         self._sharded_groups = 0
         self._constructed = False
         try:
-            _check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-            if fused not in (None, True, False):
-                raise TypeError(f"fused must be None, True or False, got {fused!r}")
+            check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+            for name, value in (("fused", fused), ("master_weights", master_weights)):
+                if value is not None and not isinstance(value, bool):
+                    raise TypeError(f"{name} must be None, True or False, got {value!r}")
+            if not isinstance(skip_nonfinite, bool):
+                raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
             defaults = dict(
                 lr=lr,
                 alpha=alpha,
@@ -174,7 +184,7 @@ class ShardedRMSprop(Optimizer):
         count = len(self.param_groups)
         try:
             super().add_param_group(param_group)
-            _check_params(self.param_groups[-1]["params"])
+            check_params(self.param_groups[-1]["params"])
         except (TypeError, ValueError):
             del self.param_groups[count:]
             if self._constructed:
@@ -197,7 +207,7 @@ class ShardedRMSprop(Optimizer):
             plans = plan_buckets(specs, self._ranks.world_size)
             for plan in plans:
                 self._kernels[plan.device, plan.dtype] = select_update(
-                    self._fused, plan.device, plan.dtype
+                    self._fused, plan.device, self._compute_dtype(plan.dtype)
                 )
         except (TypeError, ValueError, RuntimeError):
             del self.param_groups[first:]
@@ -216,7 +226,9 @@ class ShardedRMSprop(Optimizer):
                 if plan.device.type == "cpu"
                 else None
             )
-            self._buckets.append(ShardedBucket(plan, self._ranks.rank, members, shared))
+            self._buckets.append(
+                ShardedBucket(plan, self._ranks.rank, members, shared, self._master_weights)
+            )
         if self._host_shared:
             self._ranks.barrier()  # rank 0 has filled the shared buffers
         self._sharded_groups = len(self.param_groups)
@@ -224,7 +236,12 @@ class ShardedRMSprop(Optimizer):
     def _describe_groups(self, first: int) -> tuple[list[ParamSpec], list[Tensor], list[Any]]:
         """Specs and tensors of the parameters in groups ``first:``, and what ranks compare."""
         index = sum(len(group["params"]) for group in self.param_groups[:first])
-        specs, params, description = [], [], [("fused", self._fused)]
+        specs, params = [], []
+        description: list[Any] = [
+            ("fused", self._fused),
+            ("master_weights", self._master_weights),
+            ("skip_nonfinite", self._skip_nonfinite),
+        ]
         for g in range(first, len(self.param_groups)):
             group = self.param_groups[g]
             description.append(tuple((key, repr(group[key])) for key in _OPTION_KEYS))
@@ -235,6 +252,10 @@ class ShardedRMSprop(Optimizer):
                 params.append(param)
                 index += 1
         return specs, params, description
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the update of ``dtype`` parameters computes and keeps state in."""
+        return torch.float32 if self._master_weights and dtype in LOW_PRECISION_DTYPES else dtype
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -254,17 +275,74 @@ class ShardedRMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
-        work = [(bucket, self._gather_grads(bucket)) for bucket in self._buckets]
+        clip, self._clip = self._clip, None
+        scaler = ScalerRequest.from_optimizer(self)
+        if self._skip_this_step(clip, scaler):
+            return loss
+        for bucket in self._buckets:
+            self._begin_step(bucket)
         if self._host_shared:
             self._ranks.barrier()  # no rank still reads parameters that the update writes
-        for bucket, spans in work:
-            self._update(bucket, spans)
+        for bucket in self._buckets:
+            self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
         self._ranks.sync_shards(
             [bucket.flat for bucket in self._buckets],
             [bucket.plan.shard_numel for bucket in self._buckets],
             [bucket.host_shared for bucket in self._buckets],
         )
         return loss
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False
+    ) -> Tensor:
+        """Clip the gradients of all parameters by their global norm, in the next :meth:`step`.
+
+        Like :func:`torch.nn.utils.clip_grad_norm_` on every parameter of the optimizer: the
+        norm is that of all gradients viewed as one vector, and they are scaled by
+        ``min(1, max_norm / (total_norm + 1e-6))``. Each rank computes the norm of the
+        gradient elements it owns and one scalar all-reduce combines them; the scale is
+        applied inside the next :meth:`step`'s update, so ``p.grad`` is left as it is and
+        no extra pass over the gradients is made. Calling it again before :meth:`step`
+        scales again, as torch's would; :meth:`zero_grad` forgets a pending clip.
+
+        With a ``torch.amp.GradScaler`` of scale ``S`` the gradients are ``S`` times the
+        true ones: either ``scaler.unscale_(optimizer)`` first (float32 and bfloat16
+        gradients; a pass over them), or, for float16 gradients, which ``unscale_`` refuses,
+        clip the scaled ones to ``max_norm * S`` and divide the returned norm by ``S``; the
+        step divides ``S`` out.
+
+        Args:
+            max_norm (float): max norm of the gradients
+            norm_type (float, str): type of the used p-norm; positive, ``inf`` or ``-inf``
+                (default: 2.0)
+            error_if_nonfinite (bool): if ``True``, raise when the total norm is ``nan``,
+                ``inf`` or ``-inf`` (on every rank) (default: False)
+
+        Returns:
+            Total norm of the gradients (viewed as a single vector), a float32 0-d tensor.
+
+        .. warning::
+            Collective: every rank of the process group must call it.
+        """
+        norm_type = gradients.check_norm_type(norm_type)
+        owned = [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
+        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device)
+        self._clip = PendingClip.after(
+            self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
+        )
+        return total_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (see :meth:`torch.optim.Optimizer.zero_grad`) and forget a
+        clip that :meth:`clip_grad_norm_` left for the next step."""
+        self._clip = None
+        super().zero_grad(set_to_none)
+
+    @property
+    def _home_device(self) -> torch.device:
+        """Where scalars about all gradients live: the first bucket's device."""
+        return self._buckets[0].plan.device if self._buckets else torch.device("cpu")
 
     @property
     def _host_shared(self) -> bool:
@@ -286,15 +364,35 @@ class ShardedRMSprop(Optimizer):
                         f"shape {tuple(param.shape)}"
                     )
 
-    def _gather_grads(self, bucket: ShardedBucket) -> list[Span]:
-        """Count the step of every parameter with a gradient and copy the owned slices.
+    def _skip_this_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> bool:
+        """Whether some rank has inf or NaN gradients this step (when that is checked):
+        with ``skip_nonfinite``, or when a GradScaler reports its own finding."""
+        if not (self._skip_nonfinite or scaler is not None):
+            return False
+        owned = [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
+        if not gradients.nonfinite_on_some_rank(
+            self._ranks, self._home_device, scaler=scaler, clip=clip,
+            scan=owned if self._skip_nonfinite else None,
+        ):
+            return False
+        self.skipped_steps += 1
+        report = _log.info if scaler is not None and not self._skip_nonfinite else _log.warning
+        if self._ranks.rank == 0:
+            report(
+                "ShardedRMSprop skipped a step: inf or NaN gradients (%d skipped so far)",
+                self.skipped_steps,
+            )
+        return True
+
+    def _begin_step(self, bucket: ShardedBucket) -> None:
+        """Count the step of every parameter with a gradient; create state on first use.
 
         Every rank sees the same gradients (DDP), so every rank allocates the same state
         buffers at the same step, whatever it owns.
         """
         stepped = bucket.positions_with_grad()
         if not stepped:
-            return []
+            return
         bucket.steps[stepped] += 1
         if self._allocate_state(bucket):
             self._refresh_state_views(bucket)
@@ -302,12 +400,12 @@ class ShardedRMSprop(Optimizer):
             param = bucket.params[position]
             if param not in self.state:
                 self.state[param] = bucket.param_state(position)
-        return bucket.gather_grads()
 
     def _allocate_state(self, bucket: ShardedBucket) -> bool:
         """Create the buffers the bucket's param groups need; True if any was new."""
         groups = [self.param_groups[g] for g in bucket.group_indices]
         needed = {
+            MASTER_KEY: bucket.master_weights,
             "square_avg": True,
             "momentum_buffer": any(group["momentum"] > 0 for group in groups),
             "grad_avg": any(group["centered"] for group in groups),
@@ -319,28 +417,38 @@ class ShardedRMSprop(Optimizer):
                 created = True
         return created
 
-    def _update(self, bucket: ShardedBucket, spans: list[Span]) -> None:
-        """Run the update kernel on each span with its param group's current options."""
+    def _update(self, bucket: ShardedBucket, grad_scale: Tensor | None) -> None:
+        """Stage the owned gradients window by window and run the update kernel on each
+        span with its param group's current options."""
+        for window_start, spans in bucket.staged_grads():
+            for span in spans:
+                self._update_span(bucket, span, window_start, grad_scale)
+
+    def _update_span(
+        self, bucket: ShardedBucket, span: Span, window_start: int, grad_scale: Tensor | None
+    ) -> None:
+        """One kernel call: the span's state, its staged gradients, its group's options."""
+        group = self.param_groups[span.group]
+        owned = slice(span.start, span.end)
+        momentum_buffer = bucket.state["momentum_buffer"] if group["momentum"] > 0 else None
+        grad_avg = bucket.state["grad_avg"] if group["centered"] else None
         update = self._kernels[bucket.plan.device, bucket.plan.dtype]
-        for span in spans:
-            group = self.param_groups[span.group]
-            window = slice(span.start, span.end)
-            momentum_buffer = bucket.state["momentum_buffer"] if group["momentum"] > 0 else None
-            grad_avg = bucket.state["grad_avg"] if group["centered"] else None
-            update(
-                bucket.shard[window],
-                bucket.grad_shard[window],
-                bucket.state["square_avg"][window],
-                None if momentum_buffer is None else momentum_buffer[window],
-                None if grad_avg is None else grad_avg[window],
-                lr=_as_float(group["lr"]),
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=group["centered"],
-                maximize=group["maximize"],
-            )
+        update(
+            bucket.update_target[owned],
+            bucket.grad_window[span.start - window_start : span.end - window_start],
+            bucket.state["square_avg"][owned],
+            None if momentum_buffer is None else momentum_buffer[owned],
+            None if grad_avg is None else grad_avg[owned],
+            lr=_as_float(group["lr"]),
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            low_precision_param=bucket.shard[owned] if bucket.master_weights else None,
+        )
 
     def _refresh_state_views(self, bucket: ShardedBucket) -> None:
         for position, param in enumerate(bucket.params):

@@ -6,9 +6,14 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
   the parameter sync writes them in place. It may be one buffer that all ranks of the host map
   (``host_shared``): then each rank's update is everyone's.
 - ``shard``: the rank's range of ``flat`` (a view).
-- ``grad_shard``: where the owned slices of the gradients are copied each step.
+- ``grad_window``: where the owned slices of the gradients are staged for the update, one
+  window of at most :data:`GRAD_WINDOW_NUMEL` elements of the shard at a time: the update
+  reads them while they are still in cache, and no rank holds a shard-sized gradient copy.
 - ``state``: ``square_avg``, ``momentum_buffer`` and ``grad_avg`` for the owned range only,
-  each allocated on first use.
+  each allocated on first use; with master weights also ``master_weight``, a float32 copy of
+  the shard, taken from the parameters when it is allocated.
+- With master weights (16-bit parameters), the update runs in float32 on ``master_weight``
+  with float32 state and gradient window, and writes the rounded result into ``shard``.
 - ``steps``: torch's per-parameter ``step`` counters (CPU, torch's dtype for them) for every parameter of
   the bucket, owned or not, so every rank can report them.
 """
@@ -16,17 +21,36 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .layout import BucketPlan, Piece
 
-__all__ = ["STATE_KEYS", "ShardedBucket", "Span", "merge_spans"]
+__all__ = [
+    "GRAD_WINDOW_NUMEL",
+    "LOW_PRECISION_DTYPES",
+    "MASTER_KEY",
+    "STATE_KEYS",
+    "ShardedBucket",
+    "Span",
+    "merge_spans",
+]
+
+#: Elements of the shard whose gradients are staged at once (16 MB in float32). Large enough
+#: that a kernel launch per window costs nothing next to its memory traffic, small enough to
+#: stay in a CPU's cache between the copy and the update.
+GRAD_WINDOW_NUMEL = 1 << 22
 
 #: torch.optim.RMSprop's per-element state buffers.
 STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
+
+#: The float32 copy of a 16-bit parameter that the update runs on, in the state beside them.
+MASTER_KEY = "master_weight"
+
+#: Parameter dtypes that get float32 master weights when asked for.
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -37,17 +61,22 @@ class Span:
     start: int
     end: int
 
+    @classmethod
+    def of(cls, piece: Piece) -> Span:
+        """The span a piece covers in the shard."""
+        return cls(piece.slot.group, piece.shard_start, piece.shard_end)
 
-def merge_spans(pieces: Sequence[Piece]) -> list[Span]:
-    """Join shard-adjacent pieces of the same param group into spans, keeping their order."""
-    spans: list[Span] = []
-    for piece in pieces:
-        last = spans[-1] if spans else None
-        if last is not None and last.group == piece.slot.group and last.end == piece.shard_start:
-            spans[-1] = Span(last.group, last.start, piece.shard_end)
+
+def merge_spans(spans: Sequence[Span]) -> list[Span]:
+    """Join adjacent spans of the same param group, keeping their order."""
+    merged: list[Span] = []
+    for span in spans:
+        last = merged[-1] if merged else None
+        if last is not None and last.group == span.group and last.end == span.start:
+            merged[-1] = Span(last.group, last.start, span.end)
         else:
-            spans.append(Span(piece.slot.group, piece.shard_start, piece.shard_end))
-    return spans
+            merged.append(span)
+    return merged
 
 
 def _step_dtype() -> torch.dtype:
@@ -64,8 +93,10 @@ class ShardedBucket:
         rank: int,
         params: Sequence[Tensor],
         host_shared_flat: Tensor | None = None,
+        master_weights: bool = False,
     ) -> None:
-        """``host_shared_flat``: a zero buffer that all ranks map (rank 0 fills it)."""
+        """``host_shared_flat``: a zero buffer that all ranks map (rank 0 fills it).
+        ``master_weights``: keep float32 master weights (for 16-bit parameters only)."""
         if len(params) != len(plan.slots):
             raise ValueError(f"the plan has {len(plan.slots)} slots, got {len(params)} params")
         self.plan = plan
@@ -78,7 +109,12 @@ class ShardedBucket:
         self.flat = self._flatten_params(host_shared_flat, fill=rank == 0 or not self.host_shared)
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
-        self.grad_shard = torch.zeros_like(self.shard)
+        self.master_weights = master_weights and plan.dtype in LOW_PRECISION_DTYPES
+        #: The dtype of the update's arithmetic, of the state and of ``grad_window``.
+        self.compute_dtype = torch.float32 if self.master_weights else plan.dtype
+        self.grad_window = torch.zeros(
+            min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
+        )
         self.state: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
@@ -95,11 +131,21 @@ class ShardedBucket:
         return flat
 
     def ensure_state(self, key: str) -> Tensor:
-        """The shard-sized state buffer ``key``, created as zeros on first use."""
+        """The shard-sized state buffer ``key``, created on first use: zeros, or for
+        ``master_weight`` the parameters' current values."""
         buffer = self.state.get(key)
         if buffer is None:
-            buffer = self.state[key] = torch.zeros_like(self.shard)
+            if key == MASTER_KEY:
+                buffer = self.shard.to(self.compute_dtype, copy=True)
+            else:
+                buffer = torch.zeros_like(self.shard, dtype=self.compute_dtype)
+            self.state[key] = buffer
         return buffer
+
+    @property
+    def update_target(self) -> Tensor:
+        """What the update kernel runs on: the master weights, or the shard itself."""
+        return self.state[MASTER_KEY] if self.master_weights else self.shard
 
     def owned_piece(self, position: int) -> Piece | None:
         """The part of the parameter at ``position`` that this rank owns, if any."""
@@ -114,7 +160,7 @@ class ShardedBucket:
         piece = self.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         state = {"step": self.steps[position]}
-        for key in STATE_KEYS:
+        for key in (*STATE_KEYS, MASTER_KEY):
             if key in self.state:
                 state[key] = self.state[key][start:end]
         return state
@@ -123,20 +169,49 @@ class ShardedBucket:
         """Positions of the parameters that have a gradient this step."""
         return [i for i, param in enumerate(self.params) if param.grad is not None]
 
-    def gather_grads(self) -> list[Span]:
-        """Copy the owned slice of every available gradient into ``grad_shard``.
-
-        Returns the spans to update: owned pieces whose parameter has a gradient, joined
-        where they are adjacent and share a param group.
-        """
-        sources, targets, active = [], [], []
+    def owned_grads(self) -> list[tuple[Piece, Tensor]]:
+        """Each owned piece whose parameter has a gradient, with its slice of that gradient."""
+        owned = []
         for piece in self.pieces:
             grad = self.params[self._position[piece.slot.index]].grad
-            if grad is None:
-                continue
-            sources.append(grad.reshape(-1)[piece.param_start : piece.param_end])
-            targets.append(self.grad_shard[piece.shard_start : piece.shard_end])
-            active.append(piece)
-        if targets:
-            torch._foreach_copy_(targets, sources)
-        return merge_spans(active)
+            if grad is not None:
+                owned.append((piece, grad.reshape(-1)[piece.param_start : piece.param_end]))
+        return owned
+
+    def staged_grads(self) -> Iterator[tuple[int, list[Span]]]:
+        """Stage the owned gradients in ``grad_window``, one window of the shard at a time.
+
+        Yields ``(window_start, spans)`` once the gradients of shard elements
+        ``[window_start, window_start + grad_window.numel())`` are in ``grad_window`` (the
+        element ``i`` of the shard at ``grad_window[i - window_start]``); ``spans`` are the
+        stretches to update there: owned elements whose parameter has a gradient, one
+        param group each, in shard coordinates. Windows without any are skipped; the
+        window's contents are valid until the next one is staged.
+        """
+        width = self.grad_window.numel()
+        staged: list[tuple[Span, Tensor]] = []
+        for span, grad in self._owned_grads_split_at(width):
+            if staged and staged[0][0].start // width != span.start // width:
+                yield self._stage(staged, width)
+                staged = []
+            staged.append((span, grad))
+        if staged:
+            yield self._stage(staged, width)
+
+    def _owned_grads_split_at(self, width: int) -> Iterator[tuple[Span, Tensor]]:
+        """The owned gradient slices as spans, split where a window of ``width`` ends."""
+        for piece, grad in self.owned_grads():
+            start = piece.shard_start
+            while start < piece.shard_end:
+                end = min(piece.shard_end, (start // width + 1) * width)
+                offset = start - piece.shard_start
+                yield Span(piece.slot.group, start, end), grad[offset : offset + end - start]
+                start = end
+
+    def _stage(self, staged: list[tuple[Span, Tensor]], width: int) -> tuple[int, list[Span]]:
+        window_start = staged[0][0].start // width * width
+        torch._foreach_copy_(
+            [self.grad_window[s.start - window_start : s.end - window_start] for s, _ in staged],
+            [grad for _, grad in staged],
+        )
+        return window_start, merge_spans([span for span, _ in staged])

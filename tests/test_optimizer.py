@@ -8,7 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sharded_rmsprop import ShardedRMSprop, host_shared
+from sharded_rmsprop import ShardedRMSprop, host_shared, shards
+from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL
 from spawn import run_ranks
 
 
@@ -98,6 +99,32 @@ def test_process_group_may_be_a_subgroup() -> None:
 # -- memory ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("window", [16, 48, 1000])
+def test_gradients_staged_in_small_windows_give_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Windows that cut parameters, spans and param groups apart: still torch's numbers."""
+    monkeypatch.setattr(shards, "GRAD_WINDOW_NUMEL", window)
+    ours = [torch.randn(shape, generator=torch.Generator().manual_seed(i)).requires_grad_()
+            for i, shape in enumerate([(40,), (7, 9), (), (100,), (3,)])]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+
+    def groups(params: list[torch.Tensor]) -> list[dict]:
+        return [{"params": params[:2]}, {"params": params[2:], "momentum": 0.9}]
+
+    opt = ShardedRMSprop(groups(ours), fused=False, centered=True)
+    ref = torch.optim.RMSprop(groups(theirs), centered=True)
+    (bucket,) = opt._buckets
+    assert bucket.grad_window.numel() == min(window, bucket.plan.shard_numel)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            grad = None if (i + step) % 3 == 0 else torch.randn_like(p)
+            p.grad, q.grad = grad, grad
+        opt.step()
+        ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs)), step
+
+
 def memory_on_rank(rank: int, world_size: int) -> dict:
     model = tiny_model()
     params = list(model.parameters())
@@ -110,7 +137,7 @@ def memory_on_rank(rank: int, world_size: int) -> dict:
         "param_numel": sum(p.numel() for p in params),
         "shard_numel": bucket.plan.shard_numel,
         "buffers": {key: t.numel() for key, t in bucket.state.items()},
-        "grad_shard": bucket.grad_shard.numel(),
+        "grad_window": bucket.grad_window.numel(),
         "state_numel": sum(
             t.numel() for p in params for k, t in opt.state[p].items() if k != "step"
         ),
@@ -131,7 +158,8 @@ def test_state_exists_only_for_the_owned_range() -> None:
             "momentum_buffer": r["shard_numel"],
             "grad_avg": r["shard_numel"],
         }
-        assert r["grad_shard"] == r["shard_numel"]
+        # gradients are staged in a window, here the whole (small) shard; never more
+        assert r["grad_window"] == min(r["shard_numel"], GRAD_WINDOW_NUMEL)
         assert r["shard_numel"] * world_size < total + 16 * world_size * 5  # padding only
         assert r["shares_storage"]  # parameters are views of the flat buffer, not copies
     # the per-parameter state views add up to each element exactly once across ranks

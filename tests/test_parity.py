@@ -1,5 +1,8 @@
 """Bitwise parity with torch.optim.RMSprop on the reference path, at world sizes 1 to 4.
 
+bfloat16 parameters run with ``master_weights=False`` here, torch's own arithmetic in their
+dtype; float32 master weights are tested against torch in ``test_master_weights.py``.
+
 Each world size is one spawn: every rank runs every configuration, feeding ShardedRMSprop and
 a replicated torch.optim.RMSprop the same gradients and comparing all parameters after every
 step with ``torch.equal``. The parametrised tests below then read one configuration each.
@@ -84,7 +87,7 @@ def first_mismatch(ours: list[torch.Tensor], theirs: list[torch.Tensor], step: i
 def run_config(options: dict, shapes: dict = SHAPES) -> str | None:
     ours = make_params(shapes=shapes)
     theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in ours]
-    opt = ShardedRMSprop(two_groups(ours, options), fused=False)
+    opt = ShardedRMSprop(two_groups(ours, options), fused=False, master_weights=False)
     ref = torch.optim.RMSprop(two_groups(theirs, options))
     for step in range(STEPS):
         if step == STEPS // 2:  # an LR schedule and an alpha change between steps
@@ -140,7 +143,7 @@ def mixed_groups_on_rank(rank: int, world_size: int) -> str | None:
             {"params": params[2::3], "momentum": 0.5, "centered": True, "weight_decay": 0.01},
         ]
 
-    opt = ShardedRMSprop(groups(ours), fused=False)
+    opt = ShardedRMSprop(groups(ours), fused=False, master_weights=False)
     ref = torch.optim.RMSprop(groups(theirs))
     for step in range(STEPS):
         set_grads(ours, step)
@@ -179,7 +182,7 @@ def fused_on_rank(rank: int, world_size: int) -> dict[str, str | None]:
     for name, options in CONFIGS.items():
         ours = make_params()
         theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in ours]
-        opt = ShardedRMSprop(two_groups(ours, options))
+        opt = ShardedRMSprop(two_groups(ours, options), master_weights=False)
         ref = torch.optim.RMSprop(two_groups(theirs, options))
         results[name] = None
         for step in range(STEPS):

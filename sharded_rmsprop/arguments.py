@@ -1,0 +1,42 @@
+"""Checks of ShardedRMSprop's arguments that need no other rank, in torch's wording."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["check_hyperparameters", "check_params"]
+
+
+def check_hyperparameters(
+    lr: float | Tensor, alpha: float, eps: float, weight_decay: float, momentum: float
+) -> None:
+    """torch.optim.RMSprop's checks, in its order and with its messages."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= momentum:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not 0.0 <= alpha:
+        raise ValueError(f"Invalid alpha value: {alpha}")
+
+
+def check_params(params: list[Tensor]) -> None:
+    """What sharding needs beyond torch's own checks: distinct, floating-point tensors."""
+    if len(params) != len({id(p) for p in params}):
+        raise ValueError(
+            "ShardedRMSprop got the same parameter twice in one param group; each parameter "
+            "gets one place in the flat buffer, so pass each once"
+        )
+    for param in params:
+        if not (param.is_floating_point() or param.is_complex()):
+            raise TypeError(
+                f"ShardedRMSprop can only optimize floating-point or complex parameters, "
+                f"but one of the params has dtype {param.dtype}"
+            )
+        if param.is_sparse:
+            raise TypeError("ShardedRMSprop cannot shard sparse parameters")

@@ -1,0 +1,208 @@
+"""What happens to the gradients before the update: norms, clipping, unscaling, inf checks.
+
+Nothing is applied to the gradients themselves: :meth:`ShardedRMSprop.clip_grad_norm_` and
+``torch.amp.GradScaler`` leave factors (:class:`PendingClip`, :class:`ScalerRequest`) that
+the update kernels multiply in while they read the gradient shards, so neither costs a pass
+over memory.
+
+The owned slices of all ranks together cover every gradient element exactly once, so a
+global p-norm is one scalar all-reduce away from each rank's own part: the sum of
+``|g| ** p`` for a finite ``p`` (a sum), ``max |g|`` for ``inf`` and ``min |g|`` for ``-inf``.
+Everything is computed in float32, whatever the gradients' dtype; the collectives go through
+:class:`~sharded_rmsprop.comm.DataParallelGroup`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .comm import DataParallelGroup
+
+__all__ = [
+    "PendingClip",
+    "ScalerRequest",
+    "check_norm_type",
+    "clip_coefficient",
+    "combined_scale",
+    "finish_norm",
+    "global_norm",
+    "has_nonfinite",
+    "nonfinite_on_some_rank",
+    "norm_part",
+    "reduce_op",
+]
+
+
+@dataclass(frozen=True)
+class PendingClip:
+    """A clipping decided by ``clip_grad_norm_`` and applied by the next step."""
+
+    total_norm: Tensor  # the norm of all gradients, before clipping
+    coefficient: Tensor  # what the gradients are multiplied by: min(1, max_norm / norm)
+
+    @classmethod
+    def after(
+        cls, pending: PendingClip | None, total_norm: Tensor, max_norm: float,
+        norm_type: float, error_if_nonfinite: bool,
+    ) -> PendingClip:
+        """The clip to ``max_norm`` of gradients whose norm is ``total_norm``, on top of a
+        clip still ``pending`` (which scales them first, as torch's first clip would have).
+        ``total_norm`` is updated in place to the norm of the gradients as torch sees them."""
+        if pending is not None:
+            total_norm.mul_(pending.coefficient.to(total_norm.device))
+        if error_if_nonfinite and not total_norm.isfinite().item():
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from "
+                "`parameters` is non-finite, so it cannot be clipped. To disable this error "
+                "and scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`"
+            )
+        coefficient = clip_coefficient(total_norm, max_norm)
+        if pending is not None:
+            coefficient = coefficient * pending.coefficient.to(coefficient.device)
+        return cls(total_norm, coefficient)
+
+
+@dataclass(frozen=True)
+class ScalerRequest:
+    """What ``torch.amp.GradScaler`` hands an optimizer with ``_step_supports_amp_scaling``.
+
+    The scaler sets ``optimizer.grad_scale`` (its loss scale, or None once the gradients
+    were unscaled by ``scaler.unscale_``) and ``optimizer.found_inf`` before calling
+    ``step()``, and removes them afterwards.
+    """
+
+    found_inf: Tensor  # > 0 where this rank's scaler found inf or NaN gradients
+    inverse_scale: Tensor | None  # 1 / loss scale, computed as GradScaler.unscale_ does
+
+    @classmethod
+    def from_optimizer(cls, optimizer: Any) -> ScalerRequest | None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is None:
+            return None
+        scale = getattr(optimizer, "grad_scale", None)
+        inverse = None if scale is None else scale.double().reciprocal().float()
+        return cls(found_inf, inverse)
+
+
+def combined_scale(
+    device: torch.device, clip: PendingClip | None, scaler: ScalerRequest | None
+) -> Tensor | None:
+    """What the update multiplies the gradients on ``device`` by: the clip coefficient
+    times the scaler's inverse scale, whichever there are (None if neither)."""
+    factors = [
+        factor.to(device)
+        for factor in (
+            clip.coefficient if clip else None,
+            scaler.inverse_scale if scaler else None,
+        )
+        if factor is not None
+    ]
+    if not factors:
+        return None
+    return factors[0] if len(factors) == 1 else factors[0] * factors[1]
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor: ``max_norm / (norm + 1e-6)``, at most 1."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def check_norm_type(norm_type: float | str) -> float:
+    """``norm_type`` as a float; positive or infinite, else ``ValueError``."""
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if not (value > 0 or value == -math.inf):
+        raise ValueError(
+            f"norm_type must be positive, inf or -inf, got {norm_type!r}: the norm of the "
+            "owned gradient slices must combine into the norm of all gradients"
+        )
+    return value
+
+
+def reduce_op(norm_type: float) -> str:
+    """How the ranks' parts of a ``norm_type`` norm combine."""
+    if norm_type == math.inf:
+        return "max"
+    if norm_type == -math.inf:
+        return "min"
+    return "sum"
+
+
+def norm_part(grads: Sequence[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    """This rank's part of the ``norm_type`` norm of ``grads``: a float32 0-d tensor on ``device``.
+
+    With no elements it is the identity of :func:`reduce_op` (0, or ``inf`` for a minimum).
+    """
+    op = reduce_op(norm_type)
+    grads = [grad for grad in grads if grad.numel()]
+    if not grads:
+        return torch.tensor(math.inf if op == "min" else 0.0, device=device)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    norms = [
+        norm.to(device)
+        for same_device in by_device.values()
+        for norm in torch._foreach_norm(same_device, norm_type, dtype=torch.float32)
+    ]
+    stacked = torch.stack(norms)
+    if op == "max":
+        return stacked.amax()
+    if op == "min":
+        return stacked.amin()
+    return stacked.pow(norm_type).sum()
+
+
+def finish_norm(reduced: Tensor, norm_type: float) -> Tensor:
+    """The norm from the ranks' reduced parts."""
+    return reduced if reduce_op(norm_type) != "sum" else reduced.pow(1.0 / norm_type)
+
+
+def global_norm(
+    owned_grads: Sequence[Tensor], norm_type: float, ranks: DataParallelGroup,
+    device: torch.device,
+) -> Tensor:
+    """The ``norm_type`` norm of all ranks' gradients from the slices each owns; collective."""
+    part = norm_part(owned_grads, norm_type, device)
+    return finish_norm(ranks.all_reduce_scalar(part, reduce_op(norm_type)), norm_type)
+
+
+def nonfinite_on_some_rank(
+    ranks: DataParallelGroup, device: torch.device, *, scaler: ScalerRequest | None,
+    clip: PendingClip | None, scan: Sequence[Tensor] | None,
+) -> bool:
+    """Whether any rank found inf or NaN gradients; collective (one scalar all-reduce).
+
+    A rank finds them if its GradScaler did (``scaler``) or, when ``scan`` is given, in the
+    tensors of ``scan``, which it reads unless a clip this step already knows the global norm
+    (a norm is finite exactly when every element is). The answer is known on the host, so
+    on a GPU this waits for the gradients.
+    """
+    found = torch.tensor(False, device=device)
+    if scaler is not None:
+        found |= scaler.found_inf.to(device) > 0
+    if scan is not None and clip is not None:
+        found |= clip.total_norm.to(device).isfinite().logical_not()
+    elif scan is not None:
+        found |= has_nonfinite(scan, device)
+    return bool(ranks.all_reduce_scalar(found.float(), "max").item())
+
+
+def has_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Whether any element of ``tensors`` is inf or NaN: a 0-d bool tensor on ``device``.
+
+    One read of each tensor: its largest magnitude is finite exactly when all elements are.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.tensor(False, device=device)
+    return norm_part(tensors, math.inf, device).isfinite().logical_not()
