@@ -115,6 +115,7 @@ class ShardedBucket:
         self.grad_window = torch.zeros(
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
         )
+        self._windows = self._plan_windows()
         self.state: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
@@ -188,30 +189,64 @@ class ShardedBucket:
         param group each, in shard coordinates. Windows without any are skipped; the
         window's contents are valid until the next one is staged.
         """
-        width = self.grad_window.numel()
-        staged: list[tuple[Span, Tensor]] = []
-        for span, grad in self._owned_grads_split_at(width):
-            if staged and staged[0][0].start // width != span.start // width:
-                yield self._stage(staged, width)
-                staged = []
-            staged.append((span, grad))
-        if staged:
-            yield self._stage(staged, width)
+        for window in self._windows:
+            present = [part for part in window.parts if self.params[part.position].grad is not None]
+            if not present:
+                continue
+            torch._foreach_copy_(
+                [part.target for part in present],
+                [
+                    self.params[part.position].grad.reshape(-1)[part.param_start : part.param_end]
+                    for part in present
+                ],
+            )
+            everything = len(present) == len(window.parts)
+            yield window.start, window.spans if everything else merge_spans(
+                [part.span for part in present]
+            )
 
-    def _owned_grads_split_at(self, width: int) -> Iterator[tuple[Span, Tensor]]:
-        """The owned gradient slices as spans, split where a window of ``width`` ends."""
-        for piece, grad in self.owned_grads():
+    def _plan_windows(self) -> list[_Window]:
+        """The owned pieces cut where windows of ``grad_window``'s length end, by window.
+
+        Fixed by the plan, so worked out once: a step only looks up which have gradients.
+        """
+        width = self.grad_window.numel()
+        windows: dict[int, list[_Part]] = {}
+        for piece in self.pieces:
             start = piece.shard_start
             while start < piece.shard_end:
-                end = min(piece.shard_end, (start // width + 1) * width)
-                offset = start - piece.shard_start
-                yield Span(piece.slot.group, start, end), grad[offset : offset + end - start]
+                window_start = start // width * width
+                end = min(piece.shard_end, window_start + width)
+                param_start = piece.param_start + start - piece.shard_start
+                windows.setdefault(window_start, []).append(
+                    _Part(
+                        position=self._position[piece.slot.index],
+                        param_start=param_start,
+                        param_end=param_start + end - start,
+                        span=Span(piece.slot.group, start, end),
+                        target=self.grad_window[start - window_start : end - window_start],
+                    )
+                )
                 start = end
+        return [
+            _Window(start, parts, merge_spans([part.span for part in parts]))
+            for start, parts in windows.items()
+        ]
 
-    def _stage(self, staged: list[tuple[Span, Tensor]], width: int) -> tuple[int, list[Span]]:
-        window_start = staged[0][0].start // width * width
-        torch._foreach_copy_(
-            [self.grad_window[s.start - window_start : s.end - window_start] for s, _ in staged],
-            [grad for _, grad in staged],
-        )
-        return window_start, merge_spans([span for span, _ in staged])
+
+@dataclass(frozen=True)
+class _Part:
+    """The stretch of one owned piece that falls in one gradient window."""
+
+    position: int  # of the parameter in the bucket
+    param_start: int  # where the stretch lies in the flattened parameter
+    param_end: int
+    span: Span  # and in the shard
+    target: Tensor  # its place in the gradient window
+
+
+@dataclass(frozen=True)
+class _Window:
+    start: int  # first shard element of the window
+    parts: list[_Part]
+    spans: list[Span]  # the parts merged, for steps where every parameter has a gradient
