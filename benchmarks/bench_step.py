@@ -30,7 +30,7 @@ head (as ``launch/gpt.py``).
 Memory counted as the optimizer's: the state tensors (``square_avg``, ``momentum_buffer``,
 ``grad_avg``; 0-d ``step`` counters left out) of ``opt.state`` (ZeRO: its local optimizer's;
 FSDP2: the local shards of the DTensor state); for ShardedRMSprop its state buffers, its
-gradient shard buffer and its per-parameter step counters. Parameters and gradients are not
+gradient window (16 MiB at most) and its per-parameter step counters. Parameters and gradients are not
 counted for anyone: ZeRO's bucket views hold the parameters (no extra memory); FSDP2's
 parameters and gradients are sharded too (1/N of them per rank, a saving not shown here).
 
@@ -518,7 +518,7 @@ def render(results: dict, cfg: Config, meta: dict) -> str:
         "",
         "Step = update + parameter sync (fsdp2: step + `unshard()`, its all-gather; `fsdp2 step "
         "only` is the step alone). Memory = optimizer-owned tensors per rank: state buffers; for "
-        "ours also the gradient shard buffer and step counters. Parameters and gradients are not "
+        "ours also the gradient window (16 MiB at most) and step counters. Parameters and gradients are not "
         "counted (ZeRO's bucket views are the parameters themselves; FSDP2 also shards the "
         "parameters and gradients, 1/N per rank, not shown).",
     ]
