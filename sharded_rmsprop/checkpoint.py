@@ -255,7 +255,8 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
 
     Group options come from ``state_dict`` (as in torch); each rank copies the ranges it owns.
     Parameters absent from ``state_dict["state"]`` get no state, as in torch. Master weights
-    missing from ``state_dict`` (torch's own format has none) are taken from the parameters.
+    missing from ``state_dict`` (torch's own format has none) are taken from the parameters
+    at the next step, so model weights loaded after the optimizer's state count.
     """
     groups, state = _validated(opt, state_dict)
     for group, saved in zip(opt.param_groups, groups):
@@ -274,7 +275,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
                 owned = buffer[piece.shard_start : piece.shard_end]
                 source = state.get(piece.slot.index, {}).get(key)
                 if source is None and key == MASTER_KEY:
-                    owned.copy_(bucket.shard[piece.shard_start : piece.shard_end])
+                    bucket.master_pending.add(bucket.position_of(piece))
                 elif source is None:
                     owned.zero_()
                 else:

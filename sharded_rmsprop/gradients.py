@@ -34,6 +34,7 @@ __all__ = [
     "global_norm",
     "has_nonfinite",
     "nonfinite_on_some_rank",
+    "norm_dtype",
     "norm_part",
     "reduce_op",
 ]
@@ -45,6 +46,13 @@ class PendingClip:
 
     total_norm: Tensor  # the norm of all gradients, before clipping
     coefficient: Tensor  # what the gradients are multiplied by: min(1, max_norm / norm)
+    norm_type: float
+
+    @property
+    def proves_finite(self) -> bool:
+        """Whether a finite ``total_norm`` means every gradient element is finite: true of
+        p-norms (an inf or NaN makes the sum inf or NaN), not of the min of ``-inf``."""
+        return math.isfinite(self.norm_type) or self.norm_type == math.inf
 
     @classmethod
     def after(
@@ -66,7 +74,7 @@ class PendingClip:
         coefficient = clip_coefficient(total_norm, max_norm)
         if pending is not None:
             coefficient = coefficient * pending.coefficient.to(coefficient.device)
-        return cls(total_norm, coefficient)
+        return cls(total_norm, coefficient, norm_type)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,14 @@ class ScalerRequest:
         scale = getattr(optimizer, "grad_scale", None)
         inverse = None if scale is None else scale.double().reciprocal().float()
         return cls(found_inf, inverse)
+
+    @staticmethod
+    def forget(optimizer: Any) -> None:
+        """Remove what the scaler set, when ``step()`` fails: the scaler removes it only
+        after a step that returns, and otherwise multiplies its next scale by this one."""
+        for name in ("grad_scale", "found_inf"):
+            if hasattr(optimizer, name):
+                delattr(optimizer, name)
 
 
 def combined_scale(
@@ -137,29 +153,40 @@ def reduce_op(norm_type: float) -> str:
     return "sum"
 
 
-def norm_part(grads: Sequence[Tensor], norm_type: float, device: torch.device) -> Tensor:
-    """This rank's part of the ``norm_type`` norm of ``grads``: a float32 0-d tensor on ``device``.
+def norm_dtype(param_dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype norms of gradients of ``param_dtypes`` are computed and returned in:
+    float64 if there are float64 or complex128 ones, else float32. Every rank must pass the
+    same dtypes (those of all the optimizer's parameters), so the parts they reduce agree."""
+    wide = any(dtype in (torch.float64, torch.complex128) for dtype in param_dtypes)
+    return torch.float64 if wide else torch.float32
+
+
+def norm_part(
+    grads: Sequence[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """This rank's part of the ``norm_type`` norm of ``grads``: a 0-d ``dtype`` tensor on
+    ``device``. 16-bit gradients are measured in float32, wider ones in their own precision.
 
     With no elements it is the identity of :func:`reduce_op` (0, or ``inf`` for a minimum).
+    A NaN becomes ``inf`` (``-inf`` for a minimum): collectives' max and min may drop NaNs,
+    and the part must still say that the norm is not finite.
     """
     op = reduce_op(norm_type)
     grads = [grad for grad in grads if grad.numel()]
     if not grads:
-        return torch.tensor(math.inf if op == "min" else 0.0, device=device)
-    by_device: dict[torch.device, list[Tensor]] = {}
+        return torch.tensor(math.inf if op == "min" else 0.0, device=device, dtype=dtype)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for grad in grads:
-        by_device.setdefault(grad.device, []).append(grad)
-    norms = [
-        norm.to(device)
-        for same_device in by_device.values()
-        for norm in torch._foreach_norm(same_device, norm_type, dtype=torch.float32)
-    ]
-    stacked = torch.stack(norms)
-    if op == "max":
-        return stacked.amax()
-    if op == "min":
-        return stacked.amin()
-    return stacked.pow(norm_type).sum()
+        by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+    norms = []
+    for (_, grad_dtype), same_kind in by_kind.items():
+        measure = {"dtype": torch.float32} if grad_dtype.itemsize <= 2 else {}
+        norms += torch._foreach_norm(same_kind, norm_type, **measure)
+    stacked = torch.stack([norm.to(device, dtype) for norm in norms])
+    if op == "sum":
+        return stacked.pow(norm_type).sum()
+    part = stacked.amax() if op == "max" else stacked.amin()
+    return torch.where(part.isnan(), math.inf if op == "max" else -math.inf, part)
 
 
 def finish_norm(reduced: Tensor, norm_type: float) -> Tensor:
@@ -169,10 +196,10 @@ def finish_norm(reduced: Tensor, norm_type: float) -> Tensor:
 
 def global_norm(
     owned_grads: Sequence[Tensor], norm_type: float, ranks: DataParallelGroup,
-    device: torch.device,
+    device: torch.device, dtype: torch.dtype,
 ) -> Tensor:
     """The ``norm_type`` norm of all ranks' gradients from the slices each owns; collective."""
-    part = norm_part(owned_grads, norm_type, device)
+    part = norm_part(owned_grads, norm_type, device, dtype)
     return finish_norm(ranks.all_reduce_scalar(part, reduce_op(norm_type)), norm_type)
 
 
@@ -183,14 +210,14 @@ def nonfinite_on_some_rank(
     """Whether any rank found inf or NaN gradients; collective (one scalar all-reduce).
 
     A rank finds them if its GradScaler did (``scaler``) or, when ``scan`` is given, in the
-    tensors of ``scan``, which it reads unless a clip this step already knows the global norm
-    (a norm is finite exactly when every element is). The answer is known on the host, so
+    tensors of ``scan``, which it reads unless a clip this step already knows a global norm
+    that is finite exactly when every element is. The answer is known on the host, so
     on a GPU this waits for the gradients.
     """
     found = torch.tensor(False, device=device)
     if scaler is not None:
         found |= scaler.found_inf.to(device) > 0
-    if scan is not None and clip is not None:
+    if scan is not None and clip is not None and clip.proves_finite:
         found |= clip.total_norm.to(device).isfinite().logical_not()
     elif scan is not None:
         found |= has_nonfinite(scan, device)
@@ -205,4 +232,4 @@ def has_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.tensor(False, device=device)
-    return norm_part(tensors, math.inf, device).isfinite().logical_not()
+    return norm_part(tensors, math.inf, device, torch.float64).isfinite().logical_not()

@@ -274,7 +274,11 @@ class ShardedRMSprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        try:
+            self._check_grads()
+        except RuntimeError:
+            ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
+            raise
         clip, self._clip = self._clip, None
         scaler = ScalerRequest.from_optimizer(self)
         if self._skip_this_step(clip, scaler):
@@ -320,14 +324,17 @@ class ShardedRMSprop(Optimizer):
                 ``inf`` or ``-inf`` (on every rank) (default: False)
 
         Returns:
-            Total norm of the gradients (viewed as a single vector), a float32 0-d tensor.
+            Total norm of the gradients (viewed as a single vector), a 0-d tensor: float32, or
+            float64 if some parameters are float64 or complex128. A NaN gradient makes the
+            ``inf`` norm ``inf`` (torch's would be ``nan``).
 
         .. warning::
             Collective: every rank of the process group must call it.
         """
         norm_type = gradients.check_norm_type(norm_type)
         owned = [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
-        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device)
+        dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
+        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
         )
@@ -396,6 +403,7 @@ class ShardedRMSprop(Optimizer):
         bucket.steps[stepped] += 1
         if self._allocate_state(bucket):
             self._refresh_state_views(bucket)
+        bucket.take_pending_master_weights()
         for position in stepped:
             param = bucket.params[position]
             if param not in self.state:

@@ -116,6 +116,9 @@ class ShardedBucket:
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
         )
         self._windows = self._plan_windows()
+        #: Positions whose master weights are to be copied from the parameters at the next
+        #: step (a checkpoint without them was loaded; the model's may be loaded after it).
+        self.master_pending: set[int] = set()
         self.state: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
@@ -143,10 +146,25 @@ class ShardedBucket:
             self.state[key] = buffer
         return buffer
 
+    def take_pending_master_weights(self) -> None:
+        """Copy the parameters into the master weights of the positions waiting for it."""
+        if self.master_weights and MASTER_KEY in self.state:
+            master = self.state[MASTER_KEY]
+            for position in self.master_pending:
+                piece = self.owned_piece(position)
+                if piece is not None:
+                    owned = slice(piece.shard_start, piece.shard_end)
+                    master[owned].copy_(self.shard[owned])
+        self.master_pending.clear()
+
     @property
     def update_target(self) -> Tensor:
         """What the update kernel runs on: the master weights, or the shard itself."""
         return self.state[MASTER_KEY] if self.master_weights else self.shard
+
+    def position_of(self, piece: Piece) -> int:
+        """The position in the bucket of the parameter ``piece`` belongs to."""
+        return self._position[piece.slot.index]
 
     def owned_piece(self, position: int) -> Piece | None:
         """The part of the parameter at ``position`` that this rank owns, if any."""
@@ -174,7 +192,7 @@ class ShardedBucket:
         """Each owned piece whose parameter has a gradient, with its slice of that gradient."""
         owned = []
         for piece in self.pieces:
-            grad = self.params[self._position[piece.slot.index]].grad
+            grad = self.params[self.position_of(piece)].grad
             if grad is not None:
                 owned.append((piece, grad.reshape(-1)[piece.param_start : piece.param_end]))
         return owned
@@ -220,7 +238,7 @@ class ShardedBucket:
                 param_start = piece.param_start + start - piece.shard_start
                 windows.setdefault(window_start, []).append(
                     _Part(
-                        position=self._position[piece.slot.index],
+                        position=self.position_of(piece),
                         param_start=param_start,
                         param_end=param_start + end - start,
                         span=Span(piece.slot.group, start, end),

@@ -168,6 +168,51 @@ def test_bad_norm_type(norm_type) -> None:
         opt.clip_grad_norm_(1.0, norm_type)
 
 
+def test_float64_and_complex_gradients() -> None:
+    """Measured in their own precision, as torch measures them; the norm is float64."""
+    ours = [torch.ones(8, dtype=torch.float64), torch.ones(3, dtype=torch.complex64),
+            torch.ones(5)]
+    ours = [p.requires_grad_() for p in ours]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = ShardedRMSprop(ours, skip_nonfinite=True, fused=False)
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn_like(p) * 3
+        q.grad = p.grad.clone()
+    total = opt.clip_grad_norm_(1.0)
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, torch_norm(theirs).double(), rtol=1e-6, atol=0)
+    opt.step()
+    ours[1].grad[0] = complex(math.nan, 0)  # the next step's gradients, read by the check
+    opt.step()
+    assert opt.skipped_steps == 1
+
+
+def nan_under_max_norm_on_rank(rank: int, world_size: int) -> tuple[float, int]:
+    """A NaN in the last rank's slice only: collectives' max drops NaNs, the norm must not."""
+    params = make_params()
+    opt = ShardedRMSprop(params, fused=False, skip_nonfinite=True)
+    set_grads(params, 0)
+    if rank == world_size - 1:
+        params[6].grad[-1] = math.nan
+    total = opt.clip_grad_norm_(1.0, math.inf)
+    opt.step()
+    return total.item(), opt.skipped_steps
+
+
+def test_a_nan_makes_the_max_norm_infinite_on_every_rank() -> None:
+    assert run_ranks(2, nan_under_max_norm_on_rank) == [(math.inf, 1), (math.inf, 1)]
+
+
+def test_a_min_norm_does_not_hide_an_inf_from_skip_nonfinite() -> None:
+    params = make_params()
+    opt = ShardedRMSprop(params, fused=False, skip_nonfinite=True)
+    set_grads(params, 0)
+    params[4].grad[1, 1] = math.inf
+    assert opt.clip_grad_norm_(1.0, -math.inf).isfinite()  # min |g|: finite
+    opt.step()
+    assert opt.skipped_steps == 1
+
+
 def test_no_gradients_give_a_zero_norm() -> None:
     opt = ShardedRMSprop(make_params())
     assert opt.clip_grad_norm_(1.0).item() == 0.0
@@ -300,6 +345,23 @@ def test_grad_scaler_with_float16_parameters() -> None:
         ref.step()
         assert all(torch.equal(p, q.to(torch.float16)) for p, q in zip(ours, theirs)), step
     assert opt.skipped_steps == 0
+
+
+def test_a_failed_step_does_not_leave_the_scale_behind() -> None:
+    """GradScaler removes what it hands over only after a step that returns."""
+    ours, theirs, opt, ref = ours_and_torch()
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    backward_scaled(scalers[0], ours, 0)
+    ours[1].grad = ours[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="RMSprop does not support sparse gradients"):
+        scalers[0].step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    scalers[0] = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for params, optimizer, scaler in ((ours, opt, scalers[0]), (theirs, ref, scalers[1])):
+        backward_scaled(scaler, params, 1)
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
 def scaler_disagreement_on_rank(rank: int, world_size: int) -> tuple[int, float]:

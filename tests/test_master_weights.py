@@ -249,18 +249,31 @@ def test_full_state_dict_has_float32_master_weights_torch_can_load() -> None:
     torch.optim.RMSprop(params, momentum=0.9).load_state_dict(full)  # torch accepts it
 
 
-def test_torch_format_without_master_weights_takes_them_from_the_parameters() -> None:
+@pytest.mark.parametrize("model_loaded", ["before", "after"])
+def test_torch_format_without_master_weights_takes_them_from_the_parameters(
+    model_loaded: str,
+) -> None:
+    """From the parameters as they are at the next step, whichever is loaded first."""
     params = make_model(torch.bfloat16)
     theirs = float32_copy(params)
     ref = torch.optim.RMSprop(theirs)
     for step in range(3):
         set_grads(params, theirs, step)
         ref.step()
+    opt = ShardedRMSprop(params, fused=False, lr=0.0)
+    if model_loaded == "after":
+        train(opt, params, range(2))  # master weights of other values exist already
+        opt.load_state_dict(ref.state_dict())
     with torch.no_grad():
         for p, q in zip(params, theirs):
             p.copy_(q)  # rounded to bfloat16: what a model checkpoint of that run holds
-    opt = ShardedRMSprop(params, fused=False)
-    opt.load_state_dict(ref.state_dict())
+    if model_loaded == "before":
+        opt.load_state_dict(ref.state_dict())
+    opt.param_groups[0]["lr"] = 0.0  # torch's state dict brought its lr
+    expected = [p.detach().clone() for p in params]
+    train(opt, params, range(3, 4))
+    for p, e in zip(params, expected):
+        assert torch.equal(p, e)
     for p in params[1:-1]:
         assert torch.equal(opt.state[p]["master_weight"], p.detach().float().reshape(-1))
 
