@@ -113,7 +113,8 @@ class ShardedRMSprop(Optimizer):
         Master weights are copied from the parameters at the first step that updates them
         (or come from a checkpoint by :meth:`load_state_dict`), so weights loaded into the
         model before that are kept. From then on the master weights are the truth: the
-        parameters are overwritten by the rounded master weights at every step.
+        parameters are overwritten by the rounded master weights at every step (call
+        :meth:`reload_master_weights` after changing the parameters yourself).
 
     .. note::
         Works with :class:`torch.amp.GradScaler`, including float16 parameters: the scaler
@@ -339,6 +340,16 @@ class ShardedRMSprop(Optimizer):
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
         )
         return total_norm
+
+    def reload_master_weights(self) -> None:
+        """Take the float32 master weights from the parameters again, at the next step.
+
+        Call it after writing to 16-bit parameters yourself once training has begun (loading
+        weights into the model, say): otherwise the next step overwrites them with the
+        rounded master weights. No collectives; a no-op without master weights.
+        """
+        for bucket in self._buckets:
+            bucket.master_pending.update(range(len(bucket.params)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (see :meth:`torch.optim.Optimizer.zero_grad`) and forget a

@@ -182,6 +182,22 @@ def test_weights_loaded_after_construction_are_kept() -> None:
     assert compare(ours, theirs, opt) is None
 
 
+def test_reload_master_weights_after_writing_to_the_parameters() -> None:
+    params = make_model(torch.bfloat16)
+    opt = ShardedRMSprop(params, fused=False)
+    train(opt, params, range(2))
+    replacement = make_model(torch.bfloat16, seed=9)
+    with torch.no_grad():
+        for p, q in zip(params, replacement):
+            p.copy_(q)
+    opt.reload_master_weights()
+    opt.param_groups[0]["lr"] = 0.0
+    train(opt, params, range(2, 3))
+    assert all(torch.equal(p, q) for p, q in zip(params, replacement))
+    for p in params[1:-1]:
+        assert torch.equal(opt.state[p]["master_weight"], p.detach().float().reshape(-1))
+
+
 # -- checkpoints -----------------------------------------------------------------------------
 
 
