@@ -448,30 +448,18 @@ def targets(results: dict) -> list[tuple[str, float, float, str]]:
             ratio = num / den
             out.append((what, ratio, bound, "met" if ratio <= bound else "MISSED"))
 
-    add(
-        "wide, 2 ranks: step, ours / zero-bucket",
-        ms(2, "wide", "ours"),
-        ms(2, "wide", "zero-bucket"),
-        0.45,
-    )
-    add(
-        "wide, 2 ranks: step, ours / replicated",
-        ms(2, "wide", "ours"),
-        ms(2, "wide", "replicated"),
-        0.8,
-    )
-    add(
-        "many-small, 2 ranks: step, ours / zero",
-        ms(2, "many-small", "ours"),
-        ms(2, "many-small", "zero"),
-        0.35,
-    )
-    add(
-        "many-small, 2 ranks: step, ours / zero-bucket",
-        ms(2, "many-small", "ours"),
-        ms(2, "many-small", "zero-bucket"),
-        0.35,
-    )
+    for set_name, peer, bound in (
+        ("wide", "zero-bucket", 0.45),
+        ("wide", "replicated", 0.8),
+        ("many-small", "zero", 0.35),
+        ("many-small", "zero-bucket", 0.35),
+    ):
+        add(
+            f"{set_name}, 2 ranks: step, ours / {peer}",
+            ms(2, set_name, "ours"),
+            ms(2, set_name, peer),
+            bound,
+        )
     for s in SETS:
         add(
             f"{s}, 2 ranks: memory, ours / replicated",

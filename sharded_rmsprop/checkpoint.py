@@ -144,9 +144,7 @@ def _owned_copy(bucket: ShardedBucket, key: str, start: int, end: int) -> Tensor
     buffer = bucket.state.get(key)
     if buffer is not None:
         return buffer[start:end].clone()
-    if key == MASTER_KEY:
-        return bucket.shard[start:end].to(bucket.compute_dtype, copy=True)
-    return torch.zeros(end - start, dtype=bucket.compute_dtype, device=bucket.shard.device)
+    return bucket.new_state(key, start, end)
 
 
 def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -205,13 +205,13 @@ def global_norm(
 
 def nonfinite_on_some_rank(
     ranks: DataParallelGroup, device: torch.device, *, scaler: ScalerRequest | None,
-    clip: PendingClip | None, scan: Sequence[Tensor] | None,
+    clip: PendingClip | None, scan: Callable[[], Sequence[Tensor]] | None,
 ) -> bool:
     """Whether any rank found inf or NaN gradients; collective (one scalar all-reduce).
 
     A rank finds them if its GradScaler did (``scaler``) or, when ``scan`` is given, in the
-    tensors of ``scan``, which it reads unless a clip this step already knows a global norm
-    that is finite exactly when every element is. The answer is known on the host, so
+    tensors it returns, which are read (and ``scan`` called) only if no clip this step knows
+    a global norm that is finite exactly when every element is. The answer is known on the host, so
     on a GPU this waits for the gradients.
     """
     found = torch.tensor(False, device=device)
@@ -220,7 +220,7 @@ def nonfinite_on_some_rank(
     if scan is not None and clip is not None and clip.proves_finite:
         found |= clip.total_norm.to(device).isfinite().logical_not()
     elif scan is not None:
-        found |= has_nonfinite(scan, device)
+        found |= has_nonfinite(scan(), device)
     return bool(ranks.all_reduce_scalar(found.float(), "max").item())
 
 

@@ -16,7 +16,7 @@ from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
 from .layout import ParamSpec, plan_buckets
-from .shards import LOW_PRECISION_DTYPES, MASTER_KEY, ShardedBucket, Span
+from .shards import MASTER_KEY, ShardedBucket, Span, compute_dtype
 
 __all__ = ["ShardedRMSprop"]
 
@@ -208,7 +208,7 @@ class ShardedRMSprop(Optimizer):
             plans = plan_buckets(specs, self._ranks.world_size)
             for plan in plans:
                 self._kernels[plan.device, plan.dtype] = select_update(
-                    self._fused, plan.device, self._compute_dtype(plan.dtype)
+                    self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
                 )
         except (TypeError, ValueError, RuntimeError):
             del self.param_groups[first:]
@@ -253,10 +253,6 @@ class ShardedRMSprop(Optimizer):
                 params.append(param)
                 index += 1
         return specs, params, description
-
-    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the update of ``dtype`` parameters computes and keeps state in."""
-        return torch.float32 if self._master_weights and dtype in LOW_PRECISION_DTYPES else dtype
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -333,7 +329,7 @@ class ShardedRMSprop(Optimizer):
             Collective: every rank of the process group must call it.
         """
         norm_type = gradients.check_norm_type(norm_type)
-        owned = [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
+        owned = self._owned_grads()
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
         total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
         self._clip = PendingClip.after(
@@ -356,6 +352,10 @@ class ShardedRMSprop(Optimizer):
         clip that :meth:`clip_grad_norm_` left for the next step."""
         self._clip = None
         super().zero_grad(set_to_none)
+
+    def _owned_grads(self) -> list[Tensor]:
+        """This rank's slices of the gradients, every bucket's."""
+        return [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
 
     @property
     def _home_device(self) -> torch.device:
@@ -387,10 +387,9 @@ class ShardedRMSprop(Optimizer):
         with ``skip_nonfinite``, or when a GradScaler reports its own finding."""
         if not (self._skip_nonfinite or scaler is not None):
             return False
-        owned = [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
         if not gradients.nonfinite_on_some_rank(
             self._ranks, self._home_device, scaler=scaler, clip=clip,
-            scan=owned if self._skip_nonfinite else None,
+            scan=self._owned_grads if self._skip_nonfinite else None,
         ):
             return False
         self.skipped_steps += 1

@@ -30,6 +30,7 @@ from .layout import BucketPlan, Piece
 
 __all__ = [
     "GRAD_WINDOW_NUMEL",
+    "compute_dtype",
     "LOW_PRECISION_DTYPES",
     "MASTER_KEY",
     "STATE_KEYS",
@@ -79,6 +80,12 @@ def merge_spans(spans: Sequence[Span]) -> list[Span]:
     return merged
 
 
+def compute_dtype(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
+    """The dtype in which parameters of ``dtype`` are updated and their state is kept:
+    float32 for 16-bit parameters with master weights, else their own."""
+    return torch.float32 if master_weights and dtype in LOW_PRECISION_DTYPES else dtype
+
+
 def _step_dtype() -> torch.dtype:
     """The dtype torch.optim.RMSprop gives its ``step`` tensors."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -109,9 +116,9 @@ class ShardedBucket:
         self.flat = self._flatten_params(host_shared_flat, fill=rank == 0 or not self.host_shared)
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
-        self.master_weights = master_weights and plan.dtype in LOW_PRECISION_DTYPES
         #: The dtype of the update's arithmetic, of the state and of ``grad_window``.
-        self.compute_dtype = torch.float32 if self.master_weights else plan.dtype
+        self.compute_dtype = compute_dtype(plan.dtype, master_weights)
+        self.master_weights = self.compute_dtype != plan.dtype
         self.grad_window = torch.zeros(
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
         )
@@ -139,12 +146,15 @@ class ShardedBucket:
         ``master_weight`` the parameters' current values."""
         buffer = self.state.get(key)
         if buffer is None:
-            if key == MASTER_KEY:
-                buffer = self.shard.to(self.compute_dtype, copy=True)
-            else:
-                buffer = torch.zeros_like(self.shard, dtype=self.compute_dtype)
-            self.state[key] = buffer
+            buffer = self.state[key] = self.new_state(key, 0, self.shard.numel())
         return buffer
+
+    def new_state(self, key: str, start: int, end: int) -> Tensor:
+        """What buffer ``key`` holds when it is created, for shard elements ``[start, end)``
+        (a new tensor): zeros, or for ``master_weight`` the parameters' current values."""
+        if key == MASTER_KEY:
+            return self.shard[start:end].to(self.compute_dtype, copy=True)
+        return torch.zeros(end - start, dtype=self.compute_dtype, device=self.shard.device)
 
     def take_pending_master_weights(self) -> None:
         """Copy the parameters into the master weights of the positions waiting for it."""
