@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from torch import Tensor
 
-__all__ = ["check_hyperparameters", "check_params"]
+__all__ = ["check_grads", "check_hyperparameters", "check_params"]
 
 
 def check_hyperparameters(
@@ -40,3 +42,20 @@ def check_params(params: list[Tensor]) -> None:
             )
         if param.is_sparse:
             raise TypeError("ShardedRMSprop cannot shard sparse parameters")
+
+
+def check_grads(param_groups: Sequence[dict[str, Any]]) -> None:
+    """Reject gradients torch would reject (``RuntimeError``, in torch's words where it has
+    them)."""
+    for group in param_groups:
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("RMSprop does not support sparse gradients")
+            if grad.shape != param.shape:
+                raise RuntimeError(
+                    f"a gradient has shape {tuple(grad.shape)} but its parameter has "
+                    f"shape {tuple(param.shape)}"
+                )

@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from .agreement import Fact, agree
+from .facts import state_facts
 from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket
 
 if TYPE_CHECKING:
@@ -201,10 +203,13 @@ def full_state_dict(
     come under ``master_weight`` (torch.optim.RMSprop keeps the key but never reads it).
     """
     ranks = opt._ranks
+    failure = None
     if to is not None and not 0 <= to < ranks.world_size:
-        raise ValueError(f"to={to} is not a rank of a process group of size {ranks.world_size}")
+        failure = ValueError(f"to={to} is not a rank of a process group of size {ranks.world_size}")
     if chunk_numel < 1:
-        raise ValueError(f"chunk_numel must be at least 1, got {chunk_numel}")
+        failure = ValueError(f"chunk_numel must be at least 1, got {chunk_numel}")
+    arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
+    agree(ranks, "full_state_dict()", [arguments, *state_facts(opt)], failure)
     receiving = to is None or to == ranks.rank
     state: dict[int, dict[str, Tensor]] = {}
     for bucket in opt._buckets:

@@ -1,4 +1,4 @@
-"""Collectives: who the ranks are, whether they agree, and the parameter sync.
+"""Collectives: who the ranks are, the small values they exchange, and the parameter sync.
 
 The optimizer never calls ``torch.distributed`` itself; it goes through :class:`DataParallelGroup`,
 which also stands in for "no process group at all" (one rank, every collective skipped).
@@ -6,7 +6,6 @@ which also stands in for "no process group at all" (one rank, every collective s
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -27,18 +26,54 @@ def _all_gather_into(output: Tensor, shard: Tensor, group: dist.ProcessGroup | N
     return gather(output, shard, group=group, async_op=True)
 
 
+# Backends whose collectives take CPU tensors; any other gets a gloo twin for host-side values.
+_HOST_BACKENDS = frozenset({"gloo", "mpi", "ucc"})
+
+# One gloo twin per NCCL-only process group, shared by every optimizer on it.
+_GLOO_TWINS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
+
+
+def _carries_cpu_tensors(backend: str) -> bool:
+    """Whether a group of ``backend`` (e.g. "gloo", "nccl", "cpu:gloo,cuda:nccl") can run
+    collectives on CPU tensors."""
+    return backend in _HOST_BACKENDS or "cpu:" in backend
+
+
+def _host_group_for(group: dist.ProcessGroup, backend: str) -> dist.ProcessGroup:
+    """``group`` if it carries CPU tensors, else its gloo twin (created once; collective among
+    the group's members only)."""
+    if _carries_cpu_tensors(backend):
+        return group
+    if group not in _GLOO_TWINS:
+        _GLOO_TWINS[group] = dist.new_group(
+            dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True
+        )
+    return _GLOO_TWINS[group]
+
+
 @dataclass(frozen=True)
 class DataParallelGroup:
-    """The ranks that share one optimizer's work: a process group, or a lone process."""
+    """The ranks that share one optimizer's work: a process group, or a lone process.
+
+    Values the host already knows (digests of what the ranks are about to do, flags, small
+    integers) travel through ``host_group`` as CPU tensors: the group itself for gloo, a gloo
+    twin of an NCCL group. So agreeing on them never waits for the GPU (no host
+    synchronisation); values computed on the device (norms, inf checks) use ``group``.
+    """
 
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
     backend: str | None
+    host_group: dist.ProcessGroup | None = None
 
     @classmethod
     def resolve(cls, process_group: dist.ProcessGroup | None) -> DataParallelGroup:
-        """``process_group``, the default group if None, or a lone process if none exists."""
+        """``process_group``, the default group if None, or a lone process if none exists.
+
+        Collective when the group is NCCL-only and larger than one rank (its gloo twin is
+        created the first time).
+        """
         if not (dist.is_available() and dist.is_initialized()):
             if process_group is not None:
                 raise RuntimeError(
@@ -51,77 +86,70 @@ class DataParallelGroup:
             raise RuntimeError(
                 "this process is not a member of the process_group given to ShardedRMSprop"
             )
-        return cls(
-            group=group,
-            rank=rank,
-            world_size=dist.get_world_size(group),
-            backend=str(dist.get_backend(group)).lower(),
-        )
+        world_size = dist.get_world_size(group)
+        backend = str(dist.get_backend(group)).lower()
+        host_group = _host_group_for(group, backend) if world_size > 1 else group
+        return cls(group, rank, world_size, backend, host_group)
 
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
     def _control_device(self) -> torch.device:
-        """Where small bookkeeping tensors must live for this backend's collectives."""
-        if self.backend is not None and "nccl" in self.backend and "gloo" not in self.backend:
+        """Where values computed on the device travel for this backend's collectives."""
+        if self.backend is not None and "nccl" in self.backend and not _carries_cpu_tensors(
+            self.backend
+        ):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def check_same_layout(self, what: str, description: Sequence[object] | None) -> None:
-        """Raise on every rank unless all ranks passed an identical ``description``.
+    # -- values the host knows (collective, through host_group) ---------------------------------
 
-        Collective. Each rank contributes the item count and a digest of ``description``, so
-        a mismatch is found by every rank at once instead of leaving some rank waiting in a
-        later collective. A rank that already failed on its own input passes ``None``: it
-        takes part, so the others learn of it and raise too, and returns for its caller to
-        raise its own, more precise error.
-        """
+    def host_all_reduce_max(self, values: Sequence[int]) -> list[int]:
+        """The elementwise maximum over the ranks of ``values`` (int64)."""
         if not self.is_distributed:
-            return
-        if description is None:
-            count, digest = -1, b"\0" * 28
-        else:
-            count, digest = len(description), hashlib.sha256(repr(list(description)).encode()).digest()
-        words = [int.from_bytes(digest[i : i + 7], "little") for i in range(0, 28, 7)]
-        mine = torch.tensor([count, *words], dtype=torch.int64, device=self._control_device())
-        everyone = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=mine.device)
-        _all_gather_into(everyone, mine, self.group).wait()
-        rows = everyone.view(self.world_size, -1).tolist()
-        if description is None or all(row == rows[0] for row in rows):
-            return
-        summary = "; ".join(
-            f"rank {r}: rejected its arguments" if row[0] < 0
-            else f"rank {r}: {row[0]} {what}, digest {row[1]:014x}"
-            for r, row in enumerate(rows)
-        )
-        raise RuntimeError(
-            f"ShardedRMSprop: the ranks of the process group disagree on the {what} "
-            f"({summary}). Every rank must pass the same parameters in the same order, with "
-            f"the same shapes, dtypes and param-group options."
-        )
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
+        return tensor.tolist()
 
-    # -- small agreements (collective) ----------------------------------------------------------
+    def host_all_equal(self, values: Sequence[int]) -> bool:
+        """Whether every rank passed the same ``values`` (one all-reduce of twice their length)."""
+        reduced = self.host_all_reduce_max([*values, *(-value for value in values)])
+        return all(high == -low for high, low in zip(reduced[: len(values)], reduced[len(values) :]))
 
-    def _all_reduce_int(self, value: int, op: dist.ReduceOp) -> int:
+    def host_all_gather(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's ``values`` (int64, the same count on every rank), by rank."""
         if not self.is_distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=self._control_device())
-        dist.all_reduce(tensor, op=op, group=self.group)
-        return int(tensor.item())
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.int64)
+        everyone = torch.empty(self.world_size * mine.numel(), dtype=torch.int64)
+        _all_gather_into(everyone, mine, self.host_group).wait()
+        return everyone.view(self.world_size, -1).tolist()
+
+    def host_all_gather_text(self, text: str) -> list[str]:
+        """Every rank's ``text``, by rank."""
+        data = text.encode()
+        length = self.host_all_reduce_max([len(data)])[0]
+        rows = self.host_all_gather(list(data.ljust(length, b"\0")))
+        return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
-        return bool(self._all_reduce_int(int(flag), dist.ReduceOp.MIN))
+        return -self.host_all_reduce_max([-int(flag)])[0] == 1
 
-    def all_equal(self, value: int) -> bool:
-        """Whether every rank passed the same ``value``."""
-        return self._all_reduce_int(value, dist.ReduceOp.MIN) == self._all_reduce_int(
-            value, dist.ReduceOp.MAX
-        )
+    def host_broadcast(self, values: Sequence[int]) -> list[int]:
+        """Rank 0's ``values`` (int64) on every rank."""
+        if not self.is_distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(tensor, dist.get_global_rank(self.host_group, 0), group=self.host_group)
+        return tensor.tolist()
 
-    def all_reduce_scalar(self, value: Tensor, op: str) -> Tensor:
-        """``value`` (a 0-d tensor) reduced over the ranks with ``op``: "sum", "max" or "min".
+    # -- values computed on the device (collective, through group) ------------------------------
+
+    def all_reduce_tensor(self, value: Tensor, op: str) -> Tensor:
+        """``value`` reduced elementwise over the ranks with ``op``: "sum", "max" or "min".
 
         The result is a new tensor on ``value``'s device; no host synchronisation on a GPU.
         """
@@ -131,14 +159,6 @@ class DataParallelGroup:
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(tensor, op=reduce_op[op], group=self.group)
         return tensor.to(value.device)
-
-    def broadcast_int(self, value: int) -> int:
-        """Rank 0's ``value`` on every rank."""
-        if not self.is_distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=self._control_device())
-        dist.broadcast(tensor, dist.get_global_rank(self.group, 0), group=self.group)
-        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.is_distributed:

@@ -44,15 +44,8 @@ __all__ = [
 class PendingClip:
     """A clipping decided by ``clip_grad_norm_`` and applied by the next step."""
 
-    total_norm: Tensor  # the norm of all gradients, before clipping
     coefficient: Tensor  # what the gradients are multiplied by: min(1, max_norm / norm)
-    norm_type: float
-
-    @property
-    def proves_finite(self) -> bool:
-        """Whether a finite ``total_norm`` means every gradient element is finite: true of
-        p-norms (an inf or NaN makes the sum inf or NaN), not of the min of ``-inf``."""
-        return math.isfinite(self.norm_type) or self.norm_type == math.inf
+    requests: tuple[tuple[float, float], ...]  # (max_norm, norm_type) of each call, in order
 
     @classmethod
     def after(
@@ -72,9 +65,10 @@ class PendingClip:
                 "`error_if_nonfinite=False`"
             )
         coefficient = clip_coefficient(total_norm, max_norm)
+        requests = (pending.requests if pending is not None else ()) + ((max_norm, norm_type),)
         if pending is not None:
             coefficient = coefficient * pending.coefficient.to(coefficient.device)
-        return cls(total_norm, coefficient, norm_type)
+        return cls(coefficient, requests)
 
 
 @dataclass(frozen=True)
@@ -200,28 +194,40 @@ def global_norm(
 ) -> Tensor:
     """The ``norm_type`` norm of all ranks' gradients from the slices each owns; collective."""
     part = norm_part(owned_grads, norm_type, device, dtype)
-    return finish_norm(ranks.all_reduce_scalar(part, reduce_op(norm_type)), norm_type)
+    return finish_norm(ranks.all_reduce_tensor(part, reduce_op(norm_type)), norm_type)
 
 
 def nonfinite_on_some_rank(
     ranks: DataParallelGroup, device: torch.device, *, scaler: ScalerRequest | None,
-    clip: PendingClip | None, scan: Callable[[], Sequence[Tensor]] | None,
+    grads: Sequence[Tensor] | None,
 ) -> bool:
-    """Whether any rank found inf or NaN gradients; collective (one scalar all-reduce).
+    """Whether any rank found inf or NaN gradients; collective (one all-reduce of 3 numbers).
 
-    A rank finds them if its GradScaler did (``scaler``) or, when ``scan`` is given, in the
-    tensors it returns, which are read (and ``scan`` called) only if no clip this step knows
-    a global norm that is finite exactly when every element is. The answer is known on the host, so
-    on a GPU this waits for the gradients.
+    A rank finds them if its GradScaler did (``scaler``) or, when ``grads`` (all of this rank's
+    gradients) are given, in them. The ranks also compare the GradScaler's scale: scalers that
+    drifted apart (each updates its scale from its own rank's inf checks) would unscale each
+    rank's shard differently, so that raises on every rank. The answer is known on the host,
+    so on a GPU this waits for the gradients.
     """
     found = torch.tensor(False, device=device)
     if scaler is not None:
         found |= scaler.found_inf.to(device) > 0
-    if scan is not None and clip is not None and clip.proves_finite:
-        found |= clip.total_norm.to(device).isfinite().logical_not()
-    elif scan is not None:
-        found |= has_nonfinite(scan(), device)
-    return bool(ranks.all_reduce_scalar(found.float(), "max").item())
+    if grads is not None:
+        found |= has_nonfinite(grads, device)
+    inverse = torch.zeros((), dtype=torch.float64, device=device)
+    if scaler is not None and scaler.inverse_scale is not None:
+        inverse = scaler.inverse_scale.to(device, torch.float64)
+    mine = torch.stack([found.to(torch.float64), inverse, -inverse])
+    any_found, highest, minus_lowest = ranks.all_reduce_tensor(mine, "max").tolist()
+    if highest != -minus_lowest:
+        raise RuntimeError(
+            "ShardedRMSprop.step(): the ranks' GradScalers have different scales (inverse "
+            f"scales from {-minus_lowest} to {highest}), so each rank would unscale its shard "
+            "differently. Each GradScaler updates its scale from its own rank's inf checks: "
+            "the ranks' gradients differ (average them, e.g. with DDP). Nothing was changed "
+            "on any rank."
+        )
+    return any_found > 0
 
 
 def has_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

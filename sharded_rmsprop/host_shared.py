@@ -1,57 +1,107 @@
-"""Flat parameter buffers in memory shared by the ranks of one host.
+"""Flat parameter buffers in memory shared by the ranks of one host (``host_shared=True``).
 
-When every rank of a gloo group runs on the same machine, a bucket's flat buffer can live in
-one shared mapping (a file in ``/dev/shm``, unlinked as soon as every rank has mapped it):
-each rank updates its shard in place and every other rank sees it, so the parameter sync is a
-barrier instead of N broadcasts through the loopback network (measured 30 ms for 96 MB at 2
-ranks on gloo, against well under 1 ms), and the host holds one copy of the parameters instead
-of one per rank. Where anything is missing (no ``/dev/shm``, ranks on several hosts, a mapping
-that fails on any rank), every rank agrees to fall back to private buffers and collectives.
+When every rank of a group runs on one machine, a bucket's flat buffer can live in one shared
+mapping: each rank updates its shard in place and every other rank sees it, so the parameter
+sync is a barrier instead of ``N`` broadcasts through the loopback network, and the host holds
+one copy of the parameters instead of one per rank. The ranks then share that one copy: a
+write to a parameter by any rank is a write for all of them.
+
+The memory is safe to ask for:
+
+- **Nameless.** Rank 0 creates it with ``O_TMPFILE`` in ``/dev/shm``: it never has a name, is
+  ``0600`` whatever the umask, and the kernel frees it once the last rank holding it exits,
+  however that rank dies. The others open it through ``/proc/<rank 0's pid>/fd/<fd>``.
+- **Reserved.** ``posix_fallocate`` reserves all of it before anything is mapped, so a model
+  larger than ``/dev/shm`` (Docker's default is 64 MiB) is a fallback, never a ``SIGBUS``.
+- **Verified.** "One host" is not guessed from the hostname: rank 0 writes a random token,
+  every rank reads it back through its own mapping, and all must see it. Containers that share
+  a hostname but not memory, or a ``/proc`` that hides rank 0, fail the check.
+
+Whatever fails, on whichever rank, every rank falls back to private buffers and rank 0 warns
+once, saying why.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
-import socket
-import zlib
+import stat
+import warnings
 
 import torch
 from torch import Tensor
 
+from .agreement import first_problem
 from .comm import DataParallelGroup
 
 __all__ = ["host_shared_zeros"]
 
 _SHM_DIR = "/dev/shm"
+_TOKEN_BYTES = 8
 
 
 def host_shared_zeros(ranks: DataParallelGroup, numel: int, dtype: torch.dtype) -> Tensor | None:
-    """A zero CPU tensor that all ranks of ``ranks`` map, or None on every rank; collective.
-
-    Only for gloo groups of more than one rank; None at once (no collective) otherwise.
-    """
-    if not ranks.is_distributed or ranks.backend != "gloo" or numel == 0:
+    """A zero CPU tensor of ``numel`` elements that every rank of ``ranks`` maps, or None on
+    every rank (rank 0 warns why); collective. None at once for a single rank."""
+    if not ranks.is_distributed or numel == 0:
         return None
-    one_host = ranks.all_equal(zlib.crc32(socket.gethostname().encode()))
-    if not (ranks.all_true(os.path.isdir(_SHM_DIR)) and one_host):
-        return None
-    token = secrets.randbits(62) if ranks.rank == 0 else 0
-    path = os.path.join(_SHM_DIR, f"sharded_rmsprop_{ranks.broadcast_int(token):016x}")
-    created = True
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    problem, mapping, fd = None, None, -1
+    token = secrets.randbits(62)
     if ranks.rank == 0:
         try:
-            with open(path, "xb") as f:
-                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
-        except OSError:
-            created = False
-    if not ranks.all_true(created):
+            fd = _reserve(nbytes)
+            mapping = mmap.mmap(fd, nbytes)
+            mapping[:_TOKEN_BYTES] = token.to_bytes(_TOKEN_BYTES, "little")
+        except OSError as error:
+            problem = f"could not reserve {nbytes} bytes in {_SHM_DIR}: {error.strerror or error}"
+    pid, fd_of_rank0, token = ranks.host_broadcast([os.getpid(), fd, token])
+    if ranks.rank != 0 and fd_of_rank0 >= 0:
+        try:
+            mapping = _map_rank0(pid, fd_of_rank0, nbytes)
+            if int.from_bytes(mapping[:_TOKEN_BYTES], "little") != token:
+                problem = "its mapping does not show what rank 0 wrote (not the same host memory)"
+        except OSError as error:
+            problem = f"could not map rank 0's memory: {error.strerror or error}"
+    problem = first_problem(ranks, problem)
+    if fd >= 0:
+        os.close(fd)  # every rank has mapped it or given up; the mappings keep the memory
+    if problem is not None:
+        if ranks.rank == 0:
+            warnings.warn(
+                f"ShardedRMSprop(host_shared=True): the ranks keep private buffers, because on "
+                f"{problem}",
+                stacklevel=4,
+            )
         return None
-    try:
-        flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-    except (OSError, RuntimeError):
-        flat = None
-    everyone_mapped = ranks.all_true(flat is not None)
     if ranks.rank == 0:
-        os.unlink(path)  # every rank has mapped it, or given up: the mappings outlive the name
-    return flat if everyone_mapped else None
+        mapping[:_TOKEN_BYTES] = bytes(_TOKEN_BYTES)  # zeros again, before anyone reads them
+    return torch.frombuffer(mapping, dtype=dtype, count=numel)  # keeps the mapping alive
+
+
+def _reserve(nbytes: int) -> int:
+    """A nameless ``0600`` file of ``nbytes`` in ``/dev/shm``, its pages reserved; its fd."""
+    if not hasattr(os, "O_TMPFILE"):
+        raise OSError("this platform has no O_TMPFILE")
+    fd = os.open(_SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but an odd one could narrow it
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _map_rank0(pid: int, fd: int, nbytes: int) -> mmap.mmap:
+    """Map rank 0's file through ``/proc``, after checking it is one of ours of the right size
+    (never creating or resizing anything)."""
+    own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        info = os.fstat(own)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != nbytes or info.st_uid != os.getuid():
+            raise OSError(f"/proc/{pid}/fd/{fd} is not rank 0's buffer")
+        return mmap.mmap(own, nbytes)
+    finally:
+        os.close(own)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -10,8 +11,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, gradients
-from .arguments import check_hyperparameters, check_params
+from .agreement import agree
+from .arguments import check_grads, check_hyperparameters, check_params
 from .comm import DataParallelGroup
+from .facts import construction_facts, replaced_params, step_facts
 from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
@@ -21,8 +24,6 @@ from .shards import MASTER_KEY, ShardedBucket, Span, compute_dtype
 __all__ = ["ShardedRMSprop"]
 
 _log = logging.getLogger("sharded_rmsprop")
-
-_OPTION_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
 
 
 def _as_float(value: float | Tensor) -> float:
@@ -83,7 +84,16 @@ class ShardedRMSprop(Optimizer):
             (parameters of other dtypes are their own masters) (default: None)
         skip_nonfinite (bool, optional): skip, on every rank, a step whose gradients hold
             an inf or a NaN on any rank: parameters and state stay as they are, and
-            :attr:`skipped_steps` counts it (default: False)
+            :attr:`skipped_steps` counts it (default: False). Each rank reads all of its
+            gradients for the check, as ``GradScaler`` does.
+        host_shared (bool, optional): when all ranks of the group run on one host, keep one
+            copy of each CPU flat buffer in shared memory that every rank maps: the parameter
+            sync becomes a barrier and the host holds the parameters once. The ranks then
+            share that copy: a write to a parameter by one rank is seen by all, so an
+            in-place change that every rank makes (``p.mul_(0.9)``, re-initialisation,
+            noise) is applied once per rank; make such changes on one rank, between
+            barriers. Sharing is verified first; where it cannot be had, every rank keeps
+            private buffers and rank 0 warns once, saying why (default: False)
 
     Example::
 
@@ -102,8 +112,26 @@ class ShardedRMSprop(Optimizer):
         >>> optimizer.step()
 
     .. warning::
-        The constructor, :meth:`step` and :meth:`add_param_group` are collective: every
-        rank of ``process_group`` must call them, in the same order.
+        The constructor, :meth:`step`, :meth:`add_param_group`, :meth:`clip_grad_norm_`,
+        :meth:`load_state_dict` and :meth:`full_state_dict` are collective: every rank of
+        ``process_group`` must call them, in the same order.
+
+    .. note::
+        Before it changes anything, each collective method checks that every rank is about
+        to do the same thing: at each :meth:`step`, which parameters have a gradient, every
+        param group's options, the pending clip, the GradScaler and the parameters replaced
+        since the last step. A difference, or input that one rank rejects (a sparse
+        gradient, say), raises a clear error on every rank and changes nothing. The check
+        is one all-reduce of a few integers on the host (no GPU synchronisation). What it
+        cannot see is a collective method called on some ranks only: run with
+        ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` to find those.
+
+    .. note::
+        A parameter whose tensor is replaced after construction (``p.data = ...``,
+        ``module.to_empty(...)``) is adopted at the next :meth:`step` if it keeps its shape,
+        dtype and device: its values are copied into the flat buffer and it becomes a view
+        of it again, with its state. Any other change (``model.to(torch.float64)``) is an
+        error on every rank: build the optimizer after moving or casting the model.
 
     .. note::
         ``optimizer.state[p]`` holds this rank's part of ``p``'s state: ``step`` and a 1-D
@@ -141,11 +169,13 @@ class ShardedRMSprop(Optimizer):
         fused: bool | None = None,
         master_weights: bool | None = None,
         skip_nonfinite: bool = False,
+        host_shared: bool = False,
     ) -> None:
         self._ranks = DataParallelGroup.resolve(process_group)
         self._fused = fused
         self._master_weights = master_weights is not False
         self._skip_nonfinite = skip_nonfinite
+        self._host_shared = host_shared
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
         self._clip: PendingClip | None = None
@@ -158,8 +188,9 @@ class ShardedRMSprop(Optimizer):
             for name, value in (("fused", fused), ("master_weights", master_weights)):
                 if value is not None and not isinstance(value, bool):
                     raise TypeError(f"{name} must be None, True or False, got {value!r}")
-            if not isinstance(skip_nonfinite, bool):
-                raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+            for name, value in (("skip_nonfinite", skip_nonfinite), ("host_shared", host_shared)):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{name} must be True or False, got {value!r}")
             defaults = dict(
                 lr=lr,
                 alpha=alpha,
@@ -170,10 +201,9 @@ class ShardedRMSprop(Optimizer):
                 maximize=maximize,
             )
             super().__init__(params, defaults)
-        except (TypeError, ValueError, RuntimeError):
-            self._ranks.check_same_layout("parameters", None)
-            raise
-        self._shard_new_groups()
+        except (TypeError, ValueError, RuntimeError) as error:
+            agree(self._ranks, "__init__()", failure=error)  # raises it once the others know
+        self._shard_new_groups("__init__()")
         self._constructed = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -186,73 +216,65 @@ class ShardedRMSprop(Optimizer):
         try:
             super().add_param_group(param_group)
             check_params(self.param_groups[-1]["params"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as error:
             del self.param_groups[count:]
             if self._constructed:
-                self._ranks.check_same_layout("parameters", None)
+                agree(self._ranks, "add_param_group()", failure=error)
             raise
         if self._constructed:
-            self._shard_new_groups()
+            self._shard_new_groups("add_param_group()")
 
     # -- construction ------------------------------------------------------------------------
 
-    def _shard_new_groups(self) -> None:
+    def _shard_new_groups(self, operation: str) -> None:
         """Lay the groups added since the last call out in flat buckets; collective.
 
         The ranks first agree that they were given the same parameters and options, so a
         mismatch is an error on every rank, raised before any parameter is touched.
         """
         first = self._sharded_groups
+        failure, facts, kernels = None, [], {}
         try:
-            specs, params, description = self._describe_groups(first)
+            specs, params = self._specs(first)
             plans = plan_buckets(specs, self._ranks.world_size)
             for plan in plans:
-                self._kernels[plan.device, plan.dtype] = select_update(
+                kernels[plan.device, plan.dtype] = select_update(
                     self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
                 )
+            facts = construction_facts(self, first)
+        except (TypeError, ValueError, RuntimeError) as error:
+            failure = error
+        try:
+            agree(self._ranks, operation, facts, failure)
         except (TypeError, ValueError, RuntimeError):
             del self.param_groups[first:]
-            self._ranks.check_same_layout("parameters", None)
             raise
-        try:
-            self._ranks.check_same_layout("parameters", description)
-        except RuntimeError:
-            del self.param_groups[first:]
-            raise
+        self._kernels.update(kernels)
         offset = specs[0].index if specs else 0
+        sharing = self._host_shared
         for plan in plans:
             members = [params[slot.index - offset] for slot in plan.slots]
-            shared = (
-                host_shared_zeros(self._ranks, plan.padded_numel, plan.dtype)
-                if plan.device.type == "cpu"
-                else None
-            )
+            shared = None
+            if sharing and plan.device.type == "cpu":
+                shared = host_shared_zeros(self._ranks, plan.padded_numel, plan.dtype)
+                sharing = shared is not None  # after one fallback (and its warning), no more
             self._buckets.append(
                 ShardedBucket(plan, self._ranks.rank, members, shared, self._master_weights)
             )
-        if self._host_shared:
+        if self._shares_host_memory:
             self._ranks.barrier()  # rank 0 has filled the shared buffers
         self._sharded_groups = len(self.param_groups)
 
-    def _describe_groups(self, first: int) -> tuple[list[ParamSpec], list[Tensor], list[Any]]:
-        """Specs and tensors of the parameters in groups ``first:``, and what ranks compare."""
+    def _specs(self, first: int) -> tuple[list[ParamSpec], list[Tensor]]:
+        """Specs and tensors of the parameters in groups ``first:``."""
         index = sum(len(group["params"]) for group in self.param_groups[:first])
         specs, params = [], []
-        description: list[Any] = [
-            ("fused", self._fused),
-            ("master_weights", self._master_weights),
-            ("skip_nonfinite", self._skip_nonfinite),
-        ]
         for g in range(first, len(self.param_groups)):
-            group = self.param_groups[g]
-            description.append(tuple((key, repr(group[key])) for key in _OPTION_KEYS))
-            for param in group["params"]:
-                spec = ParamSpec(index, g, tuple(param.shape), param.dtype, param.device)
-                description.append((g, spec.shape, str(spec.dtype), spec.device.type))
-                specs.append(spec)
+            for param in self.param_groups[g]["params"]:
+                specs.append(ParamSpec(index, g, tuple(param.shape), param.dtype, param.device))
                 params.append(param)
                 index += 1
-        return specs, params, description
+        return specs, params
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -271,18 +293,21 @@ class ShardedRMSprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clip, scaler = self._clip, ScalerRequest.from_optimizer(self)
         try:
-            self._check_grads()
-        except RuntimeError:
+            replaced = self._agree_on_step(clip, scaler)
+            skip = self._skip_this_step(scaler)
+        except Exception:
             ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
             raise
-        clip, self._clip = self._clip, None
-        scaler = ScalerRequest.from_optimizer(self)
-        if self._skip_this_step(clip, scaler):
+        self._clip = None
+        for bucket, positions in zip(self._buckets, replaced):
+            bucket.adopt(positions)
+        if skip:
             return loss
         for bucket in self._buckets:
             self._begin_step(bucket)
-        if self._host_shared:
+        if self._shares_host_memory:
             self._ranks.barrier()  # no rank still reads parameters that the update writes
         for bucket in self._buckets:
             self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
@@ -328,9 +353,17 @@ class ShardedRMSprop(Optimizer):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        norm_type = gradients.check_norm_type(norm_type)
-        owned = self._owned_grads()
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
+        try:
+            norm_type = gradients.check_norm_type(norm_type)
+        except ValueError:
+            # Take part in the norm's all-reduce all the same, so that the other ranks do not
+            # wait: they get a NaN norm, and a pending clip that their next step() finds this
+            # rank lacks (an error on every rank).
+            nan = torch.tensor(math.nan, dtype=dtype, device=self._home_device)
+            self._ranks.all_reduce_tensor(nan, "sum")
+            raise
+        owned = self._owned_grads()
         total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
@@ -363,33 +396,44 @@ class ShardedRMSprop(Optimizer):
         return self._buckets[0].plan.device if self._buckets else torch.device("cpu")
 
     @property
-    def _host_shared(self) -> bool:
+    def _shares_host_memory(self) -> bool:
         """Whether some flat buffer is mapped by every rank of the host."""
         return any(bucket.host_shared for bucket in self._buckets)
 
-    def _check_grads(self) -> None:
-        """Reject gradients torch would reject, before anything is modified."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("RMSprop does not support sparse gradients")
-                if grad.shape != param.shape:
-                    raise RuntimeError(
-                        f"a gradient has shape {tuple(grad.shape)} but its parameter has "
-                        f"shape {tuple(param.shape)}"
-                    )
+    def _agree_on_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> list[list[int]]:
+        """Check this rank's gradients and parameters, then agree with the other ranks on
+        what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
 
-    def _skip_this_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> bool:
+        Returns the positions of the parameters to adopt, by bucket.
+        """
+        failure, facts, adoptable = None, [], []
+        try:
+            check_grads(self.param_groups)
+            adoptable = replaced_params(self)
+            replaced = [
+                bucket.plan.slots[position].index
+                for bucket, positions in zip(self._buckets, adoptable)
+                for position in positions
+            ]
+            facts = step_facts(self, clip, scaler, replaced)
+        except RuntimeError as error:
+            failure = error
+        agree(self._ranks, "step()", facts, failure)
+        return adoptable
+
+    def _all_grads(self) -> list[Tensor]:
+        """This rank's gradients, whole."""
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _skip_this_step(self, scaler: ScalerRequest | None) -> bool:
         """Whether some rank has inf or NaN gradients this step (when that is checked):
-        with ``skip_nonfinite``, or when a GradScaler reports its own finding."""
+        with ``skip_nonfinite`` (each rank reads all its gradients), or when a GradScaler
+        reports its own finding."""
         if not (self._skip_nonfinite or scaler is not None):
             return False
         if not gradients.nonfinite_on_some_rank(
-            self._ranks, self._home_device, scaler=scaler, clip=clip,
-            scan=self._owned_grads if self._skip_nonfinite else None,
+            self._ranks, self._home_device, scaler=scaler,
+            grads=self._all_grads() if self._skip_nonfinite else None,
         ):
             return False
         self.skipped_steps += 1

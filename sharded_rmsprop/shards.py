@@ -21,7 +21,7 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -113,7 +113,13 @@ class ShardedBucket:
         self._position = {slot.index: i for i, slot in enumerate(plan.slots)}
         self.group_indices = sorted({slot.group for slot in plan.slots})
         self.host_shared = host_shared_flat is not None
-        self.flat = self._flatten_params(host_shared_flat, fill=rank == 0 or not self.host_shared)
+        #: Positions whose master weights are to be copied from the parameters at the next
+        #: step (a checkpoint without them was loaded, the parameter was replaced, or the
+        #: user asked for it; the model's weights may be loaded after the optimizer's).
+        self.master_pending: set[int] = set()
+        #: Whether this rank writes the parameters into ``flat`` (one rank does for a shared one).
+        self.fills_flat = rank == 0 or not self.host_shared
+        self.flat = self._flatten_params(host_shared_flat)
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
         #: The dtype of the update's arithmetic, of the state and of ``grad_window``.
@@ -123,23 +129,58 @@ class ShardedBucket:
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
         )
         self._windows = self._plan_windows()
-        #: Positions whose master weights are to be copied from the parameters at the next
-        #: step (a checkpoint without them was loaded; the model's may be loaded after it).
-        self.master_pending: set[int] = set()
         self.state: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
-    def _flatten_params(self, flat: Tensor | None, fill: bool) -> Tensor:
-        """Copy the parameters into one padded buffer (unless ``fill`` is False: another
-        rank fills a shared one) and make them views of it."""
+    def _flatten_params(self, flat: Tensor | None) -> Tensor:
+        """Copy the parameters into one padded buffer (unless another rank fills a shared
+        one) and make them views of it."""
         if flat is None:
             flat = torch.zeros(self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device)
-        for slot, param in zip(self.plan.slots, self.params):
-            view = flat[slot.offset : slot.end].view(slot.shape)
-            if fill:
+        self.views = [flat[slot.offset : slot.end].view(slot.shape) for slot in self.plan.slots]
+        self._view_addresses = [view.data_ptr() for view in self.views]
+        self._view_flat(range(len(self.params)))
+        return flat
+
+    def replaced(self) -> tuple[list[int], list[tuple[int, str]]]:
+        """Parameters whose ``.data`` no longer is their view of ``flat`` (``p.data = ...``,
+        ``module.to(...)``, ``module.to_empty(...)`` after construction): the positions of
+        those that can be adopted (same shape, dtype and device), and ``(position, what
+        changed)`` for those that cannot."""
+        adoptable, foreign = [], []
+        for position, (param, address) in enumerate(zip(self.params, self._view_addresses)):
+            if param.data_ptr() == address and param.dtype == self.plan.dtype:
+                continue
+            slot = self.plan.slots[position]
+            changes = [
+                f"{what} {now}, not {was}"
+                for what, now, was in (
+                    ("dtype", param.dtype, self.plan.dtype),
+                    ("device", param.device, self.plan.device),
+                    ("shape", tuple(param.shape), slot.shape),
+                )
+                if now != was
+            ]
+            if changes:
+                foreign.append((position, ", ".join(changes)))
+            else:
+                adoptable.append(position)
+        return adoptable, foreign
+
+    def adopt(self, positions: Sequence[int]) -> None:
+        """Make the replaced parameters at ``positions`` views of ``flat`` again, their
+        values copied into it; their master weights are taken from them at the next step."""
+        self._view_flat(positions)
+        self.master_pending.update(positions)
+
+    def _view_flat(self, positions: Iterable[int]) -> None:
+        """Copy the parameters at ``positions`` into ``flat`` (unless another rank fills a
+        shared one) and make them views of it."""
+        for position in positions:
+            param, view = self.params[position], self.views[position]
+            if self.fills_flat:
                 view.copy_(param.detach())
             param.data = view
-        return flat
 
     def ensure_state(self, key: str) -> Tensor:
         """The shard-sized state buffer ``key``, created on first use: zeros, or for

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sharded_rmsprop import ShardedRMSprop, host_shared, shards
+from sharded_rmsprop import ShardedRMSprop, shards
 from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL
 from spawn import run_ranks
 
@@ -25,14 +25,12 @@ def clone_params(params) -> list[torch.Tensor]:
 # -- DDP -------------------------------------------------------------------------------------
 
 
-def ddp_on_rank(rank: int, world_size: int, shm_dir: str | None = None) -> dict:
+def ddp_on_rank(rank: int, world_size: int, host_shared: bool) -> dict:
     """A DDP model stepped by ShardedRMSprop against torch's RMSprop fed the same gradients."""
-    if shm_dir is not None:
-        host_shared._SHM_DIR = shm_dir
     model = DDP(tiny_model())
     reference = clone_params(model.parameters())
     options = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)
-    opt = ShardedRMSprop(model.parameters(), **options, fused=False)
+    opt = ShardedRMSprop(model.parameters(), **options, fused=False, host_shared=host_shared)
     ref = torch.optim.RMSprop(reference, **options)
     losses, equal = [], True
     generator = torch.Generator().manual_seed(rank)  # each rank its own data
@@ -52,14 +50,14 @@ def ddp_on_rank(rank: int, world_size: int, shm_dir: str | None = None) -> dict:
     return {"equal": equal, "losses": losses, "flat": flat, "host_shared": shared}
 
 
-@pytest.mark.parametrize("shm_dir", [None, "/nonexistent"], ids=["host-shared", "broadcasts"])
-def test_ddp_model_matches_torch_and_ranks_agree(shm_dir: str | None) -> None:
-    """Both syncs: one buffer mapped by the ranks of this host, and gloo broadcasts."""
-    results = run_ranks(2, ddp_on_rank, shm_dir)
+@pytest.mark.parametrize("host_shared", [False, True], ids=["broadcasts", "host-shared"])
+def test_ddp_model_matches_torch_and_ranks_agree(host_shared: bool) -> None:
+    """Both syncs: gloo broadcasts (the default), and one buffer mapped by the host's ranks."""
+    results = run_ranks(2, ddp_on_rank, host_shared)
     for result in results:
         assert result["equal"]
         assert result["losses"][-1] < result["losses"][0]
-        assert result["host_shared"] == [shm_dir is None]
+        assert result["host_shared"] == [host_shared]
     assert torch.equal(results[0]["flat"], results[1]["flat"])
 
 

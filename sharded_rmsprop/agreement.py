@@ -1,0 +1,164 @@
+"""The ranks agree on what they are about to do before any of them changes anything.
+
+Every collective operation of the optimizer (construction, ``step()``, loading a state dict,
+assembling a full one) starts with :func:`agree`: each rank describes what it is about to do as
+a few :class:`Fact` s (which parameters have a gradient, each group's options, a pending clip,
+...), and one all-reduce of their digests tells every rank whether all ranks described the same
+thing. Only when they did not does a slower exchange find out which fact differs, on which
+ranks, and how, so that every rank raises the same clear error. A rank that rejected its own
+input (a sparse gradient, a bad state dict) takes part with its error, so the others raise too
+instead of waiting in a later collective; it raises its own, more precise error.
+
+Each agreement exchanges the same number of digests whatever the operation, and the first is
+the operation's name: ranks that call different collective methods of the optimizer at the
+same time pair their agreements and raise, instead of mixing unrelated collectives.
+
+Everything here runs on the host (CPU tensors through ``DataParallelGroup.host_group``): no
+host synchronisation with a GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .comm import DataParallelGroup
+
+__all__ = ["Fact", "agree", "first_problem", "plain"]
+
+#: Digests per agreement: the operation, the local failure and up to this many minus two facts.
+_SLOTS = 10
+
+#: Error types a failing rank's error is re-raised as on the other ranks (else RuntimeError).
+_ERROR_TYPES = {error.__name__: error for error in (ValueError, TypeError, RuntimeError)}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Something every rank must see alike: ``values``, one per item.
+
+    ``values`` holds plain data only (numbers, strings, booleans, None, tuples of them; see
+    :func:`plain`): it is compared through its ``repr``. ``name`` turns an item's index into
+    words for the error message, and ``advice`` says what to do about a difference.
+    """
+
+    subject: str
+    values: tuple
+    name: Callable[[int], str] = lambda index: f"item {index}"
+    advice: str = ""
+
+
+def plain(value: Any) -> Any:
+    """``value`` as data whose ``repr`` reads back with :func:`ast.literal_eval` and is the same
+    on every rank: one-element tensors as numbers, non-finite floats as strings."""
+    if hasattr(value, "item") and callable(value.item):  # a tensor (an lr, say)
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(plain(item) for item in value)
+    return value
+
+
+def agree(
+    ranks: DataParallelGroup,
+    operation: str,
+    facts: Sequence[Fact] = (),
+    failure: BaseException | None = None,
+) -> None:
+    """Return if every rank of ``ranks`` is about to run ``operation`` on the same ``facts``
+    and none failed; else raise on every rank. Collective.
+
+    ``failure`` is this rank's own error, if its input was rejected: it is raised here, after
+    the others have learnt of it (they raise an error of the same type naming this rank).
+    """
+    if len(facts) > _SLOTS - 2:
+        raise ValueError(f"at most {_SLOTS - 2} facts can be agreed on at once")
+    texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
+    if ranks.is_distributed:
+        digests = [_digest(text) for text in texts] + [0] * (_SLOTS - len(texts))
+        if not ranks.host_all_equal(digests):
+            error = _explain(ranks, ranks.host_all_gather(digests), texts, facts)
+            if failure is None:
+                raise error
+    if failure is not None:
+        raise failure
+
+
+def first_problem(ranks: DataParallelGroup, problem: str | None) -> str | None:
+    """The first rank's problem, as ``"rank R: problem"``, or None if no rank has one.
+    Collective: one all-reduce when there is none."""
+    if not ranks.is_distributed:
+        return None if problem is None else f"rank {ranks.rank}: {problem}"
+    if ranks.all_true(problem is None):
+        return None
+    problems = ranks.host_all_gather_text(problem or "")
+    rank = next(r for r, text in enumerate(problems) if text)
+    return f"rank {rank}: {problems[rank]}"
+
+
+def _describe(failure: BaseException | None) -> str:
+    return "" if failure is None else f"{type(failure).__name__}: {failure}"
+
+
+def _digest(text: str) -> int:
+    """62 bits of the text's hash: the digest and its negation both fit in an int64."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
+def _explain(
+    ranks: DataParallelGroup, table: list[list[int]], texts: list[str], facts: Sequence[Fact]
+) -> Exception:
+    """The error for a disagreement; collective (every rank sees the same ``table`` and so
+    exchanges the same texts)."""
+    differing = [slot for slot in range(_SLOTS) if len({row[slot] for row in table}) > 1]
+    if differing[0] == 0:
+        operations = ranks.host_all_gather_text(texts[0])
+        return RuntimeError(
+            "ShardedRMSprop: the ranks called different collective methods at the same time ("
+            + "; ".join(f"rank {r}: {op}" for r, op in enumerate(operations))
+            + "). Nothing was changed on any rank. Every rank must call the optimizer's "
+            "collective methods in the same order."
+        )
+    operation = texts[0]
+    if differing[0] == 1:
+        failures = ranks.host_all_gather_text(texts[1])
+        rank = next(r for r, text in enumerate(failures) if text)
+        kind, _, message = failures[rank].partition(": ")
+        return _ERROR_TYPES.get(kind, RuntimeError)(
+            f"ShardedRMSprop.{operation} failed on rank {rank}: {message} "
+            "(nothing was changed on any rank)"
+        )
+    fact = facts[differing[0] - 2]
+    everyone = [_read(text) for text in ranks.host_all_gather_text(texts[differing[0]])]
+    return RuntimeError(
+        f"ShardedRMSprop.{operation}: the ranks disagree on {fact.subject}: "
+        f"{_first_difference(everyone, fact)}. Nothing was changed on any rank."
+        + (f" {fact.advice}" if fact.advice else "")
+    )
+
+
+def _read(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _first_difference(everyone: list[Any], fact: Fact) -> str:
+    """Where the first rank that differs from rank 0 differs from it, in words."""
+    mine = everyone[0]
+    rank, theirs = next((r, values) for r, values in enumerate(everyone) if values != mine)
+    if not (isinstance(mine, tuple) and isinstance(theirs, tuple)):
+        return f"rank 0 has {mine!r}, rank {rank} has {theirs!r}"
+    missing = object()
+    for index in range(max(len(mine), len(theirs))):
+        a = mine[index] if index < len(mine) else missing
+        b = theirs[index] if index < len(theirs) else missing
+        if a != b:
+            show = lambda value: "absent" if value is missing else repr(value)  # noqa: E731
+            return f"{fact.name(index)} is {show(a)} on rank 0 but {show(b)} on rank {rank}"
+    return f"rank 0 and rank {rank} differ"  # unreachable: the values differ somewhere

@@ -1,0 +1,122 @@
+"""Parameters replaced after the optimizer was built: adopted, or a clear error; never frozen.
+
+``p.data = ...``, ``module.to_empty(...)`` and casts replace the tensor a parameter holds. The
+optimizer's flat buffer no longer backs it, so before these tests the parameter silently
+stopped training while torch.optim.RMSprop kept training it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sharded_rmsprop import ShardedRMSprop
+from spawn import run_ranks
+
+OPTIONS = dict(lr=1e-2, momentum=0.9, centered=True)
+
+
+def model_and_copy() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    twin = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def train(models: list[nn.Module], optimizers: list, steps: range) -> None:
+    """The same gradients for both models at each step (as DDP would leave them)."""
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        for p_ours, p_theirs in zip(models[0].parameters(), models[1].parameters()):
+            grad = torch.randn(p_ours.shape, generator=generator)
+            p_ours.grad, p_theirs.grad = grad.clone(), grad.clone()
+        for opt in optimizers:
+            opt.step()
+
+
+def same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def reinitialise(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def replace_on_rank(rank: int, world_size: int) -> dict:
+    model, twin = model_and_copy()
+    opt = ShardedRMSprop(model.parameters(), **OPTIONS, fused=False)
+    ref = torch.optim.RMSprop(twin.parameters(), **OPTIONS)
+    train([model, twin], [opt, ref], range(2))
+    outcome = {}
+
+    # 1. p.data = a copy, and p.data = new values: adopted, training goes on as torch's
+    for m in (model, twin):
+        m[0].weight.data = m[0].weight.data.clone()
+        m[2].bias.data = torch.full_like(m[2].bias, 0.5)
+    train([model, twin], [opt, ref], range(2, 4))
+    outcome["data_assignment"] = same(model, twin)
+    outcome["views_flat_again"] = model[0].weight.data_ptr() == opt._buckets[0].views[0].data_ptr()
+
+    # 2. to_empty() then initialisation, the meta-device habit
+    for m in (model, twin):
+        m.to_empty(device="cpu")
+        reinitialise(m)
+    train([model, twin], [opt, ref], range(4, 6))
+    outcome["to_empty"] = same(model, twin)
+
+    # 3. a cast: a clear error on every rank, nothing changed; casting back is adopted
+    before = [p.detach().clone() for p in model.parameters()]
+    model.to(torch.float64)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        outcome["cast"] = "no error"
+    except RuntimeError as error:
+        outcome["cast"] = str(error)
+    model.to(torch.float32)
+    outcome["cast_changed_nothing"] = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    train([model, twin], [opt, ref], range(6, 8))
+    outcome["cast_back"] = same(model, twin)
+    return outcome
+
+
+def test_replaced_parameters_are_adopted_on_every_rank_or_rejected() -> None:
+    for outcome in run_ranks(2, replace_on_rank):
+        assert outcome["data_assignment"] and outcome["views_flat_again"]
+        assert outcome["to_empty"]
+        assert outcome["cast"].startswith(
+            "parameter 0 (shape (9, 6)) was replaced after ShardedRMSprop was built, by a "
+            "tensor with dtype torch.float64, not torch.float32"
+        )
+        assert "Build the optimizer after moving or casting the model" in outcome["cast"]
+        assert outcome["cast_changed_nothing"]
+        assert outcome["cast_back"]
+
+
+def test_a_parameter_replaced_by_another_shape_is_an_error() -> None:
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = ShardedRMSprop([p])
+    p.data = torch.randn(3, 4)
+    p.grad = torch.ones(3, 4)
+    with pytest.raises(RuntimeError, match=r"shape \(3, 4\), not \(4, 3\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_replaced_16_bit_parameters_renew_their_master_weights(dtype: torch.dtype) -> None:
+    """The float32 master weights are the truth once training has begun: a replaced parameter
+    must replace its master weights too, or the next step writes the old values back."""
+    p = torch.randn(40, dtype=dtype, requires_grad=True)
+    opt = ShardedRMSprop([p], lr=0.0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    p.data = torch.full_like(p, 3.0)
+    opt.step()  # lr 0: the parameter must stay what it was set to
+    assert torch.equal(p, torch.full_like(p, 3.0))
+    assert torch.equal(opt.state[p]["master_weight"], torch.full((40,), 3.0))
