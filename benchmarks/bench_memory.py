@@ -19,9 +19,9 @@ through ``gc``) that was not there before is reported as unaccounted; it is zero
 (``bf16 params + bf16 grads + (fp32 master + fp32 state)/N + grad window`` for (e)) is only
 printed beside the measurement, with the difference in bytes.
 
-Same-host gloo ranks map one ``/dev/shm`` flat buffer per bucket (``bucket.host_shared``); each
-rank's mapping is counted in full: per-rank memory as a GPU rank would hold it (its own flat
-copy), not what this host physically holds. The replicated (a) and (b) do no communication and
+ShardedRMSprop keeps private flat buffers (``host_shared=False``, its default); with
+``host_shared=True`` each rank's mapping of the one shared buffer would still be counted in full:
+per-rank memory as a GPU rank holds it (its own flat copy), not what this host physically holds. The replicated (a) and (b) do no communication and
 hold the same tensors on every rank, so rank 0 alone builds them: N copies of (a) would not
 fit this 24 GB host at N = 8.
 
@@ -55,7 +55,7 @@ from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
-ALIGNMENT = 16  # ShardedRMSprop's documented layout: each parameter starts at a multiple of 16
+ALIGNMENT = 64  # ShardedRMSprop's documented layout: each parameter starts at a multiple of 64
 STEP_BYTES = 4  # one float32 0-d ``step`` counter per parameter (torch's and ours)
 COLUMNS = ("params", "grads", "master", "state", "grad_window", "unaccounted")
 
@@ -243,8 +243,8 @@ def run_world(world: int, cfg: Config) -> dict:
 
 
 def padded_numel(shapes: list[tuple[int, ...]], world: int) -> int:
-    """The flat buffer's length by ShardedRMSprop's documented rule: starts aligned to 16,
-    the end padded to a multiple of 16 N."""
+    """The flat buffer's length by ShardedRMSprop's documented rule: starts aligned to
+    ALIGNMENT, the end padded to a multiple of ALIGNMENT N."""
     offset = 0
     for shape in shapes:
         offset = -(-offset // ALIGNMENT) * ALIGNMENT + torch.Size(shape).numel()
@@ -376,13 +376,17 @@ def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
         "- (c): ZeRO assigns whole tensors; the row is the rank holding the most, the others are "
         "listed under the table. Its formula is the even split it cannot reach.",
         "- (d), (e): the formula is `params(P') + grads(P) + (fp32 master + fp32 state)/N + "
-        f"grad window`, with P' the padded flat length (starts aligned to 16, end to 16N) and "
+        f"grad window`, with P' the padded flat length (starts aligned to {ALIGNMENT}, end to "
+        f"{ALIGNMENT}N) and "
         f"the window min(P'/N, GRAD_WINDOW_NUMEL = {GRAD_WINDOW_NUMEL:,}) fp32 elements "
         f"(at most {mib(4 * GRAD_WINDOW_NUMEL)} MiB) per bucket, one bucket here; the step "
         "counters (4 B per tensor) are in every formula total.",
-        f"- Per-rank memory is what a GPU rank would hold: at N = {shared} ShardedRMSprop's "
-        "ranks shared one `/dev/shm` flat buffer on this host (`bucket.host_shared`), and each "
-        "rank's mapping is counted in full, as its own copy.",
+        "- Per-rank memory is what a GPU rank would hold"
+        + (
+            f": at N = {shared} ShardedRMSprop's ranks shared one flat buffer on this host "
+            "(`host_shared=True`), and each rank's mapping is counted in full, as its own copy."
+            if shared else " (ShardedRMSprop's default private buffers)."
+        ),
         "- Not counted: activations, DDP's gradient buckets, transient buffers during `step()`.",
         "",
     ]

@@ -3,12 +3,15 @@
 A checkpoint is the directory ``DIR/step_00000100/`` holding the model (each rank writes a
 part of the replicated weights, in the model's dtype), the optimizer (``ShardedRMSprop`` is a
 DCP ``Stateful``: each rank writes its own shard, float32 master weights included, and a
-load may run at another world size), ``{"step": 100, "skipped_steps": ...}`` (the
-optimizer's count of skipped steps), and any other DCP ``Stateful`` the job passes as
-``extra`` (the float16 run's ``GradScaler``, whose scale a resumed run continues from). It
-is written into ``step_00000100.tmp/`` first and renamed by rank 0 once every rank has
-finished, so a directory without ``.tmp`` is always complete. Also here: the fault
-injection of the restart tests, and the ``--save-final`` parameter file.
+load may run at another world size), ``{"step": 100, "skipped_steps": ...,
+"model_checksums": ...}`` (the optimizer's count of skipped steps, the checksums of the model's
+weights), and any other DCP ``Stateful`` the job passes as ``extra`` (the float16 run's
+``GradScaler``, whose scale a resumed run continues from). It is written into
+``step_00000100.tmp/`` first and renamed by rank 0 once every rank has finished, so a
+directory without ``.tmp`` is always complete. A resume takes the newest checkpoint that
+loads: one with a missing or damaged file (the optimizer's and the model's checksums find a
+flipped bit) is logged and passed over for the one before it. Also here: the fault injection
+of the restart tests, and the ``--save-final`` parameter file.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from rank_stats import broadcast_int
+from torch.distributed.checkpoint.api import CheckpointException
+
+from rank_stats import all_ranks_true, broadcast_ints
+from sharded_rmsprop.checkpoint import SafeLoadPlanner
+from sharded_rmsprop.checksums import block_checksums, first_mismatch
 
 if TYPE_CHECKING:
     from train import Config
@@ -34,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "checkpoint_due",
     "fail_if_told",
-    "latest_checkpoint",
+    "complete_checkpoints",
     "load_checkpoint",
     "resume_from_latest",
     "save_checkpoint",
@@ -49,8 +56,13 @@ _NAME = re.compile(r"step_(\d{8,})")
 def _state(
     model: nn.Module, opt: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    meta = {"step": step, "skipped_steps": getattr(opt, "skipped_steps", 0)}
-    return {"model": model.state_dict(), "optim": opt, "meta": meta, **(extra or {})}
+    weights = model.state_dict()
+    meta = {
+        "step": step,
+        "skipped_steps": getattr(opt, "skipped_steps", 0),
+        "model_checksums": {name: block_checksums(t) for name, t in weights.items()},
+    }
+    return {"model": weights, "optim": opt, "meta": meta, **(extra or {})}
 
 
 def save_checkpoint(
@@ -90,11 +102,17 @@ def load_checkpoint(
 ) -> int:
     """Load ``path`` into ``model`` (the bare module), ``opt`` and ``extra``; return its step.
 
+    Non-tensor entries are read as plain data only (``SafeLoadPlanner``); the optimizer checks
+    its own checksums, and the model's weights are checked against theirs here.
+
     .. warning::
         Collective: every rank must call it.
     """
     state = _state(model, opt, -1, extra)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
+    for name, weight in state["model"].items():
+        if first_mismatch(weight, state["meta"]["model_checksums"][name]) is not None:
+            raise ValueError(f"the model weight {name} does not match its checksum")
     model.load_state_dict(state["model"])
     step = int(state["meta"]["step"])
     if step < 0:
@@ -108,21 +126,42 @@ def resume_from_latest(
     directory: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
     extra: Mapping[str, Any] | None = None,
 ) -> int:
-    """Load the newest complete checkpoint in ``directory`` (rank 0 chooses); its step, or 0
-    if there is none.
+    """Load the newest complete checkpoint in ``directory`` that loads (rank 0 lists them);
+    its step, or 0 if there is none.
+
+    A checkpoint that fails to load on any rank (a missing or damaged shard file, a checksum
+    that does not match) is logged with its reason and the next older one is tried; if there
+    are checkpoints but none loads, that is an error.
 
     .. warning::
         Collective: every rank must call it.
     """
-    newest = latest_checkpoint(directory) if dist.get_rank() == 0 else None
-    step = broadcast_int(int(newest.name.split("_")[1]) if newest else -1, device)
-    if step < 0:
+    listed = [int(path.name.split("_")[1]) for path in complete_checkpoints(directory)]
+    steps = broadcast_ints(listed, device)
+    if not steps:
         log.info("no complete checkpoint in %s: starting from step 0", directory)
         return 0
-    path = directory / f"step_{step:08d}"
-    loaded = load_checkpoint(path, model, opt, extra)
-    log.info("resumed from %s (step %d)", path, loaded)
-    return loaded
+    for step in steps:
+        path = directory / f"step_{step:08d}"
+        try:
+            loaded, problem = load_checkpoint(path, model, opt, extra), ""
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            loaded, problem = -1, _reason(error)
+        if all_ranks_true(not problem, device):
+            log.info("resumed from %s (step %d)", path, loaded)
+            return loaded
+        log.warning(
+            "checkpoint %s cannot be loaded (%s): trying the one before it",
+            path, problem or "it failed on another rank",
+        )
+    raise RuntimeError(f"none of the {len(steps)} checkpoints in {directory} could be loaded")
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a load error: its last line (DCP wraps the cause in tracebacks)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def save_final_parameters(path: str, model: nn.Module) -> None:
@@ -132,16 +171,16 @@ def save_final_parameters(path: str, model: nn.Module) -> None:
         log.info("trained parameters written to %s", path)
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``directory``, if any."""
-    if not directory.is_dir():
-        return None
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, newest first (on rank 0; empty elsewhere)."""
+    if dist.get_rank() != 0 or not directory.is_dir():
+        return []
     found = [
         (int(match.group(1)), entry)
         for entry in directory.iterdir()
         if (match := _NAME.fullmatch(entry.name)) and (entry / ".metadata").is_file()
     ]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def checkpoint_due(step: int, config: Config) -> bool:

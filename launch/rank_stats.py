@@ -15,7 +15,8 @@ from torch import nn
 
 __all__ = [
     "MemoryFigures",
-    "broadcast_int",
+    "all_ranks_true",
+    "broadcast_ints",
     "gather_ints",
     "mean_over_ranks",
     "optimizer_state_bytes",
@@ -44,11 +45,22 @@ def gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     return [t.tolist() for t in everyone]
 
 
-def broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank. Collective."""
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+def broadcast_ints(values: list[int], device: torch.device) -> list[int]:
+    """Rank 0's ``values`` (any number of them) on every rank. Collective."""
+    count = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    dist.broadcast(count, src=0)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    if dist.get_rank() != 0:
+        tensor = torch.empty(int(count.item()), dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
-    return int(tensor.item())
+    return tensor.tolist()
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank. Collective."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -2,141 +2,72 @@
 
 Two formats:
 
-- **torch format**, ``{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...]}``,
-  exactly what ``torch.optim.RMSprop.state_dict()`` returns: full tensors shaped like the
-  parameters. :func:`full_state_dict` assembles it on one rank (or all) chunk by chunk, so the
-  receiving rank's extra memory is the output plus one chunk. It holds only tensors and plain
+- **torch format**, ``{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...],
+  "checksums": {...}}``: what ``torch.optim.RMSprop.state_dict()`` returns (full tensors shaped
+  like the parameters), plus the checksums of its tensors, which torch ignores.
+  :func:`full_state_dict` assembles it on one rank (or all) chunk by chunk, so the receiving
+  rank's extra memory is the output plus one chunk. It holds only tensors and plain
   containers: ``torch.load(..., weights_only=True)`` reads it.
 - **sharded format**, what ``optimizer.state_dict()`` returns for
-  ``torch.distributed.checkpoint`` (DCP): the same structure, but each buffer is a 1-D tensor
-  of the parameter's ``numel`` of which this rank holds only the range it owns (a
-  :class:`ShardView`, which tells DCP where its range lies). Each rank writes only its
-  ranges, none is lost to DCP's deduplication of replicated tensors, and a load at another
-  world size reads whatever saved ranges overlap the new owned ones.
+  ``torch.distributed.checkpoint`` (DCP): the same structure, but each buffer, and its
+  checksums, is a :class:`~sharded_rmsprop.shard_view.ShardView` of which this rank holds
+  only the range it owns, so each rank writes only its ranges and a load at another world
+  size reads whatever saved ranges overlap the new owned ones. ``param_shapes`` says which
+  parameters it was saved for.
 
-:func:`load_state_dict` accepts both, validates everything first and only then copies, so a
-bad state dict leaves the optimizer as it was. Run ``python -m sharded_rmsprop.checkpoint
-DCP_DIR OUT.pt`` to turn a DCP checkpoint into one torch-format file offline.
+Every tensor written carries checksums (:mod:`sharded_rmsprop.checksums`). :func:`load_state_dict`
+accepts both formats: it checks everything (:mod:`sharded_rmsprop.validation`), checksums of
+what this rank loads included, then the ranks agree, and only then does it copy, so a bad or
+damaged state dict is an error on every rank that leaves the optimizer as it was.
+
+Run ``python -m sharded_rmsprop.checkpoint DCP_DIR OUT.pt`` to turn a DCP checkpoint into one
+torch-format file offline. Nothing here unpickles arbitrary objects: non-tensor entries are
+plain data read with ``weights_only=True`` (:class:`SafeLoadPlanner`). DCP's own ``.metadata``
+file is a pickle that torch reads, so checkpoints must come from a place you trust.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import io
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
 
 from .agreement import Fact, agree
-from .facts import state_facts
-from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket
+from .checksums import BLOCK_NUMEL, block_checksums, block_count
+from .facts import TORCH_ONLY_OPTIONS, state_facts
+from .shard_view import ShardView
+from .shards import MASTER_KEY, ShardedBucket, homes, param_shapes, state_keys_for
+from .validation import validated
 
 if TYPE_CHECKING:
     from .optimizer import ShardedRMSprop
 
-__all__ = ["ShardView", "full_state_dict", "load_state_dict", "sharded_state_dict", "dcp_to_torch_format"]
+__all__ = [
+    "SafeLoadPlanner",
+    "dcp_to_torch_format",
+    "full_state_dict",
+    "load_state_dict",
+    "sharded_state_dict",
+]
 
 #: Elements streamed per message by :func:`full_state_dict` unless told otherwise (16 MiB fp32).
 DEFAULT_CHUNK_NUMEL = 1 << 22
 
-# Group entries torch.optim.RMSprop has beyond ours; written so torch's loader sees its own format.
-_TORCH_ONLY_OPTIONS = {"capturable": False, "foreach": None, "differentiable": False}
-
-
-class ShardView(torch.Tensor):
-    """The range ``[offset, offset + local.numel())`` of a 1-D tensor of ``numel`` elements.
-
-    Only DCP's checkpointing protocol (``__create_write_items__``, ``__create_chunk_list__``,
-    ``__get_tensor_shard__``) is meant to touch it; its data is ``local``.
-    """
-
-    local: Tensor
-    offset: int
-
-    @staticmethod
-    def __new__(cls, local: Tensor, offset: int, numel: int) -> ShardView:
-        view = torch.Tensor._make_wrapper_subclass(
-            cls, (numel,), dtype=local.dtype, device=local.device
-        )
-        view.local = local
-        view.offset = offset
-        return view
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(
-            f"{func} was called on a ShardView: it holds one rank's range of an optimizer "
-            "buffer for torch.distributed.checkpoint; use full_state_dict() for whole tensors"
-        )
-
-    def _chunk(self) -> ChunkStorageMetadata:
-        return ChunkStorageMetadata(
-            offsets=torch.Size([self.offset]), sizes=torch.Size([self.local.numel()])
-        )
-
-    def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
-        if self.local.numel() == 0:
-            return []
-        return [
-            WriteItem(
-                index=MetadataIndex(fqn, torch.Size([self.offset])),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=self._chunk(),
-                    properties=TensorProperties.create_from_tensor(self.local),
-                    size=self.size(),
-                ),
-            )
-        ]
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [self._chunk()] if self.local.numel() else []
-
-    def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
-        return self.local
-
-    def __repr__(self) -> str:  # the default repr would dispatch an op
-        return f"ShardView(numel={self.numel()}, offset={self.offset}, local={self.local.numel()})"
-
-
 # -- what the optimizer holds, parameter by parameter ----------------------------------------------
-
-
-def _homes(opt: ShardedRMSprop) -> list[tuple[ShardedBucket, int]]:
-    """``(bucket, position)`` of every parameter, in the optimizer's parameter order."""
-    homes = [(bucket, pos) for bucket in opt._buckets for pos in range(len(bucket.params))]
-    homes.sort(key=lambda home: home[0].plan.slots[home[1]].index)
-    return homes
-
-
-def _param_shapes(opt: ShardedRMSprop) -> list[list[int]]:
-    """Every parameter's shape, in the optimizer's parameter order."""
-    return [list(bucket.plan.slots[position].shape) for bucket, position in _homes(opt)]
-
-
-def _group_of(opt: ShardedRMSprop, bucket: ShardedBucket, position: int) -> dict[str, Any]:
-    return opt.param_groups[bucket.plan.slots[position].group]
-
-
-def _keys_for(group: Mapping[str, Any]) -> tuple[str, ...]:
-    """The buffers torch.optim.RMSprop keeps for a parameter of ``group``."""
-    return tuple(
-        key
-        for key, wanted in zip(STATE_KEYS, (True, group["momentum"] > 0, bool(group["centered"])))
-        if wanted
-    )
 
 
 def _saved_keys(bucket: ShardedBucket, group: Mapping[str, Any]) -> tuple[str, ...]:
     """The buffers a checkpoint holds for a parameter of ``group`` in ``bucket``: torch's,
     and the master weights if the bucket keeps them."""
-    return _keys_for(group) + ((MASTER_KEY,) if bucket.master_weights else ())
+    return state_keys_for(group) + ((MASTER_KEY,) if bucket.master_weights else ())
 
 
 def _owned_copy(bucket: ShardedBucket, key: str, start: int, end: int) -> Tensor:
@@ -154,7 +85,7 @@ def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
     packed, index = [], 0
     for group in opt.param_groups:
         entry = {k: v for k, v in group.items() if k != "params"}
-        for key, value in _TORCH_ONLY_OPTIONS.items():
+        for key, value in TORCH_ONLY_OPTIONS.items():  # so that torch sees its own format
             entry.setdefault(key, value)
         entry["params"] = list(range(index, index + len(group["params"])))
         index += len(group["params"])
@@ -171,23 +102,35 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
     Every parameter gets an entry, with ``step`` 0 where torch would have no state yet, so
     that the structure depends only on the parameters and options and a freshly built
     optimizer can receive a checkpoint. The tensors are copies; master weights are saved
-    under ``master_weight``.
+    under ``master_weight``. Each rank's range of a parameter is made of whole checksum
+    blocks, so its checksums are a range of the parameter's too.
     """
     state: dict[int, dict[str, Tensor]] = {}
-    for bucket, position in _homes(opt):
+    checksums: dict[int, dict[str, Tensor]] = {}
+    for bucket, position in homes(opt._buckets):
         slot = bucket.plan.slots[position]
-        group = opt.param_groups[slot.group]
-        entry: dict[str, Tensor] = {"step": bucket.steps[position].clone()}
+        step = bucket.steps[position].clone()
+        entry, sums = {"step": step}, {"step": block_checksums(step)}
         piece = bucket.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
-        for key in _saved_keys(bucket, group):
+        offset = piece.param_start if piece else 0
+        for key in _saved_keys(bucket, opt.param_groups[slot.group]):
             local = _owned_copy(bucket, key, start, end)
             if slot.numel == 0:  # nothing to shard: a replicated empty tensor, as torch has it
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
+                sums[key] = block_checksums(entry[key])
             else:
-                entry[key] = ShardView(local, piece.param_start if piece else 0, slot.numel)
-        state[slot.index] = entry
-    return {"state": state, "param_groups": _packed_groups(opt), "param_shapes": _param_shapes(opt)}
+                entry[key] = ShardView(local, offset, slot.numel)
+                sums[key] = ShardView(
+                    block_checksums(local), offset // BLOCK_NUMEL, block_count(slot.numel)
+                )
+        state[slot.index], checksums[slot.index] = entry, sums
+    return {
+        "state": state,
+        "param_groups": _packed_groups(opt),
+        "param_shapes": param_shapes(opt._buckets),
+        "checksums": checksums,
+    }
 
 
 # -- torch format ------------------------------------------------------------------------------
@@ -200,7 +143,9 @@ def full_state_dict(
 
     Each bucket's buffers travel from their owners chunk by chunk; the receiver copies each
     chunk into CPU tensors shaped like the parameters. Other ranks return None. Master weights
-    come under ``master_weight`` (torch.optim.RMSprop keeps the key but never reads it).
+    come under ``master_weight`` (torch.optim.RMSprop keeps the key but never reads it), and
+    the checksums of every tensor under ``checksums`` (torch.optim.RMSprop ignores the key).
+    The ranks first agree on the arguments and on every parameter's step count.
     """
     ranks = opt._ranks
     failure = None
@@ -219,7 +164,7 @@ def full_state_dict(
             targets = [
                 (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
-                if key in _saved_keys(bucket, _group_of(opt, bucket, pos))
+                if key in _saved_keys(bucket, opt.param_groups[bucket.plan.slots[pos].group])
             ]
             for flat_start, chunk in ranks.stream_shards(buffer, to, chunk_numel):
                 _scatter_chunk(chunk, flat_start, targets)
@@ -228,7 +173,12 @@ def full_state_dict(
                 state[bucket.plan.slots[pos].index] = outputs[pos]
     if not receiving:
         return None
-    return {"state": dict(sorted(state.items())), "param_groups": _packed_groups(opt)}
+    state = dict(sorted(state.items()))
+    checksums = {
+        index: {key: block_checksums(value) for key, value in entry.items()}
+        for index, entry in state.items()
+    }
+    return {"state": state, "param_groups": _packed_groups(opt), "checksums": checksums}
 
 
 def _cpu_zeros(
@@ -254,167 +204,131 @@ def _scatter_chunk(chunk: Tensor, flat_start: int, targets: list) -> None:
 
 
 def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
-    """Load either format on this rank (no collectives); validate fully, then copy.
+    """Load either format (see the module docstring); collective.
 
     Group options come from ``state_dict`` (as in torch); each rank copies the ranges it owns.
     Parameters absent from ``state_dict["state"]`` get no state, as in torch. Master weights
     missing from ``state_dict`` (torch's own format has none) are taken from the parameters
     at the next step, so model weights loaded after the optimizer's state count.
     """
-    groups, state = _validated(opt, state_dict)
-    for group, saved in zip(opt.param_groups, groups):
-        for key, value in saved.items():
-            if key not in ("params", "param_names") and key not in _TORCH_ONLY_OPTIONS:
-                group[key] = value
+    failure, loaded = None, None
+    try:
+        loaded = validated(opt, state_dict)
+    except ValueError as error:
+        failure = error
+    agree(opt._ranks, "load_state_dict()", loaded.facts() if loaded else [], failure)
+    for group, saved in zip(opt.param_groups, loaded.groups):
+        # torch's rule: the saved group, with the optimizer's parameters (and their names,
+        # unless the saved group names them)
+        params, names = group["params"], group.get("param_names")
+        group.clear()
+        group.update(saved, params=params)
+        if names is not None and "param_names" not in saved:
+            group["param_names"] = names
     opt.state.clear()
-    for bucket, position in _homes(opt):
-        entry = state.get(bucket.plan.slots[position].index)
-        bucket.steps[position] = 0 if entry is None else float(entry["step"])
+    for bucket, position in homes(opt._buckets):
+        bucket.steps[position] = loaded.steps[bucket.plan.slots[position].index]
     for bucket in opt._buckets:
         if bucket.steps.gt(0).any():
             opt._allocate_state(bucket)
         for key, buffer in bucket.state.items():
             for piece in bucket.pieces:
                 owned = buffer[piece.shard_start : piece.shard_end]
-                source = state.get(piece.slot.index, {}).get(key)
+                source = loaded.state.get(piece.slot.index, {}).get(key)
                 if source is None and key == MASTER_KEY:
                     bucket.master_pending.add(bucket.position_of(piece))
                 elif source is None:
                     owned.zero_()
+                elif isinstance(source, ShardView):  # validated: exactly the owned range
+                    owned.copy_(source.local)
                 else:
-                    owned.copy_(_owned_values(source, piece.param_start, piece.param_end))
+                    owned.copy_(source.reshape(-1)[piece.param_start : piece.param_end])
         for position, param in enumerate(bucket.params):
             if bucket.steps[position] > 0:
                 opt.state[param] = bucket.param_state(position)
 
 
-def _owned_values(source: Tensor, start: int, end: int) -> Tensor:
-    """Elements ``[start, end)`` of a parameter's buffer, from either format."""
-    if isinstance(source, ShardView):
-        if source.offset != start or source.local.numel() != end - start:
-            raise RuntimeError("a ShardView does not cover the range this rank owns")
-        return source.local
-    return source.reshape(-1)[start:end]
-
-
-def _validated(
-    opt: ShardedRMSprop, state_dict: Mapping[str, Any]
-) -> tuple[list[Mapping[str, Any]], dict[int, Mapping[str, Any]]]:
-    """Check ``state_dict`` against the optimizer; return its groups and its state by index."""
-    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise ValueError(
-            "not an optimizer state dict: expected a mapping with 'state' and 'param_groups', "
-            f"got {type(state_dict).__name__}"
-            + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
-        )
-    groups, state = state_dict["param_groups"], state_dict["state"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(
-            f"loaded state dict has a different number of parameter groups "
-            f"({len(groups)}, the optimizer has {len(opt.param_groups)})"
-        )
-    for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-        lacking = [key for key in group if key not in saved and key not in ("params", "param_names")]
-        if lacking:
-            raise ValueError(
-                f"parameter group {i} of the state dict lacks the RMSprop options {lacking}: "
-                "is this a state dict of another optimizer?"
-            )
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(
-                f"loaded state dict contains a parameter group that doesn't match the size of "
-                f"optimizer's group: group {i} has {len(saved['params'])} parameters in the "
-                f"state dict and {len(group['params'])} in the optimizer"
-            )
-    shapes = _param_shapes(opt)
-    saved_shapes = [list(shape) for shape in state_dict.get("param_shapes", shapes)]
-    if saved_shapes != shapes:
-        if len(saved_shapes) != len(shapes):
-            detail = f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(saved_shapes, shapes)) if a != b)
-            detail = (
-                f"parameter {i} has shape {tuple(saved_shapes[i])} in the state dict and "
-                f"{tuple(shapes[i])} in the optimizer"
-            )
-        raise ValueError(f"the state dict is for other parameters: {detail}")
-    position_of = {  # saved parameter id -> (bucket, position), by order as torch does
-        saved_id: home
-        for saved_id, home in zip(
-            (pid for saved in groups for pid in saved["params"]), _homes(opt)
-        )
-    }
-    by_index: dict[int, Mapping[str, Any]] = {}
-    for saved_id, entry in state.items():
-        if saved_id not in position_of:
-            raise ValueError(f"state dict has state for parameter {saved_id!r}, which no group lists")
-        bucket, position = position_of[saved_id]
-        slot = bucket.plan.slots[position]
-        saved_group = groups[slot.group]
-        _check_entry(saved_id, entry, slot.shape, bucket.plan.dtype, _keys_for(saved_group))
-        by_index[slot.index] = entry
-    return list(groups), by_index
-
-
-def _check_entry(
-    saved_id: Any, entry: Any, shape: tuple[int, ...], dtype: torch.dtype, keys: tuple[str, ...]
-) -> None:
-    name = f"parameter {saved_id!r}"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"the state of {name} is a {type(entry).__name__}, not a mapping")
-    unknown = set(entry) - {"step", *STATE_KEYS, MASTER_KEY}
-    if unknown:
-        raise ValueError(
-            f"the state of {name} has keys {sorted(map(str, unknown))} that RMSprop does not "
-            "have: is this a state dict of another optimizer?"
-        )
-    numel = 1
-    for size in shape:
-        numel *= size
-    missing = {"step", *keys} - set(entry)
-    if missing:
-        raise ValueError(f"the state of {name} lacks {sorted(missing)}")
-    for key in (*keys, MASTER_KEY) if MASTER_KEY in entry else keys:
-        value = entry[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{key} of {name} is a {type(value).__name__}, not a tensor")
-        expected = (numel,) if isinstance(value, ShardView) else shape
-        if tuple(value.shape) != tuple(expected):
-            raise ValueError(
-                f"{key} of {name} has shape {tuple(value.shape)} but the parameter has shape {shape}"
-            )
-        if not (value.dtype.is_floating_point or value.dtype.is_complex) or (
-            value.dtype.is_complex != dtype.is_complex
-        ):
-            raise ValueError(f"{key} of {name} has dtype {value.dtype}, the parameter {dtype}")
-
-
 # -- offline conversion ----------------------------------------------------------------------------
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor entries are read with
+    ``torch.load(..., weights_only=True)``: plain Python data loads, and a pickled object
+    that would run code is refused. Pass it to ``dcp.load(..., planner=SafeLoadPlanner())``.
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        data = torch.load(value, weights_only=True)
+        plain = io.BytesIO()
+        torch.save(data, plain)  # our own pickle of plain data, for the default path to read
+        plain.seek(0)
+        super().load_bytes(read_item, plain)
 
 
 def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, Any]:
     """Read the optimizer of a DCP checkpoint into one torch-format state dict, offline.
 
     Runs in a single process without a process group and needs memory for the whole state.
-    Parameters that had not stepped are left out, as torch leaves them out.
+    Every tensor is checked against its checksums; non-tensor entries are read as plain data
+    only. Parameters that had not stepped are left out, as torch leaves them out.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(checkpoint_dir, path)
-        everything = torch.load(path, weights_only=False)
-    if key not in everything:
-        raise ValueError(f"the checkpoint has no {key!r} entry; it has {sorted(everything)}")
-    saved = everything[key]
+    reader = FileSystemReader(checkpoint_dir)
+    metadata = reader.read_metadata()  # DCP's pickle: the checkpoint must be trusted (README)
+    prefix = f"{key}."
+    template = {
+        fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
+        if isinstance(meta, TensorStorageMetadata) else None
+        for fqn, meta in metadata.state_dict_metadata.items()
+        if fqn.startswith(prefix)
+    }
+    if not template:
+        keys = sorted({fqn.split(".")[0] for fqn in metadata.state_dict_metadata})
+        raise ValueError(f"the checkpoint has no {key!r} entry; it has {keys}")
+    planner = SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    dcp.load(template, storage_reader=reader, planner=planner, no_dist=True)  # fills template
+    paths = getattr(metadata, "planner_data", None) or {}
+    saved = _nested({tuple(paths.get(fqn, fqn.split(".")))[1:]: value for fqn, value in template.items()})
+    if not {"state", "param_groups", "param_shapes", "checksums"} <= set(saved):
+        raise ValueError(
+            f"the checkpoint's {key!r} entry is not a ShardedRMSprop state dict (it has "
+            f"{sorted(saved)}, not state, param_groups, param_shapes and checksums)"
+        )
+    groups = [saved["param_groups"][i] for i in sorted(saved["param_groups"])]
     shapes = saved["param_shapes"]
-    state = {}
-    for index, entry in saved["state"].items():
+    full = {"state": {}, "param_groups": groups, "checksums": {}}
+    for index in sorted(saved["state"], key=int):
+        entry = saved["state"][index]
         if float(entry["step"]) > 0:
             shape = tuple(shapes[int(index)])
-            state[int(index)] = {
-                name: value if name == "step" else value.reshape(shape)
-                for name, value in entry.items()
+            full["state"][int(index)] = {
+                name: value if name == "step" else value.reshape(shape) for name, value in entry.items()
             }
-    return {"state": dict(sorted(state.items())), "param_groups": saved["param_groups"]}
+            full["checksums"][int(index)] = saved["checksums"][index]
+    _verify_whole(full)
+    return full
+
+
+def _nested(flat: Mapping[tuple, Any]) -> dict[Any, Any]:
+    """``{("state", "0", "step"): t}`` as ``{"state": {"0": {"step": t}}}`` (list indices as keys)."""
+    root: dict[Any, Any] = {}
+    for path, value in flat.items():
+        node = root
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return root
+
+
+def _verify_whole(full: Mapping[str, Any]) -> None:
+    """Every element of a torch-format state dict against its checksums."""
+    for index, entry in full["state"].items():
+        for name, value in entry.items():
+            sums = full["checksums"].get(index, {}).get(name)
+            if sums is None or not torch.equal(block_checksums(value), sums):
+                raise ValueError(
+                    f"the checkpoint is damaged: state[{index}][{name!r}] does not match its "
+                    "checksum"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:

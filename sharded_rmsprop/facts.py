@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPTION_KEYS",
+    "TORCH_ONLY_OPTIONS",
     "construction_facts",
     "param_labels",
     "replaced_params",
@@ -26,6 +27,9 @@ __all__ = [
 
 #: The param-group options that the update reads.
 OPTION_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+
+#: The entries torch.optim.RMSprop's groups have beyond ours, with the values we write for them.
+TORCH_ONLY_OPTIONS = {"capturable": False, "foreach": None, "differentiable": False}
 
 _SAME_PARAMETERS = (
     "Every rank must pass the same parameters in the same order, with the same shapes, "

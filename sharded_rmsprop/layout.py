@@ -18,9 +18,10 @@ import torch
 
 __all__ = ["ALIGNMENT", "BucketPlan", "ParamSlot", "ParamSpec", "Piece", "plan_buckets"]
 
-#: Every parameter and every shard starts at a multiple of this many elements (64 bytes for
-#: fp32), so vectorised kernels see aligned starts.
-ALIGNMENT = 16
+#: Every parameter and every shard starts at a multiple of this many elements (256 bytes for
+#: fp32), so vectorised kernels see aligned starts, and each rank's range of a parameter is
+#: made of whole checkpoint checksum blocks (:data:`sharded_rmsprop.checksums.BLOCK_NUMEL`).
+ALIGNMENT = 64
 
 
 @dataclass(frozen=True)

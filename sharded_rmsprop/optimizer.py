@@ -301,8 +301,11 @@ class ShardedRMSprop(Optimizer):
             ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
             raise
         self._clip = None
-        for bucket, positions in zip(self._buckets, replaced):
-            bucket.adopt(positions)
+        if any(replaced):  # the same on every rank: agreed
+            for bucket, positions in zip(self._buckets, replaced):
+                bucket.adopt(positions)
+            if self._shares_host_memory:
+                self._ranks.barrier()  # rank 0 has copied the adopted values into the shared copy
         if skip:
             return loss
         for bucket in self._buckets:
@@ -524,8 +527,9 @@ class ShardedRMSprop(Optimizer):
 
         ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use it (the optimizer is
         a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
-        reads the ranges it now owns. For torch's own single-file format use
-        :meth:`full_state_dict`. No collectives.
+        reads the ranges it now owns. Every tensor comes with checksums (``checksums``), which
+        a load verifies. For torch's own single-file format use :meth:`full_state_dict`. No
+        collectives.
         """
         return checkpoint.sharded_state_dict(self)
 
@@ -536,8 +540,9 @@ class ShardedRMSprop(Optimizer):
 
         Its tensors are on the CPU, shaped like the parameters; other ranks get None.
         ``torch.optim.RMSprop.load_state_dict`` and :meth:`load_state_dict` accept it, and
-        ``torch.load(..., weights_only=True)`` reads it back. The receiving rank needs memory
-        for the output plus one chunk of ``chunk_numel`` elements.
+        ``torch.load(..., weights_only=True)`` reads it back. It carries the checksums of its
+        tensors (``checksums``, which torch ignores and :meth:`load_state_dict` verifies). The
+        receiving rank needs memory for the output plus one chunk of ``chunk_numel`` elements.
 
         .. warning::
             Collective: every rank of the process group must call it.
@@ -550,7 +555,11 @@ class ShardedRMSprop(Optimizer):
 
         Every rank passes the same state dict and keeps the ranges it owns; the group
         options come from ``state_dict``, as in torch. Everything is checked before anything
-        is changed: a bad state dict raises ``ValueError`` and leaves the optimizer as it was.
-        No collectives.
+        is changed (every entry's type, shape and dtype, and the checksums of the elements
+        this rank loads), then the ranks agree: a bad or damaged state dict on any rank
+        raises ``ValueError`` on every rank and leaves the optimizer as it was.
+
+        .. warning::
+            Collective: every rank of the process group must call it.
         """
         checkpoint.load_state_dict(self, state_dict)

@@ -21,7 +21,7 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,12 +31,15 @@ from .layout import BucketPlan, Piece
 __all__ = [
     "GRAD_WINDOW_NUMEL",
     "compute_dtype",
+    "homes",
     "LOW_PRECISION_DTYPES",
     "MASTER_KEY",
     "STATE_KEYS",
     "ShardedBucket",
     "Span",
     "merge_spans",
+    "param_shapes",
+    "state_keys_for",
 ]
 
 #: Elements of the shard whose gradients are staged at once (16 MB in float32). Large enough
@@ -84,6 +87,24 @@ def compute_dtype(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
     """The dtype in which parameters of ``dtype`` are updated and their state is kept:
     float32 for 16-bit parameters with master weights, else their own."""
     return torch.float32 if master_weights and dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def state_keys_for(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The buffers torch.optim.RMSprop keeps for a parameter of a group with ``options``."""
+    wanted = (True, options["momentum"] > 0, bool(options["centered"]))
+    return tuple(key for key, want in zip(STATE_KEYS, wanted) if want)
+
+
+def homes(buckets: Sequence[ShardedBucket]) -> list[tuple[ShardedBucket, int]]:
+    """``(bucket, position)`` of every parameter, in the optimizer's parameter order."""
+    found = [(bucket, position) for bucket in buckets for position in range(len(bucket.params))]
+    found.sort(key=lambda home: home[0].plan.slots[home[1]].index)
+    return found
+
+
+def param_shapes(buckets: Sequence[ShardedBucket]) -> list[list[int]]:
+    """Every parameter's shape, in the optimizer's parameter order."""
+    return [list(bucket.plan.slots[position].shape) for bucket, position in homes(buckets)]
 
 
 def _step_dtype() -> torch.dtype:

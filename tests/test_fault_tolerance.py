@@ -4,13 +4,16 @@ was never interrupted."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny GPT, 12 steps, a checkpoint every 4: the kill lands between checkpoints.
@@ -33,11 +36,12 @@ def torchrun(*args: str, restarts: int = 0) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted(tmp_path_factory) -> dict:
+    """The final parameters of a run never interrupted, and its checkpoints (4, 8, 12)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     result = torchrun("--checkpoint-dir", str(workdir / "ckpt"), "--save-final", str(workdir / "final.pt"))
     assert result.returncode == 0, result.stdout + result.stderr
-    return torch.load(workdir / "final.pt", weights_only=True)
+    return {"final": torch.load(workdir / "final.pt", weights_only=True), "checkpoints": workdir / "ckpt"}
 
 
 @pytest.mark.parametrize("where", ["training", "checkpoint save"])
@@ -53,6 +57,57 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_ends_bit_for_bit(tmp_
     # the step-8 save was cut short: its staging directory is never taken for a checkpoint
     assert "resumed from" in output and "step_00000004 (step 4)" in output
     restarted = torch.load(tmp_path / "final.pt", weights_only=True)
-    assert restarted.keys() == uninterrupted.keys()
-    for name, value in uninterrupted.items():
+    assert restarted.keys() == uninterrupted["final"].keys()
+    for name, value in uninterrupted["final"].items():
         assert torch.equal(restarted[name], value), name
+
+
+# -- a damaged newest checkpoint: resume from the newest intact one --------------------------------
+
+
+def damage(checkpoint: Path, how: str) -> None:
+    """Delete one rank's shard file, or flip a bit in the middle of a tensor's values (the
+    optimizer's ``square_avg`` of parameter 0, or the largest model weight)."""
+    if how == "missing shard":
+        (checkpoint / "__1_0.distcp").unlink()
+        return
+    storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    prefix = "optim.state.0.square_avg" if how == "flipped bit in the optimizer" else "model."
+    index = max((i for i in storage if i.fqn.startswith(prefix)), key=lambda i: storage[i].length)
+    info = storage[index]
+    path = checkpoint / info.relative_path
+    data = bytearray(path.read_bytes())
+    item = bytes(data[info.offset : info.offset + info.length])
+    values = torch.load(io.BytesIO(item), weights_only=True)
+    where = item.find(values.contiguous().view(torch.uint8).numpy().tobytes())
+    assert where >= 0 and values.numel() > 0
+    data[info.offset + where + values.numel() * values.element_size() // 2] ^= 0x04
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("missing shard", "__1_0.distcp"),
+        ("flipped bit in the optimizer", "state[0]['square_avg']"),
+        ("flipped bit in the model", "does not match its checksum"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(
+    tmp_path, uninterrupted, how, reason
+) -> None:
+    checkpoints = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted["checkpoints"], checkpoints)
+    shutil.rmtree(checkpoints / "step_00000012")  # as if the job had died after step 8's save
+    damage(checkpoints / "step_00000008", how)
+    result = torchrun(
+        "--checkpoint-dir", str(checkpoints), "--resume", "--save-final", str(tmp_path / "final.pt")
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"{checkpoints / 'step_00000008'} cannot be loaded (" in output, output
+    assert reason in output.split("cannot be loaded (")[1].split("\n")[0], output
+    assert f"resumed from {checkpoints / 'step_00000004'} (step 4)" in output
+    resumed = torch.load(tmp_path / "final.pt", weights_only=True)
+    for name, value in uninterrupted["final"].items():
+        assert torch.equal(resumed[name], value), name

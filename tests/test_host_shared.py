@@ -183,6 +183,7 @@ def in_place_writes(rank: int, world_size: int, shared: bool) -> dict:
                 param.mul_(0.5)
         dist.barrier()
     seen_by_all = param.detach().clone()
+    dist.barrier()  # every rank has read it before rank 0 writes again
     if rank == 0:
         with torch.no_grad():
             param.fill_(7.0)  # rank 0 alone

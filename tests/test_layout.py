@@ -95,11 +95,14 @@ def test_bad_arguments_are_rejected() -> None:
 
 
 def test_adjacent_pieces_of_one_group_merge_into_one_span() -> None:
-    group0 = specs((16,), (32,), (5,), group=0)  # (5,) is followed by padding
-    group1 = specs((16,), (16,), group=1, start=3)
+    a = ALIGNMENT
+    group0 = specs((a,), (2 * a,), (5,), group=0)  # (5,) is followed by padding
+    group1 = specs((a,), (a,), group=1, start=3)
     (plan,) = plan_buckets(group0 + group1, 1)
     spans = merge_spans([Span.of(piece) for piece in plan.pieces(0)])
-    assert spans == [Span(0, 0, 53), Span(1, 64, 96)]
+    assert spans == [Span(0, 0, 3 * a + 5), Span(1, 4 * a, 6 * a)]
     # a missing gradient splits a span: the middle piece is left out
     pieces = plan.pieces(0)
-    assert merge_spans([Span.of(pieces[0]), Span.of(pieces[2])]) == [Span(0, 0, 16), Span(0, 48, 53)]
+    assert merge_spans([Span.of(pieces[0]), Span.of(pieces[2])]) == [
+        Span(0, 0, a), Span(0, 3 * a, 3 * a + 5)
+    ]

@@ -1,0 +1,331 @@
+"""Everything a state dict must be before :meth:`ShardedRMSprop.load_state_dict` changes anything.
+
+:func:`validated` checks a state dict of either format (torch's, or the sharded one DCP
+loads) against the optimizer: its structure, the type and value of every entry, every tensor's
+shape, dtype and device kind, and, when it carries checksums, that the elements this rank is
+about to load match them. Anything wrong is a ``ValueError`` that names the entry, raised
+before the optimizer is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .agreement import Fact, plain
+from .arguments import check_hyperparameters
+from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
+from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS
+from .shard_view import ShardView
+from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, homes, param_shapes, state_keys_for
+
+if TYPE_CHECKING:
+    from .optimizer import ShardedRMSprop
+
+__all__ = ["Validated", "validated"]
+
+#: Options that older torch versions did not write, with the defaults torch fills in.
+_OPTION_DEFAULTS = {"momentum": 0, "centered": False, "maximize": False}
+
+#: Group entries that are not options to load.
+_NOT_OPTIONS = ("params", "param_names", *TORCH_ONLY_OPTIONS)
+
+_DELETE_CHECKSUMS = (
+    " (if you changed the state dict on purpose, delete its 'checksums' entry)"
+)
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A state dict that passed every check: what to load, and what the ranks compare."""
+
+    groups: list[dict[str, Any]]  # per param group: the options and other entries to set
+    state: dict[int, Mapping[str, Any]]  # each parameter's entry, by its index in the optimizer
+    steps: tuple[float, ...]  # every parameter's step count (0 without an entry)
+    checksums_digest: str  # of the checksums of a torch-format dict, "" otherwise
+
+    def facts(self) -> list[Fact]:
+        """What every rank must have loaded alike."""
+        options = tuple(plain(group[key]) for group in self.groups for key in OPTION_KEYS)
+        return [
+            Fact("the loaded param-group options", options,
+                 lambda i: f"the {OPTION_KEYS[i % len(OPTION_KEYS)]} of param group "
+                           f"{i // len(OPTION_KEYS)}"),
+            Fact("the loaded step counts", self.steps, lambda i: f"the step of parameter {i}"),
+            Fact("the loaded checksums", (self.checksums_digest,), lambda _: "their digest"),
+        ]
+
+
+def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
+    """``state_dict`` checked against ``opt`` (see the module docstring); ``ValueError`` if
+    anything is wrong."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(
+            "not an optimizer state dict: expected a mapping with 'state' and 'param_groups', "
+            f"got {type(state_dict).__name__}"
+            + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
+        )
+    groups = _checked_groups(opt, state_dict["param_groups"])
+    _check_shapes(opt, state_dict)
+    homes = _homes_by_saved_id(opt, state_dict["param_groups"])
+    state = state_dict["state"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state_dict['state'] is of type {type(state).__name__}, not a mapping")
+    by_index: dict[int, Mapping[str, Any]] = {}
+    for saved_id, entry in state.items():
+        if saved_id not in homes:
+            raise ValueError(f"state dict has state for parameter {saved_id!r}, which no group lists")
+        bucket, position = homes[saved_id]
+        slot = bucket.plan.slots[position]
+        _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group])
+        by_index[slot.index] = entry
+    checksums = state_dict.get("checksums")
+    if checksums is not None:
+        _verify_checksums(checksums, state, homes)
+    steps = [0.0] * len(homes)
+    for index, entry in by_index.items():
+        steps[index] = _number(entry["step"])
+    return Validated(groups, by_index, tuple(steps), _torch_format_digest(checksums, state))
+
+
+# -- param groups ---------------------------------------------------------------------------------
+
+
+def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, Any]]:
+    """The entries to set on each of ``opt``'s groups, checked."""
+    if not isinstance(saved_groups, Sequence) or isinstance(saved_groups, (str, bytes)):
+        raise ValueError(
+            f"state_dict['param_groups'] is of type {type(saved_groups).__name__}, not a list of "
+            "param groups"
+        )
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"loaded state dict has a different number of parameter groups "
+            f"({len(saved_groups)}, the optimizer has {len(opt.param_groups)})"
+        )
+    checked, seen = [], set()
+    for i, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        where = f"param_groups[{i}]"
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where} is of type {type(saved).__name__}, not a mapping")
+        ids = saved.get("params")
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
+            raise ValueError(f"{where}['params'] is of type {type(ids).__name__}, not a list of parameter ids")
+        if len(ids) != len(group["params"]):
+            raise ValueError(
+                f"loaded state dict contains a parameter group that doesn't match the size of "
+                f"optimizer's group: group {i} has {len(ids)} parameters in the state dict "
+                f"and {len(group['params'])} in the optimizer"
+            )
+        for saved_id in ids:
+            if not isinstance(saved_id, (int, str)) or isinstance(saved_id, bool) or saved_id in seen:
+                raise ValueError(f"{where}['params'] holds {saved_id!r}: ids must be distinct integers")
+            seen.add(saved_id)
+        lacking = [key for key in OPTION_KEYS if key not in saved and key not in _OPTION_DEFAULTS]
+        if lacking:
+            raise ValueError(
+                f"parameter group {i} of the state dict lacks the RMSprop options {lacking}: "
+                "is this a state dict of another optimizer?"
+            )
+        options = {**_OPTION_DEFAULTS, **{k: v for k, v in saved.items() if k not in _NOT_OPTIONS}}
+        _check_options(where, options)
+        names = saved.get("param_names")
+        if names is not None:
+            if not (isinstance(names, Sequence) and len(names) == len(ids)
+                    and all(isinstance(name, str) for name in names)):
+                raise ValueError(f"{where}['param_names'] must be {len(ids)} strings")
+            options["param_names"] = list(names)
+        checked.append(options)
+    return checked
+
+
+def _check_options(where: str, options: Mapping[str, Any]) -> None:
+    for key in ("alpha", "eps", "weight_decay", "momentum"):
+        if not _is_real(options[key]):
+            raise ValueError(f"{where}['{key}'] is {options[key]!r}, not a number")
+    lr = options["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_meta or not lr.dtype.is_floating_point:
+            raise ValueError(f"{where}['lr'] must be a number or a one-element float tensor")
+    elif not _is_real(lr):
+        raise ValueError(f"{where}['lr'] is {lr!r}, not a number")
+    for key in ("centered", "maximize"):
+        if not isinstance(options[key], bool):
+            raise ValueError(f"{where}['{key}'] is {options[key]!r}, not True or False")
+    try:
+        check_hyperparameters(lr, options["alpha"], options["eps"], options["weight_decay"], options["momentum"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
+    """The sharded format says which shapes it was saved for; they must be ours."""
+    shapes = param_shapes(opt._buckets)
+    saved = state_dict.get("param_shapes", shapes)
+    try:
+        saved_shapes = [[int(size) for size in shape] for shape in saved]
+    except (TypeError, ValueError):
+        raise ValueError("state_dict['param_shapes'] must be a list of shapes") from None
+    if saved_shapes == shapes:
+        return
+    if len(saved_shapes) != len(shapes):
+        detail = f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved_shapes, shapes)) if a != b)
+        detail = (
+            f"parameter {i} has shape {tuple(saved_shapes[i])} in the state dict and "
+            f"{tuple(shapes[i])} in the optimizer"
+        )
+    raise ValueError(f"the state dict is for other parameters: {detail}")
+
+
+def _homes_by_saved_id(
+    opt: ShardedRMSprop, saved_groups: Sequence[Mapping[str, Any]]
+) -> dict[Any, tuple[ShardedBucket, int]]:
+    """Saved parameter id -> (bucket, position), by order as torch matches them."""
+    saved_ids = [saved_id for saved in saved_groups for saved_id in saved["params"]]
+    return dict(zip(saved_ids, homes(opt._buckets)))
+
+
+# -- per-parameter state ------------------------------------------------------------------------
+
+
+def _check_entry(
+    where: str, entry: Any, bucket: ShardedBucket, position: int, options: Mapping[str, Any]
+) -> None:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} is of type {type(entry).__name__}, not a mapping")
+    unknown = set(entry) - {"step", *STATE_KEYS, MASTER_KEY}
+    if unknown:
+        raise ValueError(
+            f"{where} has keys {sorted(map(str, unknown))} that RMSprop does not have: is "
+            "this a state dict of another optimizer?"
+        )
+    needed = state_keys_for(options)
+    missing = {"step", *needed} - set(entry)
+    if missing:
+        raise ValueError(f"{where} lacks {sorted(missing)}")
+    step = entry["step"]
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_meta or step.is_sparse or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(f"{where}['step'] must be a number or a one-element real tensor, got {_describe(step)}")
+    elif not _is_real(step):
+        raise ValueError(f"{where}['step'] is {step!r}, not a number")
+    if not (math.isfinite(_number(step)) and _number(step) >= 0):
+        raise ValueError(f"{where}['step'] is {_number(step)}, not a count of steps")
+    slot = bucket.plan.slots[position]
+    for key in (*needed, MASTER_KEY) if MASTER_KEY in entry else needed:
+        _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position)
+
+
+def _check_buffer(where: str, value: Any, shape: tuple[int, ...], bucket: ShardedBucket, position: int) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{where} is of type {type(value).__name__}, not a tensor")
+    numel = math.prod(shape)
+    local = value.local if isinstance(value, ShardView) else value
+    expected = (numel,) if isinstance(value, ShardView) else shape
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter has shape {shape}")
+    if local.is_meta or local.is_sparse:
+        raise ValueError(f"{where} is {_describe(local)}, which holds no values to load")
+    kind = bucket.plan.dtype
+    if not (local.dtype.is_floating_point or local.dtype.is_complex) or local.dtype.is_complex != kind.is_complex:
+        raise ValueError(f"{where} has dtype {local.dtype}, the parameter {kind}")
+    if isinstance(value, ShardView):
+        start, end = _owned_range(bucket, position)
+        if (value.offset, local.numel()) != (start, end - start):
+            raise ValueError(
+                f"{where} holds elements [{value.offset}, {value.offset + local.numel()}) but "
+                f"this rank owns [{start}, {end})"
+            )
+
+
+def _owned_range(bucket: ShardedBucket, position: int) -> tuple[int, int]:
+    """The elements of the parameter at ``position`` that this rank owns."""
+    piece = bucket.owned_piece(position)
+    return (piece.param_start, piece.param_end) if piece else (0, 0)
+
+
+def _describe(tensor: Tensor) -> str:
+    device = "meta" if tensor.is_meta else tensor.device.type
+    return f"a {'sparse ' if tensor.is_sparse else ''}{device} tensor of shape {tuple(tensor.shape)}"
+
+
+def _number(step: Any) -> float:
+    return float(step.item()) if isinstance(step, Tensor) else float(step)
+
+
+# -- checksums ----------------------------------------------------------------------------------
+
+
+def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[Any, tuple]) -> None:
+    """Every tensor of ``state`` has its checksums, and the blocks this rank loads match them
+    (the step counts: all of them)."""
+    if not isinstance(checksums, Mapping):
+        raise ValueError(f"state_dict['checksums'] is of type {type(checksums).__name__}, not a mapping")
+    for saved_id, entry in state.items():
+        bucket, position = homes[saved_id]
+        sums = checksums.get(saved_id)
+        for key, value in entry.items():
+            where = f"state[{saved_id!r}][{key!r}]"
+            expected = sums.get(key) if isinstance(sums, Mapping) else None
+            if not isinstance(value, Tensor):
+                continue  # a plain step number carries no checksum
+            if not isinstance(expected, Tensor):
+                raise ValueError(f"the checkpoint has no checksum for {where}{_DELETE_CHECKSUMS}")
+            _verify(where, value, expected, bucket, position, whole=key == "step")
+
+
+def _verify(where: str, value: Tensor, expected: Tensor, bucket: ShardedBucket, position: int, whole: bool) -> None:
+    if whole:
+        values, start = value, 0
+    elif isinstance(value, ShardView):
+        values, start = value.local, value.offset
+    else:
+        start, end = _owned_range(bucket, position)
+        values = value.reshape(-1)[start:end]
+    first_block = start // BLOCK_NUMEL
+    blocks = block_count(values.numel())
+    if isinstance(expected, ShardView):
+        if expected.offset != first_block or expected.local.numel() != blocks:
+            raise ValueError(f"the checksums of {where} do not cover the elements this rank loads")
+        sums = expected.local
+    else:
+        sums = expected.reshape(-1)[first_block : first_block + blocks]
+    if sums.dtype != torch.int64 or sums.is_meta:
+        raise ValueError(f"the checksums of {where} are {_describe(sums)} of {sums.dtype}, not int64")
+    block = first_mismatch(values, sums)
+    if block is not None:
+        first = start + block * BLOCK_NUMEL
+        last = min(first + BLOCK_NUMEL, start + values.numel()) - 1
+        raise ValueError(
+            f"the checkpoint is damaged: {where} (parameter of shape "
+            f"{bucket.plan.slots[position].shape}) does not match its checksum at elements "
+            f"{first} to {last}; nothing was loaded{_DELETE_CHECKSUMS}"
+        )
+
+
+def _torch_format_digest(checksums: Any, state: Mapping[Any, Any]) -> str:
+    """A digest of the checksums of a torch-format state dict (the same file on every rank),
+    or "" for the sharded format (each rank holds its own part) and for none."""
+    if checksums is None:
+        return ""
+    digest = hashlib.blake2b(digest_size=16)
+    for saved_id in state:
+        for key in sorted(checksums.get(saved_id, {})):
+            sums = checksums[saved_id][key]
+            if isinstance(sums, ShardView):
+                return ""
+            digest.update(f"{saved_id}/{key}".encode())
+            digest.update(repr(block_checksums(sums).tolist()).encode())
+    return digest.hexdigest()
