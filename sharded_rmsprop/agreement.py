@@ -77,8 +77,8 @@ def agree(
     """
     if len(facts) > _SLOTS - 2:
         raise ValueError(f"at most {_SLOTS - 2} facts can be agreed on at once")
-    texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
     if ranks.is_distributed:
+        texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
         digests = [_digest(text) for text in texts] + [0] * (_SLOTS - len(texts))
         if not ranks.host_all_equal(digests):
             error = _explain(ranks, ranks.host_all_gather(digests), texts, facts)

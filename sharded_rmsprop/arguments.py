@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-__all__ = ["check_grads", "check_hyperparameters", "check_params"]
+__all__ = ["check_grad", "check_grads", "check_hyperparameters", "check_params"]
 
 
 def check_hyperparameters(
@@ -45,17 +45,21 @@ def check_params(params: list[Tensor]) -> None:
 
 
 def check_grads(param_groups: Sequence[dict[str, Any]]) -> None:
-    """Reject gradients torch would reject (``RuntimeError``, in torch's words where it has
-    them)."""
+    """:func:`check_grad` for every parameter of ``param_groups`` that has a gradient."""
     for group in param_groups:
         for param in group["params"]:
-            grad = param.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            if grad.shape != param.shape:
-                raise RuntimeError(
-                    f"a gradient has shape {tuple(grad.shape)} but its parameter has "
-                    f"shape {tuple(param.shape)}"
-                )
+            if param.grad is not None:
+                check_grad(param)
+
+
+def check_grad(param: Tensor) -> None:
+    """Reject a gradient torch would reject (``RuntimeError``, in torch's words where it has
+    them)."""
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError("RMSprop does not support sparse gradients")
+    if grad.shape != param.shape:
+        raise RuntimeError(
+            f"a gradient has shape {tuple(grad.shape)} but its parameter has shape "
+            f"{tuple(param.shape)}"
+        )

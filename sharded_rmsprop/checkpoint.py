@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from .agreement import Fact, agree
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
-from .facts import TORCH_ONLY_OPTIONS, state_facts
+from .facts import TORCH_ONLY_OPTIONS, scan_parameters, state_facts
 from .shard_view import ShardView
 from .shards import MASTER_KEY, ShardedBucket, homes, param_shapes, state_keys_for
 from .validation import validated
@@ -70,14 +71,20 @@ def _saved_keys(bucket: ShardedBucket, group: Mapping[str, Any]) -> tuple[str, .
     return state_keys_for(group) + ((MASTER_KEY,) if bucket.master_weights else ())
 
 
-def _owned_copy(bucket: ShardedBucket, key: str, start: int, end: int) -> Tensor:
-    """A copy of the shard range ``[start, end)`` of buffer ``key``, or of what it would
-    hold if it is not allocated yet (allocating it here would fix the master weights
-    before the model's weights are loaded)."""
-    buffer = bucket.state.get(key)
-    if buffer is not None:
-        return buffer[start:end].clone()
-    return bucket.new_state(key, start, end)
+def _saved_buffers(bucket: ShardedBucket, keys: Sequence[str]) -> dict[str, Tensor]:
+    """The shard-sized buffers a checkpoint holds for ``bucket``: each allocated one (master
+    weights as :meth:`~ShardedBucket.saved_master` has them), and for one not allocated yet
+    what it would hold (allocating it here would fix the master weights before the model's
+    weights are loaded)."""
+    saved = {}
+    for key in keys:
+        if key == MASTER_KEY:
+            saved[key] = bucket.saved_master()
+        else:
+            saved[key] = bucket.state.get(key)
+            if saved[key] is None:
+                saved[key] = bucket.new_state(key, 0, bucket.shard.numel())
+    return saved
 
 
 def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
@@ -107,6 +114,13 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
     """
     state: dict[int, dict[str, Tensor]] = {}
     checksums: dict[int, dict[str, Tensor]] = {}
+    buffers = {
+        id(bucket): _saved_buffers(
+            bucket,
+            sorted({key for g in bucket.group_indices for key in _saved_keys(bucket, opt.param_groups[g])}),
+        )
+        for bucket in opt._buckets
+    }
     for bucket, position in homes(opt._buckets):
         slot = bucket.plan.slots[position]
         step = bucket.steps[position].clone()
@@ -115,7 +129,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         offset = piece.param_start if piece else 0
         for key in _saved_keys(bucket, opt.param_groups[slot.group]):
-            local = _owned_copy(bucket, key, start, end)
+            local = buffers[id(bucket)][key][start:end].clone()
             if slot.numel == 0:  # nothing to shard: a replicated empty tensor, as torch has it
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
                 sums[key] = block_checksums(entry[key])
@@ -154,13 +168,18 @@ def full_state_dict(
     if chunk_numel < 1:
         failure = ValueError(f"chunk_numel must be at least 1, got {chunk_numel}")
     arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
-    agree(ranks, "full_state_dict()", [arguments, *state_facts(opt)], failure)
+    facts = [arguments, *state_facts(opt)]
+    try:
+        facts.append(scan_parameters(opt).replaced_fact(opt))  # saved as they are now
+    except RuntimeError as error:
+        failure = failure or error
+    agree(ranks, "full_state_dict()", facts, failure)
     receiving = to is None or to == ranks.rank
     state: dict[int, dict[str, Tensor]] = {}
     for bucket in opt._buckets:
         stateful = [pos for pos in range(len(bucket.params)) if bucket.steps[pos] > 0]
         outputs = {pos: {"step": bucket.steps[pos].clone()} for pos in stateful}
-        for key, buffer in bucket.state.items():
+        for key, buffer in _saved_buffers(bucket, list(bucket.state)).items():  # one order on all ranks
             targets = [
                 (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
@@ -211,12 +230,17 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     missing from ``state_dict`` (torch's own format has none) are taken from the parameters
     at the next step, so model weights loaded after the optimizer's state count.
     """
-    failure, loaded = None, None
+    failure, loaded, facts = None, None, []
     try:
+        scan = scan_parameters(opt)
         loaded = validated(opt, state_dict)
-    except ValueError as error:
+        facts = [*loaded.facts(), scan.replaced_fact(opt)]
+    except (ValueError, RuntimeError) as error:
         failure = error
-    agree(opt._ranks, "load_state_dict()", loaded.facts() if loaded else [], failure)
+    except Exception as error:  # noqa: BLE001 - a check that failed in an unforeseen way
+        failure = ValueError(f"the state dict cannot be read: {type(error).__name__}: {error}")
+    agree(opt._ranks, "load_state_dict()", facts, failure)
+    opt._adopt(scan)  # first, so that the master weights loaded below are not taken from them
     for group, saved in zip(opt.param_groups, loaded.groups):
         # torch's rule: the saved group, with the optimizer's parameters (and their names,
         # unless the saved group names them)
@@ -231,14 +255,19 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     for bucket in opt._buckets:
         if bucket.steps.gt(0).any():
             opt._allocate_state(bucket)
+        if bucket.master_weights:  # those the state dict lacks come from the parameters
+            for position, slot in enumerate(bucket.plan.slots):  # (alike on every rank)
+                if MASTER_KEY in loaded.state.get(slot.index, {}):
+                    bucket.master_pending.discard(position)
+                else:
+                    bucket.master_pending.add(position)
         for key, buffer in bucket.state.items():
             for piece in bucket.pieces:
                 owned = buffer[piece.shard_start : piece.shard_end]
                 source = loaded.state.get(piece.slot.index, {}).get(key)
-                if source is None and key == MASTER_KEY:
-                    bucket.master_pending.add(bucket.position_of(piece))
-                elif source is None:
-                    owned.zero_()
+                if source is None:
+                    if key != MASTER_KEY:  # (missing master weights: see above)
+                        owned.zero_()
                 elif isinstance(source, ShardView):  # validated: exactly the owned range
                     owned.copy_(source.local)
                 else:
@@ -288,14 +317,14 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
     dcp.load(template, storage_reader=reader, planner=planner, no_dist=True)  # fills template
     paths = getattr(metadata, "planner_data", None) or {}
     saved = _nested({tuple(paths.get(fqn, fqn.split(".")))[1:]: value for fqn, value in template.items()})
-    if not {"state", "param_groups", "param_shapes", "checksums"} <= set(saved):
+    if not {"state", "param_groups", "param_shapes"} <= set(saved):
         raise ValueError(
             f"the checkpoint's {key!r} entry is not a ShardedRMSprop state dict (it has "
-            f"{sorted(saved)}, not state, param_groups, param_shapes and checksums)"
+            f"{sorted(saved)}, not state, param_groups and param_shapes)"
         )
     groups = [saved["param_groups"][i] for i in sorted(saved["param_groups"])]
     shapes = saved["param_shapes"]
-    full = {"state": {}, "param_groups": groups, "checksums": {}}
+    full: dict[str, Any] = {"state": {}, "param_groups": groups}
     for index in sorted(saved["state"], key=int):
         entry = saved["state"][index]
         if float(entry["step"]) > 0:
@@ -303,8 +332,15 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
             full["state"][int(index)] = {
                 name: value if name == "step" else value.reshape(shape) for name, value in entry.items()
             }
-            full["checksums"][int(index)] = saved["checksums"][index]
-    _verify_whole(full)
+    if "checksums" in saved:
+        full["checksums"] = {index: saved["checksums"][str(index)] for index in full["state"]}
+        _verify_whole(full)
+    else:
+        warnings.warn(
+            f"{checkpoint_dir} was written before checkpoints carried checksums: its values "
+            "are not verified, and the converted file carries none",
+            stacklevel=2,
+        )
     return full
 
 

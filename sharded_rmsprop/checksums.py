@@ -1,8 +1,8 @@
 """Checksums of the tensors a checkpoint holds, so that a changed bit is found on load.
 
 A tensor's checksum is one int64 per block of :data:`BLOCK_NUMEL` consecutive elements (the
-last block may be shorter): the sum, over the block's 16-bit words (16-bit dtypes) or 32-bit
-words (all others), of the word times a fixed odd weight below 2**24 for its place in the
+last block may be shorter): the sum, over the block's 8-bit, 16-bit or 32-bit words (1-byte,
+2-byte and all other dtypes), of the word times a fixed odd weight below 2**24 for its place in the
 block. Every product and sum is exact in int64, so a change to any one word always changes its
 block's checksum, and values moved within a block change it too.
 
@@ -45,7 +45,7 @@ def block_checksums(values: Tensor) -> Tensor:
     ``values`` is a whole tensor or a run of one (flattened) that starts at a block boundary.
     """
     flat = values.detach().reshape(-1)
-    word = torch.int16 if flat.element_size() == 2 else torch.int32
+    word = {1: torch.int8, 2: torch.int16}.get(flat.element_size(), torch.int32)
     words = flat.view(word) if flat.numel() else torch.zeros(0, dtype=word, device=flat.device)
     per_block = BLOCK_NUMEL * flat.element_size() // word.itemsize
     sums = []

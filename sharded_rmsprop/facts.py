@@ -7,7 +7,11 @@ reads no tensor data and costs no host synchronisation on a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from torch import Tensor
 
 from .agreement import Fact, plain
 
@@ -20,7 +24,8 @@ __all__ = [
     "TORCH_ONLY_OPTIONS",
     "construction_facts",
     "param_labels",
-    "replaced_params",
+    "ParameterScan",
+    "scan_parameters",
     "state_facts",
     "step_facts",
 ]
@@ -82,14 +87,39 @@ def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:
     ]
 
 
-def replaced_params(opt: ShardedRMSprop) -> list[list[int]]:
-    """The positions of the parameters replaced since the last step, by bucket; a
-    ``RuntimeError`` for one that cannot be adopted (another dtype, device or shape)."""
+@dataclass(frozen=True)
+class ParameterScan:
+    """One pass over the parameters: what a step (or a load) finds before it agrees."""
+
+    has_grad: tuple[bool, ...]  # by parameter index
+    replaced: tuple[bool, ...]  # by parameter index: replaced since the last step, adoptable
+    adoptable: list[list[int]]  # the same, as positions by bucket
+
+    def replaced_fact(self, opt: ShardedRMSprop) -> Fact:
+        label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+        return Fact(
+            "the parameters replaced since the last step",
+            self.replaced,
+            lambda index: f"whether {label(index)} was replaced (p.data = ...)",
+            "Replace parameters on every rank alike.",
+        )
+
+
+def scan_parameters(opt: ShardedRMSprop, check_grad: Callable[[Tensor], None] | None = None) -> ParameterScan:
+    """Check that the param groups still hold the parameters the optimizer laid out, give
+    every gradient to ``check_grad``, and find the parameters replaced since the last step.
+
+    ``RuntimeError`` for a param group changed in place, or a parameter replaced by a tensor
+    of another dtype, device or shape (which cannot be adopted).
+    """
+    _check_param_groups(opt)
+    count = sum(len(group["params"]) for group in opt.param_groups)
+    has_grad, replaced = [False] * count, [False] * count
     adoptable = []
     for bucket in opt._buckets:
-        positions, foreign = bucket.replaced()
-        if foreign:
-            position, change = foreign[0]
+        found = bucket.scan(check_grad)
+        if found.foreign:
+            position, change = found.foreign[0]
             label = param_labels(opt.param_groups)[bucket.plan.slots[position].index]
             raise RuntimeError(
                 f"{label} was replaced after ShardedRMSprop was built, by a tensor with "
@@ -97,28 +127,47 @@ def replaced_params(opt: ShardedRMSprop) -> list[list[int]]:
                 "update. Build the optimizer after moving or casting the model "
                 "(model.to(...), .half(), .to_empty(...))."
             )
-        adoptable.append(positions)
-    return adoptable
+        for slot, grad in zip(bucket.plan.slots, found.has_grad):
+            has_grad[slot.index] = grad
+        for position in found.adoptable:
+            replaced[bucket.plan.slots[position].index] = True
+        adoptable.append(found.adoptable)
+    return ParameterScan(tuple(has_grad), tuple(replaced), adoptable)
+
+
+def _check_param_groups(opt: ShardedRMSprop) -> None:
+    """The param groups hold the very parameters the optimizer laid out, in their order."""
+    if len(opt.param_groups) != len(opt._group_params):
+        raise RuntimeError(
+            f"the optimizer has {len(opt.param_groups)} param groups, but laid out "
+            f"{len(opt._group_params)}: add groups with add_param_group()"
+        )
+    for g, (group, laid_out) in enumerate(zip(opt.param_groups, opt._group_params)):
+        params = group["params"]
+        if len(params) != len(laid_out) or not all(map(operator.is_, params, laid_out)):
+            raise RuntimeError(
+                f"the parameters of param group {g} are not those the optimizer laid out "
+                f"({len(params)} now, {len(laid_out)} then): add parameters with "
+                "add_param_group(), and give a parameter new values with p.data = ... rather "
+                "than replacing the parameter"
+            )
 
 
 def step_facts(
     opt: ShardedRMSprop, clip: PendingClip | None, scaler: ScalerRequest | None,
-    replaced: Sequence[int],
+    scan: ParameterScan,
 ) -> list[Fact]:
     """For one step: who has gradients, the options, the clip, the scaler, replaced
-    parameters (indices in ``replaced``) and master weights to reload."""
-    params = [param for group in opt.param_groups for param in group["params"]]
+    parameters and master weights to reload."""
     label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
-    reloading = {
-        bucket.plan.slots[position].index
-        for bucket in opt._buckets
-        for position in bucket.master_pending
-    }
-    replaced = set(replaced)
+    reloading = [False] * len(scan.has_grad)
+    for bucket in opt._buckets:
+        for position in bucket.master_pending:
+            reloading[bucket.plan.slots[position].index] = True
     return [
         Fact(
             "which parameters have a gradient",
-            tuple(param.grad is not None for param in params),
+            scan.has_grad,
             lambda index: f"whether {label(index)} has a gradient",
             "Without DDP averaging the gradients, every rank must give the same parameters a "
             "gradient (zero_grad(set_to_none=True) and frozen parameters alike on all ranks).",
@@ -136,15 +185,10 @@ def step_facts(
             lambda index: ("whether a GradScaler calls step()", "whether it is still scaled")[index],
             "Use a GradScaler on every rank or on none, and unscale_() on all or none.",
         ),
-        Fact(
-            "the parameters replaced since the last step",
-            tuple(index in replaced for index in range(len(params))),
-            lambda index: f"whether {label(index)} was replaced (p.data = ...)",
-            "Replace parameters on every rank alike.",
-        ),
+        scan.replaced_fact(opt),
         Fact(
             "the master weights to take from the parameters",
-            tuple(index in reloading for index in range(len(params))),
+            tuple(reloading),
             lambda index: f"whether the master weights of {label(index)} are to be reloaded",
             "Call reload_master_weights() on every rank.",
         ),

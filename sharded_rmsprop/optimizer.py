@@ -12,9 +12,9 @@ from torch.optim import Optimizer
 
 from . import checkpoint, gradients
 from .agreement import agree
-from .arguments import check_grads, check_hyperparameters, check_params
+from .arguments import check_grad, check_grads, check_hyperparameters, check_params
 from .comm import DataParallelGroup
-from .facts import construction_facts, replaced_params, step_facts
+from .facts import ParameterScan, construction_facts, scan_parameters, step_facts
 from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
@@ -182,6 +182,8 @@ class ShardedRMSprop(Optimizer):
         self._buckets: list[ShardedBucket] = []
         self._kernels: dict[tuple[torch.device, torch.dtype], UpdateFn] = {}  # chosen once
         self._sharded_groups = 0
+        #: The parameters of each param group as laid out in the buckets (checked each step).
+        self._group_params: list[tuple[Tensor, ...]] = []
         self._constructed = False
         try:
             check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
@@ -242,27 +244,27 @@ class ShardedRMSprop(Optimizer):
                     self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
                 )
             facts = construction_facts(self, first)
-        except (TypeError, ValueError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
         try:
             agree(self._ranks, operation, facts, failure)
-        except (TypeError, ValueError, RuntimeError):
+        except Exception:
             del self.param_groups[first:]
             raise
         self._kernels.update(kernels)
         offset = specs[0].index if specs else 0
-        sharing = self._host_shared
         for plan in plans:
             members = [params[slot.index - offset] for slot in plan.slots]
             shared = None
-            if sharing and plan.device.type == "cpu":
+            if self._host_shared and plan.device.type == "cpu":
                 shared = host_shared_zeros(self._ranks, plan.padded_numel, plan.dtype)
-                sharing = shared is not None  # after one fallback (and its warning), no more
+                self._host_shared = shared is not None  # after a fallback (one warning), no more
             self._buckets.append(
                 ShardedBucket(plan, self._ranks.rank, members, shared, self._master_weights)
             )
         if self._shares_host_memory:
             self._ranks.barrier()  # rank 0 has filled the shared buffers
+        self._group_params += [tuple(group["params"]) for group in self.param_groups[first:]]
         self._sharded_groups = len(self.param_groups)
 
     def _specs(self, first: int) -> tuple[list[ParamSpec], list[Tensor]]:
@@ -295,17 +297,13 @@ class ShardedRMSprop(Optimizer):
                 loss = closure()
         clip, scaler = self._clip, ScalerRequest.from_optimizer(self)
         try:
-            replaced = self._agree_on_step(clip, scaler)
+            scan = self._agree_on_step(clip, scaler)
             skip = self._skip_this_step(scaler)
         except Exception:
             ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
             raise
         self._clip = None
-        if any(replaced):  # the same on every rank: agreed
-            for bucket, positions in zip(self._buckets, replaced):
-                bucket.adopt(positions)
-            if self._shares_host_memory:
-                self._ranks.barrier()  # rank 0 has copied the adopted values into the shared copy
+        self._adopt(scan)
         if skip:
             return loss
         for bucket in self._buckets:
@@ -359,14 +357,15 @@ class ShardedRMSprop(Optimizer):
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
         try:
             norm_type = gradients.check_norm_type(norm_type)
-        except ValueError:
+            check_grads(self.param_groups)
+            owned = self._owned_grads()
+        except Exception:
             # Take part in the norm's all-reduce all the same, so that the other ranks do not
             # wait: they get a NaN norm, and a pending clip that their next step() finds this
             # rank lacks (an error on every rank).
             nan = torch.tensor(math.nan, dtype=dtype, device=self._home_device)
             self._ranks.all_reduce_tensor(nan, "sum")
             raise
-        owned = self._owned_grads()
         total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
@@ -403,26 +402,27 @@ class ShardedRMSprop(Optimizer):
         """Whether some flat buffer is mapped by every rank of the host."""
         return any(bucket.host_shared for bucket in self._buckets)
 
-    def _agree_on_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> list[list[int]]:
+    def _agree_on_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> ParameterScan:
         """Check this rank's gradients and parameters, then agree with the other ranks on
         what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
-
-        Returns the positions of the parameters to adopt, by bucket.
-        """
-        failure, facts, adoptable = None, [], []
+        Returns what the scan found (the parameters to adopt among it)."""
+        failure, facts, scan = None, [], None
         try:
-            check_grads(self.param_groups)
-            adoptable = replaced_params(self)
-            replaced = [
-                bucket.plan.slots[position].index
-                for bucket, positions in zip(self._buckets, adoptable)
-                for position in positions
-            ]
-            facts = step_facts(self, clip, scaler, replaced)
-        except RuntimeError as error:
+            scan = scan_parameters(self, check_grad)
+            facts = step_facts(self, clip, scaler, scan)
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
-        agree(self._ranks, "step()", facts, failure)
-        return adoptable
+        agree(self._ranks, "step()", facts, failure)  # raises if anything failed anywhere
+        return scan  # type: ignore[return-value]
+
+    def _adopt(self, scan: ParameterScan) -> None:
+        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed)."""
+        if not any(scan.replaced):
+            return
+        for bucket, positions in zip(self._buckets, scan.adoptable):
+            bucket.adopt(positions)
+        if self._shares_host_memory:
+            self._ranks.barrier()  # rank 0 has copied the adopted values into the shared copy
 
     def _all_grads(self) -> list[Tensor]:
         """This rank's gradients, whole."""

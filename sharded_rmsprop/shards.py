@@ -21,7 +21,7 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from torch import Tensor
 from .layout import BucketPlan, Piece
 
 __all__ = [
+    "BucketScan",
     "GRAD_WINDOW_NUMEL",
     "compute_dtype",
     "homes",
@@ -159,38 +160,55 @@ class ShardedBucket:
         if flat is None:
             flat = torch.zeros(self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device)
         self.views = [flat[slot.offset : slot.end].view(slot.shape) for slot in self.plan.slots]
-        self._view_addresses = [view.data_ptr() for view in self.views]
+        self._view_layouts = [(v.data_ptr(), v.shape, v.stride()) for v in self.views]
         self._view_flat(range(len(self.params)))
         return flat
 
-    def replaced(self) -> tuple[list[int], list[tuple[int, str]]]:
-        """Parameters whose ``.data`` no longer is their view of ``flat`` (``p.data = ...``,
-        ``module.to(...)``, ``module.to_empty(...)`` after construction): the positions of
-        those that can be adopted (same shape, dtype and device), and ``(position, what
-        changed)`` for those that cannot."""
-        adoptable, foreign = [], []
-        for position, (param, address) in enumerate(zip(self.params, self._view_addresses)):
-            if param.data_ptr() == address and param.dtype == self.plan.dtype:
-                continue
-            slot = self.plan.slots[position]
-            changes = [
-                f"{what} {now}, not {was}"
-                for what, now, was in (
-                    ("dtype", param.dtype, self.plan.dtype),
-                    ("device", param.device, self.plan.device),
-                    ("shape", tuple(param.shape), slot.shape),
-                )
-                if now != was
-            ]
-            if changes:
-                foreign.append((position, ", ".join(changes)))
-            else:
-                adoptable.append(position)
-        return adoptable, foreign
+    def is_replaced(self, position: int) -> bool:
+        """Whether the parameter at ``position`` no longer is its view of ``flat``: another
+        tensor (``p.data = ...``, ``module.to_empty(...)``), or another view of the same memory
+        (``p.data = p.data.t()``, a reshape)."""
+        return not _is_view(self.params[position], self._view_layouts[position], self.plan.dtype)
+
+    def scan(self, check_grad: Callable[[Tensor], None] | None = None) -> BucketScan:
+        """One pass over the parameters: which have a gradient (``check_grad`` raises for one
+        torch would reject), and which were replaced since the last step, those that can be
+        adopted (same shape, dtype and device) and those that cannot.
+
+        Every step runs it, so it is one loop doing the least per parameter.
+        """
+        found = BucketScan([], [], [])
+        dtype = self.plan.dtype
+        for position, (param, layout) in enumerate(zip(self.params, self._view_layouts)):
+            grad = param.grad
+            found.has_grad.append(grad is not None)
+            if check_grad is not None and grad is not None and (grad.is_sparse or grad.shape != layout[1]):
+                check_grad(param)  # raises torch's error (unless the parameter was reshaped)
+            if not _is_view(param, layout, dtype):
+                change = self._change(position)
+                if change:
+                    found.foreign.append((position, change))
+                else:
+                    found.adoptable.append(position)
+        return found
+
+    def _change(self, position: int) -> str:
+        """What makes a replaced parameter impossible to adopt, in words ("" if nothing)."""
+        param, slot = self.params[position], self.plan.slots[position]
+        return ", ".join(
+            f"{what} {now}, not {was}"
+            for what, now, was in (
+                ("dtype", param.dtype, self.plan.dtype),
+                ("device", param.device, self.plan.device),
+                ("shape", tuple(param.shape), slot.shape),
+            )
+            if now != was
+        )
 
     def adopt(self, positions: Sequence[int]) -> None:
         """Make the replaced parameters at ``positions`` views of ``flat`` again, their
-        values copied into it; their master weights are taken from them at the next step."""
+        values copied into it (by rank 0 alone for a shared buffer: barrier afterwards);
+        their master weights are taken from them at the next step."""
         self._view_flat(positions)
         self.master_pending.update(positions)
 
@@ -200,7 +218,10 @@ class ShardedBucket:
         for position in positions:
             param, view = self.params[position], self.views[position]
             if self.fills_flat:
-                view.copy_(param.detach())
+                values = param.detach()
+                if values.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
+                    values = values.clone()  # another view of the flat buffer (a transpose)
+                view.copy_(values)
             param.data = view
 
     def ensure_state(self, key: str) -> Tensor:
@@ -217,6 +238,30 @@ class ShardedBucket:
         if key == MASTER_KEY:
             return self.shard[start:end].to(self.compute_dtype, copy=True)
         return torch.zeros(end - start, dtype=self.compute_dtype, device=self.shard.device)
+
+    def param_values(self, piece: Piece) -> Tensor:
+        """The owned elements of ``piece``'s parameter as the parameter holds them now
+        (replaced or not), as a new tensor in the compute dtype."""
+        param = self.params[self.position_of(piece)].detach()
+        return param.reshape(-1)[piece.param_start : piece.param_end].to(self.compute_dtype, copy=True)
+
+    def saved_master(self) -> Tensor:
+        """The master weights a checkpoint holds: the buffer, except where they are to be
+        taken from the parameters at the next step (reloads asked for, parameters replaced,
+        not allocated yet), which come from the parameters as they are now."""
+        master = self.state.get(MASTER_KEY)
+        stale = [
+            piece for piece in self.pieces
+            if master is None
+            or self.position_of(piece) in self.master_pending
+            or self.is_replaced(self.position_of(piece))
+        ]
+        if not stale:
+            return master
+        saved = master.clone() if master is not None else self.new_state(MASTER_KEY, 0, self.shard.numel())
+        for piece in stale:
+            saved[piece.shard_start : piece.shard_end] = self.param_values(piece)
+        return saved
 
     def take_pending_master_weights(self) -> None:
         """Copy the parameters into the master weights of the positions waiting for it."""
@@ -322,6 +367,27 @@ class ShardedBucket:
             _Window(start, parts, merge_spans([part.span for part in parts]))
             for start, parts in windows.items()
         ]
+
+
+def _is_view(param: Tensor, layout: tuple[int, torch.Size, tuple[int, ...]], dtype: torch.dtype) -> bool:
+    """Whether ``param`` is the view of the flat buffer whose ``(address, shape, stride)`` is
+    ``layout``."""
+    address, shape, stride = layout
+    return (
+        param.data_ptr() == address
+        and param.dtype == dtype
+        and param.shape == shape
+        and param.stride() == stride
+    )
+
+
+@dataclass(frozen=True)
+class BucketScan:
+    """What :meth:`ShardedBucket.scan` found, by position in the bucket."""
+
+    has_grad: list[bool]
+    adoptable: list[int]  # replaced, same shape, dtype and device
+    foreign: list[tuple[int, str]]  # replaced by something else, and what changed
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,14 @@ def _check_options(where: str, options: Mapping[str, Any]) -> None:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A Python int or float (not a bool) that a float holds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
@@ -224,8 +231,9 @@ def _check_entry(
     if not (math.isfinite(_number(step)) and _number(step) >= 0):
         raise ValueError(f"{where}['step'] is {_number(step)}, not a count of steps")
     slot = bucket.plan.slots[position]
-    for key in (*needed, MASTER_KEY) if MASTER_KEY in entry else needed:
-        _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position)
+    for key in (*STATE_KEYS, MASTER_KEY):  # every buffer there, needed or not: all are loaded
+        if key in entry:
+            _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position)
 
 
 def _check_buffer(where: str, value: Any, shape: tuple[int, ...], bucket: ShardedBucket, position: int) -> None:
@@ -273,6 +281,11 @@ def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[A
     (the step counts: all of them)."""
     if not isinstance(checksums, Mapping):
         raise ValueError(f"state_dict['checksums'] is of type {type(checksums).__name__}, not a mapping")
+    for saved_id, sums in checksums.items():  # nothing the checkpoint held is missing
+        missing = [key for key in (sums if isinstance(sums, Mapping) else ()) if key not in state.get(saved_id, {})]
+        if saved_id not in state or missing:
+            what = f"state[{saved_id!r}]" + (f"[{missing[0]!r}]" if saved_id in state else "")
+            raise ValueError(f"the checkpoint is damaged: {what} is missing, its checksums are not{_DELETE_CHECKSUMS}")
     for saved_id, entry in state.items():
         bucket, position = homes[saved_id]
         sums = checksums.get(saved_id)
@@ -324,7 +337,7 @@ def _torch_format_digest(checksums: Any, state: Mapping[Any, Any]) -> str:
     for saved_id in state:
         for key in sorted(checksums.get(saved_id, {})):
             sums = checksums[saved_id][key]
-            if isinstance(sums, ShardView):
+            if isinstance(sums, ShardView) or not isinstance(sums, Tensor):
                 return ""
             digest.update(f"{saved_id}/{key}".encode())
             digest.update(repr(block_checksums(sums).tolist()).encode())

@@ -96,6 +96,32 @@ def test_any_changed_element_changes_its_blocks_checksum() -> None:
     assert not torch.equal(block_checksums(swapped), sums)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.float64, torch.complex64])
+def test_checksums_of_any_dtype_and_length(dtype: torch.dtype) -> None:
+    """Model state dicts hold masks and counters too (launch/train.py checks them all)."""
+    for numel in (0, 1, 3, 65, 130):
+        values = (torch.arange(numel) % 3 == 1).to(dtype)
+        sums = block_checksums(values)
+        assert sums.shape == (-(-numel // BLOCK_NUMEL),) and sums.dtype == torch.int64
+        if numel:
+            changed = values.clone()
+            changed.view(torch.uint8)[-1] ^= 1
+            assert not torch.equal(block_checksums(changed), sums)
+
+
+def test_an_entry_dropped_from_a_checkpoint_is_found() -> None:
+    params, opt = params_and_optimizer()
+    train(params, opt, 2)
+    sd = opt.full_state_dict(to=0)
+    del sd["state"][1]  # its checksums stay: the file held it
+    with pytest.raises(ValueError, match=r"the checkpoint is damaged: state\[1\] is missing"):
+        opt.load_state_dict(sd)
+    del sd["state"][2]["grad_avg"]
+    sd["state"][1] = opt.full_state_dict(to=0)["state"][1]
+    with pytest.raises(ValueError, match=r"state\[2\] lacks \['grad_avg'\]"):
+        opt.load_state_dict(sd)
+
+
 # -- torch format ----------------------------------------------------------------------------------
 
 
@@ -221,6 +247,20 @@ def test_the_converter_refuses_a_checkpoint_that_would_run_code(tmp_path) -> Non
     with pytest.raises(CheckpointException, match="Weights only load failed"):
         dcp_to_torch_format(path)
     assert not os.path.exists(marker)
+
+
+def test_the_converter_takes_a_checkpoint_from_before_checksums_with_a_warning(tmp_path) -> None:
+    params, opt = params_and_optimizer()
+    train(params, opt, 2)
+    old_format = opt.state_dict()
+    del old_format["checksums"]
+    path = str(tmp_path / "ckpt")
+    save_alone({"optim": old_format}, path)
+    with pytest.warns(UserWarning, match="written before checkpoints carried checksums"):
+        converted = dcp_to_torch_format(path)
+    assert "checksums" not in converted
+    assert torch.equal(converted["state"][2]["grad_avg"], opt.full_state_dict(to=0)["state"][2]["grad_avg"])
+    opt.load_state_dict(converted)  # loads, unverified
 
 
 def test_the_converter_says_when_a_checkpoint_is_another_optimizers(tmp_path) -> None:

@@ -67,8 +67,11 @@ def build(rank: int, world_size: int, sabotage: str | None, numel: int = 1000, d
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = ShardedRMSprop(params, lr=1e-2, momentum=0.9, fused=False, host_shared=True)
+        buckets = len(opt._buckets)
+        opt.add_param_group({"params": [torch.randn(100, requires_grad=True)]})  # tries again
     return {
-        "shared": [bucket.host_shared for bucket in opt._buckets],
+        "shared": [bucket.host_shared for bucket in opt._buckets[:buckets]],
+        "later_group_shared": opt._buckets[-1].host_shared,
         "warnings": [str(w.message) for w in caught],
         "as_torch": train_and_compare(params, opt),
     }
@@ -77,7 +80,7 @@ def build(rank: int, world_size: int, sabotage: str | None, numel: int = 1000, d
 def test_host_shared_is_off_by_default_and_on_when_asked() -> None:
     results = run_ranks(2, build, None)
     for result in results:
-        assert result == {"shared": [True], "warnings": [], "as_torch": True}
+        assert result == {"shared": [True], "later_group_shared": True, "warnings": [], "as_torch": True}
     assert ShardedRMSprop(params_of(10))._host_shared is False
 
 
@@ -90,10 +93,11 @@ def test_host_shared_is_off_by_default_and_on_when_asked() -> None:
     ],
 )
 def test_sharing_that_fails_falls_back_on_every_rank_with_one_warning(sabotage, reason) -> None:
-    # two buckets (float32 and float64): after the first fallback the second does not try
+    # two buckets (float32 and float64), then a param group added: after the first fallback
+    # nothing tries again
     results = run_ranks(2, build, sabotage, 1024, (torch.float32, torch.float64))
     for rank, result in enumerate(results):
-        assert result["shared"] == [False, False]
+        assert result["shared"] == [False, False] and not result["later_group_shared"]
         assert result["as_torch"]
         expected = [
             "ShardedRMSprop(host_shared=True): the ranks keep private buffers, because on " + reason

@@ -109,6 +109,17 @@ def clip_rejected_on_one_rank(params, opt, odd):
     opt.step()
 
 
+def sparse_at_clip_on_one_rank(params, opt, odd):
+    if odd:
+        params[1].grad = params[1].grad.to_sparse()
+    try:
+        norm = opt.clip_grad_norm_(1.0)
+        assert not odd and math.isnan(norm.item())  # the others get a NaN norm, no hang
+    except RuntimeError:
+        assert odd
+    opt.step()
+
+
 def scaled_step(opt: ShardedRMSprop, init_scale: float) -> None:
     """``scaler.step(opt)`` as after ``scaler.scale(loss).backward()`` (the gradients as they are)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
@@ -161,6 +172,8 @@ CASES = {
     "sparse_on_one_rank": (sparse_on_one_rank, "RMSprop does not support sparse gradients"),
     "misshapen_grad_on_one_rank": (misshapen_grad_on_one_rank, "a gradient has shape (5, 7) "
                                    "but its parameter has shape (7, 5)"),
+    "sparse_at_clip_on_one_rank": (sparse_at_clip_on_one_rank, "RMSprop does not support sparse "
+                                   "gradients"),
     "clip_differs": (clip_differs, "the ranks disagree on the clipping to apply: the (max_norm, "
                      "norm_type) of each pending clip_grad_norm_() is ((1.0, 2.0),) on rank 0 "
                      "but ((0.5, 2.0),) on rank {odd}"),
@@ -281,3 +294,34 @@ def test_torch_distributed_debug_detail_finds_a_collective_called_on_one_rank(mo
     monkeypatch.setitem(os.environ, "TORCH_DISTRIBUTED_DEBUG", "DETAIL")
     for message in run_ranks(2, clip_on_rank_0_only, timeout=120):
         assert "Detected mismatch between collectives on ranks" in message
+
+
+# -- an NCCL group's agreement goes through a gloo twin (host values, no GPU sync) ------------------
+
+
+def through_a_gloo_twin(rank: int, world_size: int) -> dict:
+    from sharded_rmsprop import comm
+
+    comm._carries_cpu_tensors = lambda backend: False  # as for NCCL: CPU tensors need a twin
+    params = make_params()
+    opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)
+    again = ShardedRMSprop(make_params(), fused=False)  # the same twin, not a second one
+    set_grads(params, 0)
+    if rank == 1:
+        params[0].grad = None
+    try:
+        opt.step()
+        error = "no error"
+    except RuntimeError as exc:
+        error = str(exc)
+    return {
+        "twin": opt._ranks.host_group is not opt._ranks.group,
+        "shared_twin": opt._ranks.host_group is again._ranks.host_group,
+        "error": error,
+    }
+
+
+def test_an_nccl_like_group_agrees_through_its_gloo_twin() -> None:
+    for result in run_ranks(2, through_a_gloo_twin):
+        assert result["twin"] and result["shared_twin"]
+        assert "the ranks disagree on which parameters have a gradient" in result["error"]

@@ -120,3 +120,127 @@ def test_replaced_16_bit_parameters_renew_their_master_weights(dtype: torch.dtyp
     opt.step()  # lr 0: the parameter must stay what it was set to
     assert torch.equal(p, torch.full_like(p, 3.0))
     assert torch.equal(opt.state[p]["master_weight"], torch.full((40,), 3.0))
+
+
+def test_a_square_parameter_replaced_by_its_transpose_is_adopted_as_torch_keeps_it() -> None:
+    """Another view of the same memory: same address, other strides. torch updates the
+    transposed view in place; so must we (not the old, untransposed layout)."""
+    ours = torch.randn(6, 6, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    opt = ShardedRMSprop([ours], **OPTIONS, fused=False)
+    ref = torch.optim.RMSprop([theirs], **OPTIONS)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(4):
+        if step == 2:
+            ours.data, theirs.data = ours.data.t(), theirs.data.t()
+        grad = torch.randn(6, 6, generator=generator)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step(), ref.step()
+        assert torch.equal(ours, theirs), step
+
+
+@pytest.mark.parametrize(
+    "replace, change",
+    [
+        (lambda p: setattr(p, "data", p.data.t()), r"shape \(9, 7\), not \(7, 9\)"),
+        (lambda p: setattr(p, "data", p.data[:3]), r"shape \(3, 9\), not \(7, 9\)"),
+        (lambda p: setattr(p, "data", p.data.view(63)), r"shape \(63,\), not \(7, 9\)"),
+    ],
+    ids=["transposed", "sliced", "reshaped"],
+)
+def test_another_view_of_the_same_memory_with_another_shape_is_an_error(replace, change) -> None:
+    p = torch.randn(7, 9, requires_grad=True)
+    opt = ShardedRMSprop([p], fused=False)
+    replace(p)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=change):
+        opt.step()
+    assert all(float(state["step"]) == 0 for state in opt.state.values())
+
+
+def sliced_on_rank(rank: int, world_size: int) -> str:
+    p = torch.nn.Parameter(torch.randn(256))
+    opt = ShardedRMSprop([p], fused=False)
+    p.data = p.data[:128]
+    p.grad = torch.ones(128)
+    try:
+        opt.step()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_sliced_parameter_is_an_error_on_every_rank_not_a_hang() -> None:
+    for message in run_ranks(2, sliced_on_rank, timeout=60):
+        assert "shape (128,), not (256,)" in message
+
+
+@pytest.mark.parametrize("change", ["append", "swap", "new group"])
+def test_param_groups_changed_in_place_are_an_error(change: str) -> None:
+    """torch would update a parameter appended to a group; the flat buffers cannot."""
+    params = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = ShardedRMSprop(params, fused=False)
+    extra = torch.randn(4, requires_grad=True)
+    if change == "append":
+        opt.param_groups[0]["params"].append(extra)
+    elif change == "swap":
+        opt.param_groups[0]["params"][0] = extra
+    else:
+        opt.param_groups.append({**opt.param_groups[0], "params": [extra]})
+    for p in (*params, extra):
+        p.grad = torch.ones_like(p)
+    message = "add groups with add_param_group" if change == "new group" else (
+        "the parameters of param group 0 are not those the optimizer laid out"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+
+
+# -- master weights across replacements, reloads and checkpoints ------------------------------------
+
+
+def bf16_steps(p: torch.Tensor, opt: ShardedRMSprop, steps: range) -> None:
+    for step in steps:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(p.dtype)
+        opt.step()
+
+
+def bf16_run() -> tuple[torch.Tensor, ShardedRMSprop]:
+    p = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    return p, ShardedRMSprop([p], **OPTIONS, fused=False)
+
+
+@pytest.mark.parametrize("before_load", ["to_empty", "reload_master_weights"])
+def test_master_weights_loaded_after_a_replacement_or_reload_are_kept(before_load: str) -> None:
+    """Resume: a fresh model (to_empty or freshly written weights), then the optimizer's
+    state: the loaded float32 master weights, not the bfloat16 parameters, go on."""
+    p, opt = bf16_run()
+    bf16_steps(p, opt, range(3))
+    saved, weights = opt.full_state_dict(to=0), p.detach().clone()
+    bf16_steps(p, opt, range(3, 4))  # the uninterrupted run
+    q, resumed = bf16_run()
+    if before_load == "to_empty":
+        q.data = torch.empty_like(q)
+        q.data.copy_(weights)
+    else:
+        q.data.copy_(weights)
+        resumed.reload_master_weights()
+    resumed.load_state_dict(saved)
+    bf16_steps(q, resumed, range(3, 4))
+    assert torch.equal(q, p)
+    assert torch.equal(resumed.state[q]["master_weight"], opt.state[p]["master_weight"])
+
+
+@pytest.mark.parametrize("change", ["replaced", "written and reloaded"])
+def test_checkpoints_hold_the_master_weights_the_next_step_would_use(change: str) -> None:
+    p, opt = bf16_run()
+    bf16_steps(p, opt, range(2))
+    if change == "replaced":
+        p.data = torch.full_like(p, 3.0)
+    else:
+        p.data.fill_(3.0)
+        opt.reload_master_weights()
+    full = opt.full_state_dict(to=0)
+    sharded = opt.state_dict()
+    assert torch.equal(full["state"][0]["master_weight"], torch.full((1, 64), 3.0))
+    assert torch.equal(sharded["state"][0]["master_weight"].local, torch.full((64,), 3.0))

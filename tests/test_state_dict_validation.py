@@ -65,6 +65,10 @@ BAD = {
         r"state\[0\]\['step'\] must be .* got a meta tensor of shape \(\)",
     ),
     "step negative": (lambda sd: entry(sd, 1, "step", -1), r"state\[1\]\['step'\] is -1.0, not a count of steps"),
+    "step too large for a float": (
+        lambda sd: entry(sd, 1, "step", 10**400),
+        r"state\[1\]\['step'\] is 10{400}, not a number",
+    ),
     "step is nan": (lambda sd: entry(sd, 1, "step", torch.tensor(math.nan)), r"state\[1\]\['step'\] is nan"),
     "square_avg on meta": (
         lambda sd: entry(sd, 0, "square_avg", torch.empty(7, 5, device="meta")),
@@ -73,6 +77,10 @@ BAD = {
     "square_avg of integers": (
         lambda sd: entry(sd, 2, "square_avg", torch.zeros(40, dtype=torch.int64)),
         r"state\[2\]\['square_avg'\] has dtype torch.int64, the parameter torch.float32",
+    ),
+    "a buffer its group does not use, misshapen": (
+        lambda sd: entry(sd, 0, "momentum_buffer", torch.zeros(3)),
+        r"state\[0\]\['momentum_buffer'\] has shape \(3,\) but the parameter has shape \(7, 5\)",
     ),
     "grad_avg missing": (
         lambda sd: (sd["state"][2].pop("grad_avg"), sd)[1],
@@ -151,11 +159,11 @@ def test_a_state_dict_of_an_older_torch_without_maximize_loads_with_torchs_defau
 # -- on every rank -------------------------------------------------------------------------------
 
 
-def bad_on_one_rank(rank: int, world_size: int) -> dict:
+def bad_on_one_rank(rank: int, world_size: int, bad) -> dict:
     opt, params = stepped()
     sd = opt.full_state_dict(to=None)
     if rank == world_size - 1:
-        sd["state"][0]["step"] = "x"
+        sd["state"][0]["step"] = bad
     before = everything(opt, params)
     try:
         opt.load_state_dict(sd)
@@ -165,15 +173,16 @@ def bad_on_one_rank(rank: int, world_size: int) -> dict:
     return {"error": error, "unchanged": same(everything(opt, params), before)}
 
 
-def test_a_state_dict_bad_on_one_rank_is_an_error_on_every_rank() -> None:
+@pytest.mark.parametrize("bad", ["x", 10**400], ids=["a string", "an int too large for a float"])
+def test_a_state_dict_bad_on_one_rank_is_an_error_on_every_rank(bad) -> None:
     last, others = 2, [0, 1]
-    results = run_ranks(3, bad_on_one_rank)
-    assert results[last]["error"] == ("ValueError", "state[0]['step'] is 'x', not a number")
+    results = run_ranks(3, bad_on_one_rank, bad)
+    assert results[last]["error"] == ("ValueError", f"state[0]['step'] is {bad!r}, not a number")
     for rank in others:
         assert results[rank]["error"] == (
             "ValueError",
-            "ShardedRMSprop.load_state_dict() failed on rank 2: state[0]['step'] is 'x', not a "
-            "number (nothing was changed on any rank)",
+            f"ShardedRMSprop.load_state_dict() failed on rank 2: state[0]['step'] is {bad!r}, "
+            "not a number (nothing was changed on any rank)",
         )
     assert all(result["unchanged"] for result in results)
 
