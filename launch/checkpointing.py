@@ -97,7 +97,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
     extra: Mapping[str, Any] | None = None,
 ) -> int:
     """Load ``path`` into ``model`` (the bare module), ``opt`` and ``extra``; return its step.
@@ -123,7 +125,10 @@ def load_checkpoint(
 
 
 def resume_from_latest(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+    directory: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
     extra: Mapping[str, Any] | None = None,
 ) -> int:
     """Load the newest complete checkpoint in ``directory`` that loads (rank 0 lists them);
@@ -152,7 +157,8 @@ def resume_from_latest(
             return loaded
         log.warning(
             "checkpoint %s cannot be loaded (%s): trying the one before it",
-            path, problem or "it failed on another rank",
+            path,
+            problem or "it failed on another rank",
         )
     raise RuntimeError(f"none of the {len(steps)} checkpoints in {directory} could be loaded")
 

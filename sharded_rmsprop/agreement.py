@@ -77,6 +77,8 @@ def agree(
     """
     if len(facts) > _SLOTS - 2:
         raise ValueError(f"at most {_SLOTS - 2} facts can be agreed on at once")
+    if failure is not None:
+        facts = ()  # what a failed rank found is moot; its failure is what the others learn
     if ranks.is_distributed:
         texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
         digests = [_digest(text) for text in texts] + [0] * (_SLOTS - len(texts))
@@ -132,8 +134,10 @@ def _explain(
             f"ShardedRMSprop.{operation} failed on rank {rank}: {message} "
             "(nothing was changed on any rank)"
         )
-    fact = facts[differing[0] - 2]
-    everyone = [_read(text) for text in ranks.host_all_gather_text(texts[differing[0]])]
+    slot = differing[0]
+    mine = texts[slot] if slot < len(texts) else ""  # (a rank may hold fewer facts)
+    everyone = [_read(text) for text in ranks.host_all_gather_text(mine)]
+    fact = facts[slot - 2] if slot - 2 < len(facts) else Fact(f"fact {slot - 2}", ())
     return RuntimeError(
         f"ShardedRMSprop.{operation}: the ranks disagree on {fact.subject}: "
         f"{_first_difference(everyone, fact)}. Nothing was changed on any rank."

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 from torch import Tensor
 
-__all__ = ["check_grad", "check_grads", "check_hyperparameters", "check_params"]
+__all__ = [
+    "check_grad",
+    "check_hyperparameters",
+    "check_numeric_options",
+    "check_params",
+    "is_real",
+]
 
 
 def check_hyperparameters(
@@ -27,6 +33,31 @@ def check_hyperparameters(
         raise ValueError(f"Invalid alpha value: {alpha}")
 
 
+def is_real(value: Any) -> bool:
+    """A Python int or float (not a bool) that a float holds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def check_numeric_options(where: str, group: Mapping[str, Any]) -> None:
+    """The options the update computes with are numbers (``lr`` may be a one-element float
+    tensor): ``ValueError`` naming the one that is not."""
+    for key in ("alpha", "eps", "weight_decay", "momentum"):
+        if not is_real(group[key]):
+            raise ValueError(f"{where}['{key}'] is {group[key]!r}, not a number")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_meta or not lr.dtype.is_floating_point:
+            raise ValueError(f"{where}['lr'] must be a number or a one-element float tensor")
+    elif not is_real(lr):
+        raise ValueError(f"{where}['lr'] is {lr!r}, not a number")
+
+
 def check_params(params: list[Tensor]) -> None:
     """What sharding needs beyond torch's own checks: distinct, floating-point tensors."""
     if len(params) != len({id(p) for p in params}):
@@ -42,14 +73,6 @@ def check_params(params: list[Tensor]) -> None:
             )
         if param.is_sparse:
             raise TypeError("ShardedRMSprop cannot shard sparse parameters")
-
-
-def check_grads(param_groups: Sequence[dict[str, Any]]) -> None:
-    """:func:`check_grad` for every parameter of ``param_groups`` that has a gradient."""
-    for group in param_groups:
-        for param in group["params"]:
-            if param.grad is not None:
-                check_grad(param)
 
 
 def check_grad(param: Tensor) -> None:

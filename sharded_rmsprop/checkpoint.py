@@ -91,7 +91,10 @@ def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
     """``param_groups`` as torch.optim.RMSprop.state_dict() writes them."""
     packed, index = [], 0
     for group in opt.param_groups:
-        entry = {k: v for k, v in group.items() if k != "params"}
+        # copies: DCP loads into this dict in place, and a tensor lr is the group's own
+        entry = {
+            k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items() if k != "params"
+        }
         for key, value in TORCH_ONLY_OPTIONS.items():  # so that torch sees its own format
             entry.setdefault(key, value)
         entry["params"] = list(range(index, index + len(group["params"])))
@@ -117,7 +120,13 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
     buffers = {
         id(bucket): _saved_buffers(
             bucket,
-            sorted({key for g in bucket.group_indices for key in _saved_keys(bucket, opt.param_groups[g])}),
+            sorted(
+                {
+                    key
+                    for g in bucket.group_indices
+                    for key in _saved_keys(bucket, opt.param_groups[g])
+                }
+            ),
         )
         for bucket in opt._buckets
     }
@@ -162,24 +171,28 @@ def full_state_dict(
     The ranks first agree on the arguments and on every parameter's step count.
     """
     ranks = opt._ranks
-    failure = None
-    if to is not None and not 0 <= to < ranks.world_size:
-        failure = ValueError(f"to={to} is not a rank of a process group of size {ranks.world_size}")
-    if chunk_numel < 1:
-        failure = ValueError(f"chunk_numel must be at least 1, got {chunk_numel}")
-    arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
-    facts = [arguments, *state_facts(opt)]
+    failure, facts = None, []
     try:
-        facts.append(scan_parameters(opt).replaced_fact(opt))  # saved as they are now
-    except RuntimeError as error:
-        failure = failure or error
+        if to is not None and not (isinstance(to, int) and 0 <= to < ranks.world_size):
+            raise ValueError(
+                f"to={to!r} is not a rank of a process group of size {ranks.world_size}"
+            )
+        if not (isinstance(chunk_numel, int) and chunk_numel >= 1):
+            raise ValueError(f"chunk_numel must be an integer of at least 1, got {chunk_numel!r}")
+        arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
+        replaced = scan_parameters(opt).replaced_fact(opt)  # they are saved as they are now
+        facts = [arguments, *state_facts(opt), replaced]
+    except Exception as error:  # noqa: BLE001 - every rank must learn of it
+        failure = error
     agree(ranks, "full_state_dict()", facts, failure)
     receiving = to is None or to == ranks.rank
     state: dict[int, dict[str, Tensor]] = {}
     for bucket in opt._buckets:
         stateful = [pos for pos in range(len(bucket.params)) if bucket.steps[pos] > 0]
         outputs = {pos: {"step": bucket.steps[pos].clone()} for pos in stateful}
-        for key, buffer in _saved_buffers(bucket, list(bucket.state)).items():  # one order on all ranks
+        for key, buffer in _saved_buffers(
+            bucket, list(bucket.state)
+        ).items():  # one order on all ranks
             targets = [
                 (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
@@ -306,7 +319,8 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
     prefix = f"{key}."
     template = {
         fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
-        if isinstance(meta, TensorStorageMetadata) else None
+        if isinstance(meta, TensorStorageMetadata)
+        else None
         for fqn, meta in metadata.state_dict_metadata.items()
         if fqn.startswith(prefix)
     }
@@ -316,7 +330,9 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
     planner = SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     dcp.load(template, storage_reader=reader, planner=planner, no_dist=True)  # fills template
     paths = getattr(metadata, "planner_data", None) or {}
-    saved = _nested({tuple(paths.get(fqn, fqn.split(".")))[1:]: value for fqn, value in template.items()})
+    saved = _nested(
+        {tuple(paths.get(fqn, fqn.split(".")))[1:]: value for fqn, value in template.items()}
+    )
     if not {"state", "param_groups", "param_shapes"} <= set(saved):
         raise ValueError(
             f"the checkpoint's {key!r} entry is not a ShardedRMSprop state dict (it has "
@@ -330,7 +346,8 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
         if float(entry["step"]) > 0:
             shape = tuple(shapes[int(index)])
             full["state"][int(index)] = {
-                name: value if name == "step" else value.reshape(shape) for name, value in entry.items()
+                name: value if name == "step" else value.reshape(shape)
+                for name, value in entry.items()
             }
     if "checksums" in saved:
         full["checksums"] = {index: saved["checksums"][str(index)] for index in full["state"]}
@@ -345,7 +362,8 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
 
 
 def _nested(flat: Mapping[tuple, Any]) -> dict[Any, Any]:
-    """``{("state", "0", "step"): t}`` as ``{"state": {"0": {"step": t}}}`` (list indices as keys)."""
+    """``{("state", "0", "step"): t}`` as ``{"state": {"0": {"step": t}}}`` (list indices
+    become keys too)."""
     root: dict[Any, Any] = {}
     for path, value in flat.items():
         node = root

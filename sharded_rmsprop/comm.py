@@ -97,8 +97,10 @@ class DataParallelGroup:
 
     def _control_device(self) -> torch.device:
         """Where values computed on the device travel for this backend's collectives."""
-        if self.backend is not None and "nccl" in self.backend and not _carries_cpu_tensors(
-            self.backend
+        if (
+            self.backend is not None
+            and "nccl" in self.backend
+            and not _carries_cpu_tensors(self.backend)
         ):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -116,7 +118,9 @@ class DataParallelGroup:
     def host_all_equal(self, values: Sequence[int]) -> bool:
         """Whether every rank passed the same ``values`` (one all-reduce of twice their length)."""
         reduced = self.host_all_reduce_max([*values, *(-value for value in values)])
-        return all(high == -low for high, low in zip(reduced[: len(values)], reduced[len(values) :]))
+        return all(
+            high == -low for high, low in zip(reduced[: len(values)], reduced[len(values) :])
+        )
 
     def host_all_gather(self, values: Sequence[int]) -> list[list[int]]:
         """Every rank's ``values`` (int64, the same count on every rank), by rank."""

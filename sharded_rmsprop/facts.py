@@ -82,7 +82,9 @@ def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:
             lambda index: settings[index],
             _SAME_PARAMETERS,
         ),
-        Fact("the parameters", params, lambda index: f"parameter {offset + index}", _SAME_PARAMETERS),
+        Fact(
+            "the parameters", params, lambda index: f"parameter {offset + index}", _SAME_PARAMETERS
+        ),
         Fact(options.subject, options.values, options.name, _SAME_PARAMETERS),
     ]
 
@@ -95,6 +97,16 @@ class ParameterScan:
     replaced: tuple[bool, ...]  # by parameter index: replaced since the last step, adoptable
     adoptable: list[list[int]]  # the same, as positions by bucket
 
+    def has_grad_fact(self, opt: ShardedRMSprop) -> Fact:
+        label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+        return Fact(
+            "which parameters have a gradient",
+            self.has_grad,
+            lambda index: f"whether {label(index)} has a gradient",
+            "Without DDP averaging the gradients, every rank must give the same parameters a "
+            "gradient (zero_grad(set_to_none=True) and frozen parameters alike on all ranks).",
+        )
+
     def replaced_fact(self, opt: ShardedRMSprop) -> Fact:
         label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
         return Fact(
@@ -105,7 +117,9 @@ class ParameterScan:
         )
 
 
-def scan_parameters(opt: ShardedRMSprop, check_grad: Callable[[Tensor], None] | None = None) -> ParameterScan:
+def scan_parameters(
+    opt: ShardedRMSprop, check_grad: Callable[[Tensor], None] | None = None
+) -> ParameterScan:
     """Check that the param groups still hold the parameters the optimizer laid out, give
     every gradient to ``check_grad``, and find the parameters replaced since the last step.
 
@@ -154,24 +168,15 @@ def _check_param_groups(opt: ShardedRMSprop) -> None:
 
 
 def step_facts(
-    opt: ShardedRMSprop, clip: PendingClip | None, scaler: ScalerRequest | None,
+    opt: ShardedRMSprop,
+    clip: PendingClip | None,
+    scaler: ScalerRequest | None,
     scan: ParameterScan,
 ) -> list[Fact]:
     """For one step: who has gradients, the options, the clip, the scaler, replaced
     parameters and master weights to reload."""
-    label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
-    reloading = [False] * len(scan.has_grad)
-    for bucket in opt._buckets:
-        for position in bucket.master_pending:
-            reloading[bucket.plan.slots[position].index] = True
     return [
-        Fact(
-            "which parameters have a gradient",
-            scan.has_grad,
-            lambda index: f"whether {label(index)} has a gradient",
-            "Without DDP averaging the gradients, every rank must give the same parameters a "
-            "gradient (zero_grad(set_to_none=True) and frozen parameters alike on all ranks).",
-        ),
+        scan.has_grad_fact(opt),
         _options(opt.param_groups),
         Fact(
             "the clipping to apply",
@@ -182,22 +187,34 @@ def step_facts(
         Fact(
             "the GradScaler",
             (scaler is not None, scaler is not None and scaler.inverse_scale is not None),
-            lambda index: ("whether a GradScaler calls step()", "whether it is still scaled")[index],
+            lambda index: ("whether a GradScaler calls step()", "whether it is still scaled")[
+                index
+            ],
             "Use a GradScaler on every rank or on none, and unscale_() on all or none.",
         ),
         scan.replaced_fact(opt),
-        Fact(
-            "the master weights to take from the parameters",
-            tuple(reloading),
-            lambda index: f"whether the master weights of {label(index)} are to be reloaded",
-            "Call reload_master_weights() on every rank.",
-        ),
+        _reloads(opt),
     ]
 
 
+def _reloads(opt: ShardedRMSprop) -> Fact:
+    """Which parameters' master weights are to be taken from the parameters."""
+    label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+    reloading = [False] * sum(len(bucket.params) for bucket in opt._buckets)
+    for bucket in opt._buckets:
+        for position in bucket.master_pending:
+            reloading[bucket.plan.slots[position].index] = True
+    return Fact(
+        "the master weights to take from the parameters",
+        tuple(reloading),
+        lambda index: f"whether the master weights of {label(index)} are to be reloaded",
+        "Call reload_master_weights() on every rank.",
+    )
+
+
 def state_facts(opt: ShardedRMSprop) -> list[Fact]:
-    """For assembling or loading state: every parameter's step count and the buffers each
-    bucket holds."""
+    """For assembling state: every parameter's step count, the buffers each bucket holds and
+    the master weights to take from the parameters."""
     labels = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
     steps: dict[int, float] = {}
     for bucket in opt._buckets:
@@ -205,7 +222,11 @@ def state_facts(opt: ShardedRMSprop) -> list[Fact]:
             steps[slot.index] = step
     buffers = tuple(tuple(sorted(bucket.state)) for bucket in opt._buckets)
     return [
-        Fact("the step counts", tuple(steps[i] for i in sorted(steps)), lambda index: f"the step of {labels(index)}"),
+        Fact(
+            "the step counts",
+            tuple(steps[i] for i in sorted(steps)),
+            lambda index: f"the step of {labels(index)}",
+        ),
         Fact("the state buffers", buffers, lambda index: f"the buffers of flat buffer {index}"),
+        _reloads(opt),
     ]
-

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -49,8 +49,12 @@ class PendingClip:
 
     @classmethod
     def after(
-        cls, pending: PendingClip | None, total_norm: Tensor, max_norm: float,
-        norm_type: float, error_if_nonfinite: bool,
+        cls,
+        pending: PendingClip | None,
+        total_norm: Tensor,
+        max_norm: float,
+        norm_type: float,
+        error_if_nonfinite: bool,
     ) -> PendingClip:
         """The clip to ``max_norm`` of gradients whose norm is ``total_norm``, on top of a
         clip still ``pending`` (which scales them first, as torch's first clip would have).
@@ -189,8 +193,11 @@ def finish_norm(reduced: Tensor, norm_type: float) -> Tensor:
 
 
 def global_norm(
-    owned_grads: Sequence[Tensor], norm_type: float, ranks: DataParallelGroup,
-    device: torch.device, dtype: torch.dtype,
+    owned_grads: Sequence[Tensor],
+    norm_type: float,
+    ranks: DataParallelGroup,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor:
     """The ``norm_type`` norm of all ranks' gradients from the slices each owns; collective."""
     part = norm_part(owned_grads, norm_type, device, dtype)
@@ -198,7 +205,10 @@ def global_norm(
 
 
 def nonfinite_on_some_rank(
-    ranks: DataParallelGroup, device: torch.device, *, scaler: ScalerRequest | None,
+    ranks: DataParallelGroup,
+    device: torch.device,
+    *,
+    scaler: ScalerRequest | None,
     grads: Sequence[Tensor] | None,
 ) -> bool:
     """Whether any rank found inf or NaN gradients; collective (one all-reduce of 3 numbers).

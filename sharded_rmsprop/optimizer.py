@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -11,8 +10,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, gradients
-from .agreement import agree
-from .arguments import check_grad, check_grads, check_hyperparameters, check_params
+from .agreement import Fact, agree, plain
+from .arguments import check_grad, check_hyperparameters, check_numeric_options, check_params
 from .comm import DataParallelGroup
 from .facts import ParameterScan, construction_facts, scan_parameters, step_facts
 from .gradients import PendingClip, ScalerRequest
@@ -203,7 +202,7 @@ class ShardedRMSprop(Optimizer):
                 maximize=maximize,
             )
             super().__init__(params, defaults)
-        except (TypeError, ValueError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
             agree(self._ranks, "__init__()", failure=error)  # raises it once the others know
         self._shard_new_groups("__init__()")
         self._constructed = True
@@ -216,9 +215,14 @@ class ShardedRMSprop(Optimizer):
         """
         count = len(self.param_groups)
         try:
+            if self._clip is not None:
+                raise RuntimeError(
+                    "add_param_group() between clip_grad_norm_() and step(): the pending clip "
+                    "covers the parameters there were; add the group before clipping"
+                )
             super().add_param_group(param_group)
             check_params(self.param_groups[-1]["params"])
-        except (TypeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
             del self.param_groups[count:]
             if self._constructed:
                 agree(self._ranks, "add_param_group()", failure=error)
@@ -327,7 +331,8 @@ class ShardedRMSprop(Optimizer):
 
         Like :func:`torch.nn.utils.clip_grad_norm_` on every parameter of the optimizer: the
         norm is that of all gradients viewed as one vector, and they are scaled by
-        ``min(1, max_norm / (total_norm + 1e-6))``. Each rank computes the norm of the
+        ``min(1, max_norm / (total_norm + 1e-6))``. The ranks first agree on the arguments
+        and on which parameters have a gradient; then each rank computes the norm of the
         gradient elements it owns and one scalar all-reduce combines them; the scale is
         applied inside the next :meth:`step`'s update, so ``p.grad`` is left as it is and
         no extra pass over the gradients is made. Calling it again before :meth:`step`
@@ -354,19 +359,27 @@ class ShardedRMSprop(Optimizer):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
+        failure, facts = None, []
         try:
             norm_type = gradients.check_norm_type(norm_type)
-            check_grads(self.param_groups)
-            owned = self._owned_grads()
-        except Exception:
-            # Take part in the norm's all-reduce all the same, so that the other ranks do not
-            # wait: they get a NaN norm, and a pending clip that their next step() finds this
-            # rank lacks (an error on every rank).
-            nan = torch.tensor(math.nan, dtype=dtype, device=self._home_device)
-            self._ranks.all_reduce_tensor(nan, "sum")
-            raise
-        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
+            scan = scan_parameters(self, check_grad)
+            arguments = ("max_norm", "norm_type", "error_if_nonfinite")
+            facts = [
+                Fact(
+                    "the arguments",
+                    plain((max_norm, norm_type, error_if_nonfinite)),
+                    lambda index: arguments[index],
+                    "clip_grad_norm_() must be called on every rank, with the same arguments.",
+                ),
+                scan.has_grad_fact(self),
+            ]
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
+            failure = error
+        agree(self._ranks, "clip_grad_norm_()", facts, failure)
+        dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
+        total_norm = gradients.global_norm(
+            self._owned_grads(), norm_type, self._ranks, self._home_device, dtype
+        )
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
         )
@@ -402,12 +415,16 @@ class ShardedRMSprop(Optimizer):
         """Whether some flat buffer is mapped by every rank of the host."""
         return any(bucket.host_shared for bucket in self._buckets)
 
-    def _agree_on_step(self, clip: PendingClip | None, scaler: ScalerRequest | None) -> ParameterScan:
+    def _agree_on_step(
+        self, clip: PendingClip | None, scaler: ScalerRequest | None
+    ) -> ParameterScan:
         """Check this rank's gradients and parameters, then agree with the other ranks on
         what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
         Returns what the scan found (the parameters to adopt among it)."""
         failure, facts, scan = None, [], None
         try:
+            for g, group in enumerate(self.param_groups):
+                check_numeric_options(f"param_groups[{g}]", group)
             scan = scan_parameters(self, check_grad)
             facts = step_facts(self, clip, scaler, scan)
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
@@ -426,7 +443,9 @@ class ShardedRMSprop(Optimizer):
 
     def _all_grads(self) -> list[Tensor]:
         """This rank's gradients, whole."""
-        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
 
     def _skip_this_step(self, scaler: ScalerRequest | None) -> bool:
         """Whether some rank has inf or NaN gradients this step (when that is checked):
@@ -435,7 +454,9 @@ class ShardedRMSprop(Optimizer):
         if not (self._skip_nonfinite or scaler is not None):
             return False
         if not gradients.nonfinite_on_some_rank(
-            self._ranks, self._home_device, scaler=scaler,
+            self._ranks,
+            self._home_device,
+            scaler=scaler,
             grads=self._all_grads() if self._skip_nonfinite else None,
         ):
             return False

@@ -158,7 +158,9 @@ class ShardedBucket:
         """Copy the parameters into one padded buffer (unless another rank fills a shared
         one) and make them views of it."""
         if flat is None:
-            flat = torch.zeros(self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device)
+            flat = torch.zeros(
+                self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device
+            )
         self.views = [flat[slot.offset : slot.end].view(slot.shape) for slot in self.plan.slots]
         self._view_layouts = [(v.data_ptr(), v.shape, v.stride()) for v in self.views]
         self._view_flat(range(len(self.params)))
@@ -182,7 +184,11 @@ class ShardedBucket:
         for position, (param, layout) in enumerate(zip(self.params, self._view_layouts)):
             grad = param.grad
             found.has_grad.append(grad is not None)
-            if check_grad is not None and grad is not None and (grad.is_sparse or grad.shape != layout[1]):
+            if (
+                check_grad is not None
+                and grad is not None
+                and (grad.is_sparse or grad.shape != layout[1])
+            ):
                 check_grad(param)  # raises torch's error (unless the parameter was reshaped)
             if not _is_view(param, layout, dtype):
                 change = self._change(position)
@@ -243,22 +249,31 @@ class ShardedBucket:
         """The owned elements of ``piece``'s parameter as the parameter holds them now
         (replaced or not), as a new tensor in the compute dtype."""
         param = self.params[self.position_of(piece)].detach()
-        return param.reshape(-1)[piece.param_start : piece.param_end].to(self.compute_dtype, copy=True)
+        return param.reshape(-1)[piece.param_start : piece.param_end].to(
+            self.compute_dtype, copy=True
+        )
 
     def saved_master(self) -> Tensor:
         """The master weights a checkpoint holds: the buffer, except where they are to be
-        taken from the parameters at the next step (reloads asked for, parameters replaced,
-        not allocated yet), which come from the parameters as they are now."""
+        taken from the parameters at the next step (reloads asked for, parameters replaced by
+        tensors it can adopt, not allocated yet), which come from the parameters as they are
+        now."""
         master = self.state.get(MASTER_KEY)
-        stale = [
-            piece for piece in self.pieces
-            if master is None
-            or self.position_of(piece) in self.master_pending
-            or self.is_replaced(self.position_of(piece))
-        ]
-        if not stale:
+        stale = []
+        for piece in self.pieces:
+            position = self.position_of(piece)
+            replaced = self.is_replaced(position)
+            if replaced and self._change(position):
+                continue  # a tensor it cannot adopt (the next step says so): keep the buffer
+            if master is None or replaced or position in self.master_pending:
+                stale.append(piece)
+        if master is not None and not stale:
             return master
-        saved = master.clone() if master is not None else self.new_state(MASTER_KEY, 0, self.shard.numel())
+        saved = (
+            master.clone()
+            if master is not None
+            else self.new_state(MASTER_KEY, 0, self.shard.numel())
+        )
         for piece in stale:
             saved[piece.shard_start : piece.shard_end] = self.param_values(piece)
         return saved
@@ -336,8 +351,9 @@ class ShardedBucket:
                 ],
             )
             everything = len(present) == len(window.parts)
-            yield window.start, window.spans if everything else merge_spans(
-                [part.span for part in present]
+            yield (
+                window.start,
+                window.spans if everything else merge_spans([part.span for part in present]),
             )
 
     def _plan_windows(self) -> list[_Window]:
@@ -369,7 +385,9 @@ class ShardedBucket:
         ]
 
 
-def _is_view(param: Tensor, layout: tuple[int, torch.Size, tuple[int, ...]], dtype: torch.dtype) -> bool:
+def _is_view(
+    param: Tensor, layout: tuple[int, torch.Size, tuple[int, ...]], dtype: torch.dtype
+) -> bool:
     """Whether ``param`` is the view of the flat buffer whose ``(address, shape, stride)`` is
     ``layout``."""
     address, shape, stride = layout

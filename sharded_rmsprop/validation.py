@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .agreement import Fact, plain
-from .arguments import check_hyperparameters
+from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS
 from .shard_view import ShardView
@@ -36,9 +36,7 @@ _OPTION_DEFAULTS = {"momentum": 0, "centered": False, "maximize": False}
 #: Group entries that are not options to load.
 _NOT_OPTIONS = ("params", "param_names", *TORCH_ONLY_OPTIONS)
 
-_DELETE_CHECKSUMS = (
-    " (if you changed the state dict on purpose, delete its 'checksums' entry)"
-)
+_DELETE_CHECKSUMS = " (if you changed the state dict on purpose, delete its 'checksums' entry)"
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,14 @@ class Validated:
         """What every rank must have loaded alike."""
         options = tuple(plain(group[key]) for group in self.groups for key in OPTION_KEYS)
         return [
-            Fact("the loaded param-group options", options,
-                 lambda i: f"the {OPTION_KEYS[i % len(OPTION_KEYS)]} of param group "
-                           f"{i // len(OPTION_KEYS)}"),
+            Fact(
+                "the loaded param-group options",
+                options,
+                lambda i: (
+                    f"the {OPTION_KEYS[i % len(OPTION_KEYS)]} of param group "
+                    f"{i // len(OPTION_KEYS)}"
+                ),
+            ),
             Fact("the loaded step counts", self.steps, lambda i: f"the step of parameter {i}"),
             Fact("the loaded checksums", (self.checksums_digest,), lambda _: "their digest"),
         ]
@@ -69,7 +72,11 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
         raise ValueError(
             "not an optimizer state dict: expected a mapping with 'state' and 'param_groups', "
             f"got {type(state_dict).__name__}"
-            + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
+            + (
+                f" with keys {sorted(map(str, state_dict))}"
+                if isinstance(state_dict, Mapping)
+                else ""
+            )
         )
     groups = _checked_groups(opt, state_dict["param_groups"])
     _check_shapes(opt, state_dict)
@@ -80,7 +87,9 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
     by_index: dict[int, Mapping[str, Any]] = {}
     for saved_id, entry in state.items():
         if saved_id not in homes:
-            raise ValueError(f"state dict has state for parameter {saved_id!r}, which no group lists")
+            raise ValueError(
+                f"state dict has state for parameter {saved_id!r}, which no group lists"
+            )
         bucket, position = homes[saved_id]
         slot = bucket.plan.slots[position]
         _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group])
@@ -116,7 +125,9 @@ def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, An
             raise ValueError(f"{where} is of type {type(saved).__name__}, not a mapping")
         ids = saved.get("params")
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
-            raise ValueError(f"{where}['params'] is of type {type(ids).__name__}, not a list of parameter ids")
+            raise ValueError(
+                f"{where}['params'] is of type {type(ids).__name__}, not a list of parameter ids"
+            )
         if len(ids) != len(group["params"]):
             raise ValueError(
                 f"loaded state dict contains a parameter group that doesn't match the size of "
@@ -124,8 +135,14 @@ def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, An
                 f"and {len(group['params'])} in the optimizer"
             )
         for saved_id in ids:
-            if not isinstance(saved_id, (int, str)) or isinstance(saved_id, bool) or saved_id in seen:
-                raise ValueError(f"{where}['params'] holds {saved_id!r}: ids must be distinct integers")
+            if (
+                not isinstance(saved_id, (int, str))
+                or isinstance(saved_id, bool)
+                or saved_id in seen
+            ):
+                raise ValueError(
+                    f"{where}['params'] holds {saved_id!r}: ids must be distinct integers"
+                )
             seen.add(saved_id)
         lacking = [key for key in OPTION_KEYS if key not in saved and key not in _OPTION_DEFAULTS]
         if lacking:
@@ -137,8 +154,11 @@ def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, An
         _check_options(where, options)
         names = saved.get("param_names")
         if names is not None:
-            if not (isinstance(names, Sequence) and len(names) == len(ids)
-                    and all(isinstance(name, str) for name in names)):
+            if not (
+                isinstance(names, Sequence)
+                and len(names) == len(ids)
+                and all(isinstance(name, str) for name in names)
+            ):
                 raise ValueError(f"{where}['param_names'] must be {len(ids)} strings")
             options["param_names"] = list(names)
         checked.append(options)
@@ -146,33 +166,20 @@ def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, An
 
 
 def _check_options(where: str, options: Mapping[str, Any]) -> None:
-    for key in ("alpha", "eps", "weight_decay", "momentum"):
-        if not _is_real(options[key]):
-            raise ValueError(f"{where}['{key}'] is {options[key]!r}, not a number")
-    lr = options["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or lr.is_meta or not lr.dtype.is_floating_point:
-            raise ValueError(f"{where}['lr'] must be a number or a one-element float tensor")
-    elif not _is_real(lr):
-        raise ValueError(f"{where}['lr'] is {lr!r}, not a number")
+    check_numeric_options(where, options)
     for key in ("centered", "maximize"):
         if not isinstance(options[key], bool):
             raise ValueError(f"{where}['{key}'] is {options[key]!r}, not True or False")
     try:
-        check_hyperparameters(lr, options["alpha"], options["eps"], options["weight_decay"], options["momentum"])
+        check_hyperparameters(
+            options["lr"],
+            options["alpha"],
+            options["eps"],
+            options["weight_decay"],
+            options["momentum"],
+        )
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-
-
-def _is_real(value: Any) -> bool:
-    """A Python int or float (not a bool) that a float holds."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
 
 
 def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
@@ -224,9 +231,18 @@ def _check_entry(
         raise ValueError(f"{where} lacks {sorted(missing)}")
     step = entry["step"]
     if isinstance(step, Tensor):
-        if step.numel() != 1 or step.is_meta or step.is_sparse or step.is_complex() or step.dtype == torch.bool:
-            raise ValueError(f"{where}['step'] must be a number or a one-element real tensor, got {_describe(step)}")
-    elif not _is_real(step):
+        if (
+            step.numel() != 1
+            or step.is_meta
+            or step.is_sparse
+            or step.is_complex()
+            or step.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"{where}['step'] must be a number or a one-element real tensor, got "
+                f"{_describe(step)}"
+            )
+    elif not is_real(step):
         raise ValueError(f"{where}['step'] is {step!r}, not a number")
     if not (math.isfinite(_number(step)) and _number(step) >= 0):
         raise ValueError(f"{where}['step'] is {_number(step)}, not a count of steps")
@@ -236,18 +252,25 @@ def _check_entry(
             _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position)
 
 
-def _check_buffer(where: str, value: Any, shape: tuple[int, ...], bucket: ShardedBucket, position: int) -> None:
+def _check_buffer(
+    where: str, value: Any, shape: tuple[int, ...], bucket: ShardedBucket, position: int
+) -> None:
     if not isinstance(value, Tensor):
         raise ValueError(f"{where} is of type {type(value).__name__}, not a tensor")
     numel = math.prod(shape)
     local = value.local if isinstance(value, ShardView) else value
     expected = (numel,) if isinstance(value, ShardView) else shape
     if tuple(value.shape) != tuple(expected):
-        raise ValueError(f"{where} has shape {tuple(value.shape)} but the parameter has shape {shape}")
+        raise ValueError(
+            f"{where} has shape {tuple(value.shape)} but the parameter has shape {shape}"
+        )
     if local.is_meta or local.is_sparse:
         raise ValueError(f"{where} is {_describe(local)}, which holds no values to load")
     kind = bucket.plan.dtype
-    if not (local.dtype.is_floating_point or local.dtype.is_complex) or local.dtype.is_complex != kind.is_complex:
+    if (
+        not (local.dtype.is_floating_point or local.dtype.is_complex)
+        or local.dtype.is_complex != kind.is_complex
+    ):
         raise ValueError(f"{where} has dtype {local.dtype}, the parameter {kind}")
     if isinstance(value, ShardView):
         start, end = _owned_range(bucket, position)
@@ -266,7 +289,9 @@ def _owned_range(bucket: ShardedBucket, position: int) -> tuple[int, int]:
 
 def _describe(tensor: Tensor) -> str:
     device = "meta" if tensor.is_meta else tensor.device.type
-    return f"a {'sparse ' if tensor.is_sparse else ''}{device} tensor of shape {tuple(tensor.shape)}"
+    return (
+        f"a {'sparse ' if tensor.is_sparse else ''}{device} tensor of shape {tuple(tensor.shape)}"
+    )
 
 
 def _number(step: Any) -> float:
@@ -280,12 +305,21 @@ def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[A
     """Every tensor of ``state`` has its checksums, and the blocks this rank loads match them
     (the step counts: all of them)."""
     if not isinstance(checksums, Mapping):
-        raise ValueError(f"state_dict['checksums'] is of type {type(checksums).__name__}, not a mapping")
+        raise ValueError(
+            f"state_dict['checksums'] is of type {type(checksums).__name__}, not a mapping"
+        )
     for saved_id, sums in checksums.items():  # nothing the checkpoint held is missing
-        missing = [key for key in (sums if isinstance(sums, Mapping) else ()) if key not in state.get(saved_id, {})]
+        missing = [
+            key
+            for key in (sums if isinstance(sums, Mapping) else ())
+            if key not in state.get(saved_id, {})
+        ]
         if saved_id not in state or missing:
             what = f"state[{saved_id!r}]" + (f"[{missing[0]!r}]" if saved_id in state else "")
-            raise ValueError(f"the checkpoint is damaged: {what} is missing, its checksums are not{_DELETE_CHECKSUMS}")
+            raise ValueError(
+                f"the checkpoint is damaged: {what} is missing, its checksums are not"
+                f"{_DELETE_CHECKSUMS}"
+            )
     for saved_id, entry in state.items():
         bucket, position = homes[saved_id]
         sums = checksums.get(saved_id)
@@ -299,7 +333,9 @@ def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[A
             _verify(where, value, expected, bucket, position, whole=key == "step")
 
 
-def _verify(where: str, value: Tensor, expected: Tensor, bucket: ShardedBucket, position: int, whole: bool) -> None:
+def _verify(
+    where: str, value: Tensor, expected: Tensor, bucket: ShardedBucket, position: int, whole: bool
+) -> None:
     if whole:
         values, start = value, 0
     elif isinstance(value, ShardView):
@@ -316,7 +352,9 @@ def _verify(where: str, value: Tensor, expected: Tensor, bucket: ShardedBucket, 
     else:
         sums = expected.reshape(-1)[first_block : first_block + blocks]
     if sums.dtype != torch.int64 or sums.is_meta:
-        raise ValueError(f"the checksums of {where} are {_describe(sums)} of {sums.dtype}, not int64")
+        raise ValueError(
+            f"the checksums of {where} are {_describe(sums)} of {sums.dtype}, not int64"
+        )
     block = first_mismatch(values, sums)
     if block is not None:
         first = start + block * BLOCK_NUMEL

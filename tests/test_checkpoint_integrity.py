@@ -274,3 +274,45 @@ def test_the_converter_says_when_a_checkpoint_is_another_optimizers(tmp_path) ->
         dcp_to_torch_format(path)
     with pytest.raises(ValueError, match=r"the checkpoint has no 'model' entry; it has \['optim'\]"):
         dcp_to_torch_format(path, key="model")
+
+
+# -- tensor learning rates ----------------------------------------------------------------------
+
+
+def test_tensor_learning_rates_load_per_group_and_only_once_checked(tmp_path) -> None:
+    """DCP loads into the state dict's tensors in place: a tensor lr there must be a copy of
+    the group's (torch gives every group the default's one tensor), or a damaged checkpoint
+    would change it before anything is checked, and groups would end with one lr."""
+    def build() -> tuple[list[torch.Tensor], ShardedRMSprop]:
+        params = [torch.randn(40, requires_grad=True), torch.randn(30, requires_grad=True)]
+        groups = [{"params": params[:1]}, {"params": params[1:], "lr": torch.tensor(0.05)}]
+        return params, ShardedRMSprop(groups, lr=torch.tensor(0.01), fused=False)
+
+    params, opt = build()
+    train(params, opt, 2)
+    path = str(tmp_path / "ckpt")
+    save_alone({"optim": opt}, path)
+    _, fresh = build()
+    fresh.param_groups[0]["lr"] = torch.tensor(0.5)
+    fresh.param_groups[1]["lr"] = fresh.param_groups[0]["lr"]  # one tensor, as torch shares it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"optim": fresh}, checkpoint_id=path, no_dist=True)
+    assert [float(g["lr"]) for g in fresh.param_groups] == pytest.approx([0.01, 0.05])
+    flip_a_bit_of(path, opt.state_dict()["state"][0]["square_avg"].local[:20])
+    _, damaged = build()
+    damaged.param_groups[0]["lr"], damaged.param_groups[1]["lr"] = torch.tensor(0.5), torch.tensor(0.25)
+    with pytest.raises(ValueError, match="the checkpoint is damaged"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"optim": damaged}, checkpoint_id=path, no_dist=True)
+    assert [float(g["lr"]) for g in damaged.param_groups] == [0.5, 0.25]  # as they were
+
+
+def test_add_param_group_between_a_clip_and_its_step_is_an_error() -> None:
+    """torch's clip covers the gradients there were; ours is applied in the step."""
+    params, opt = params_and_optimizer()
+    train(params, opt, 1)
+    opt.clip_grad_norm_(1.0)
+    with pytest.raises(RuntimeError, match="add_param_group\\(\\) between clip_grad_norm_\\(\\) and step\\(\\)"):
+        opt.add_param_group({"params": [torch.randn(3, requires_grad=True)]})
+    assert len(opt.param_groups) == 1

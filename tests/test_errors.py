@@ -114,9 +114,12 @@ def mismatch_on_rank(rank: int, world_size: int, case: str) -> dict:
         options["momentum"] = 0.9
     if rank == 1 and case == "bad_lr":
         options["lr"] = -1.0
-    storages = [p.untyped_storage().data_ptr() for p in params]
+    if rank == 1 and case == "group_without_params":
+        params = [{"lr": 0.1}]
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    storages = [p.untyped_storage().data_ptr() for p in tensors]
     error = outcome(lambda: ShardedRMSprop(params, **options))
-    untouched = storages == [p.untyped_storage().data_ptr() for p in params]
+    untouched = storages == [p.untyped_storage().data_ptr() for p in tensors]
     return {"error": error, "untouched": untouched}
 
 
@@ -148,6 +151,16 @@ def test_a_rank_rejecting_its_arguments_does_not_hang_the_others() -> None:
         "ValueError",
         "ShardedRMSprop.__init__() failed on rank 1: Invalid learning rate: -1.0 (nothing was "
         "changed on any rank)",
+    )
+
+
+def test_a_rank_failing_in_an_unforeseen_way_does_not_hang_the_others() -> None:
+    """torch's own KeyError for a group without "params": any error, not only ValueError."""
+    rank0, rank1 = run_ranks(2, mismatch_on_rank, "group_without_params", timeout=120)
+    assert rank1["error"] == ("KeyError", "'params'")
+    assert rank0["error"] == (
+        "RuntimeError",
+        "ShardedRMSprop.__init__() failed on rank 1: 'params' (nothing was changed on any rank)",
     )
 
 

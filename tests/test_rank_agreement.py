@@ -97,27 +97,30 @@ def misshapen_grad_on_one_rank(params, opt, odd):
 
 def clip_differs(params, opt, odd):
     opt.clip_grad_norm_(0.5 if odd else 1.0)
-    opt.step()
 
 
 def clip_rejected_on_one_rank(params, opt, odd):
-    try:
-        norm = opt.clip_grad_norm_(1.0, norm_type="two" if odd else 2.0)
-        assert math.isnan(norm.item())  # this rank took part in the norm, then raised
-    except ValueError:
-        assert odd
+    opt.clip_grad_norm_(1.0, norm_type="two" if odd else 2.0)
+
+
+def clip_on_one_rank(params, opt, odd):
+    if not odd:
+        opt.clip_grad_norm_(1.0)
     opt.step()
 
 
 def sparse_at_clip_on_one_rank(params, opt, odd):
     if odd:
         params[1].grad = params[1].grad.to_sparse()
+    opt.clip_grad_norm_(1.0)
+
+
+def momentum_not_a_number(params, opt, odd):
+    opt.param_groups[1]["momentum"] = None if odd else 0.5
     try:
-        norm = opt.clip_grad_norm_(1.0)
-        assert not odd and math.isnan(norm.item())  # the others get a NaN norm, no hang
-    except RuntimeError:
-        assert odd
-    opt.step()
+        opt.step()
+    finally:
+        opt.param_groups[1]["momentum"] = 0.5
 
 
 def scaled_step(opt: ShardedRMSprop, init_scale: float) -> None:
@@ -159,6 +162,10 @@ def full_state_dict_to_differs(params, opt, odd):
     opt.full_state_dict(to=1 if odd else 0)
 
 
+def full_state_dict_to_is_a_string(params, opt, odd):
+    opt.full_state_dict(to="1" if odd else 1)
+
+
 CASES = {
     "grad_missing": (grad_missing, "the ranks disagree on which parameters have a gradient: "
                      "whether parameter 2 (shape (3,)) has a gradient is True on rank 0 but "
@@ -174,11 +181,14 @@ CASES = {
                                    "but its parameter has shape (7, 5)"),
     "sparse_at_clip_on_one_rank": (sparse_at_clip_on_one_rank, "RMSprop does not support sparse "
                                    "gradients"),
-    "clip_differs": (clip_differs, "the ranks disagree on the clipping to apply: the (max_norm, "
-                     "norm_type) of each pending clip_grad_norm_() is ((1.0, 2.0),) on rank 0 "
-                     "but ((0.5, 2.0),) on rank {odd}"),
-    "clip_rejected_on_one_rank": (clip_rejected_on_one_rank, "is ((1.0, 2.0),) on rank 0 but "
-                                  "None on rank {odd}"),
+    "clip_differs": (clip_differs, "clip_grad_norm_(): the ranks disagree on the arguments: "
+                     "max_norm is 1.0 on rank 0 but 0.5 on rank {odd}"),
+    "clip_rejected_on_one_rank": (clip_rejected_on_one_rank, "norm_type must be a number or "
+                                  "'inf', got 'two'"),
+    "clip_on_one_rank": (clip_on_one_rank, "the ranks called different collective methods at "
+                         "the same time (rank 0: clip_grad_norm_()"),
+    "momentum_not_a_number": (momentum_not_a_number, "param_groups[1]['momentum'] is None, not "
+                              "a number"),
     "scaler_on_one_rank": (scaler_on_one_rank, "the ranks disagree on the GradScaler: whether "
                            "a GradScaler calls step() is True on rank 0 but False on rank {odd}"),
     "scales_differ": (scales_differ, "the ranks' GradScalers have different scales"),
@@ -190,6 +200,8 @@ CASES = {
                           "at the same time (rank 0: step()"),
     "full_state_dict_to_differs": (full_state_dict_to_differs, "the ranks disagree on the "
                                    "arguments: to is 0 on rank 0 but 1 on rank {odd}"),
+    "full_state_dict_to_is_a_string": (full_state_dict_to_is_a_string, "to='1' is not a rank of "
+                                       "a process group of size"),
 }
 
 
@@ -272,16 +284,18 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(element: int) -> None:
         assert result == {"skipped": 1, "untouched": True}
 
 
-# -- what the library cannot see: a collective called on one rank only ----------------------------
+# -- what the library cannot see: a collective of the user's called on one rank only ---------------
 
 
-def clip_on_rank_0_only(rank: int, world_size: int) -> str:
+def own_collective_on_rank_0_only(rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
     params = make_params()
     opt = ShardedRMSprop(params)
     set_grads(params, 0)
     try:
         if rank == 0:
-            opt.clip_grad_norm_(1.0)
+            dist.all_reduce(torch.ones(3))  # the user's, not the optimizer's
         opt.step()
     except RuntimeError as error:
         return str(error)
@@ -289,10 +303,11 @@ def clip_on_rank_0_only(rank: int, world_size: int) -> str:
 
 
 def test_torch_distributed_debug_detail_finds_a_collective_called_on_one_rank(monkeypatch) -> None:
-    """clip_grad_norm_() on rank 0 alone pairs its all-reduce with the other rank's step():
-    the library cannot tell; TORCH_DISTRIBUTED_DEBUG=DETAIL (as the README says) can."""
+    """A collective of the user's on rank 0 alone pairs with the other rank's step(): the
+    library cannot tell; TORCH_DISTRIBUTED_DEBUG=DETAIL (as the README says) can. (The
+    optimizer's own methods are told apart: see the clip_on_one_rank case.)"""
     monkeypatch.setitem(os.environ, "TORCH_DISTRIBUTED_DEBUG", "DETAIL")
-    for message in run_ranks(2, clip_on_rank_0_only, timeout=120):
+    for message in run_ranks(2, own_collective_on_rank_0_only, timeout=120):
         assert "Detected mismatch between collectives on ranks" in message
 
 

@@ -244,3 +244,31 @@ def test_checkpoints_hold_the_master_weights_the_next_step_would_use(change: str
     sharded = opt.state_dict()
     assert torch.equal(full["state"][0]["master_weight"], torch.full((1, 64), 3.0))
     assert torch.equal(sharded["state"][0]["master_weight"].local, torch.full((64,), 3.0))
+
+
+def sliced_bf16_state_dict_on_rank(rank: int, world_size: int) -> dict:
+    """A parameter replaced by a shorter tensor cannot be adopted: saving must not fail on
+    the ranks that own its end only (DCP would hang the others), the next step fails on all."""
+    p = torch.nn.Parameter(torch.randn(256).bfloat16())
+    opt = ShardedRMSprop([p], fused=False)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    p.data = p.data[:200]
+    outcome = {"state_dict": "ok"}
+    try:
+        opt.state_dict()
+    except Exception as error:  # noqa: BLE001
+        outcome["state_dict"] = repr(error)
+    p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        outcome["step"] = "no error"
+    except RuntimeError as error:
+        outcome["step"] = str(error)
+    return outcome
+
+
+def test_saving_with_a_parameter_it_cannot_adopt_succeeds_on_every_rank() -> None:
+    for outcome in run_ranks(2, sliced_bf16_state_dict_on_rank, timeout=60):
+        assert outcome["state_dict"] == "ok"
+        assert "shape (200,), not (256,)" in outcome["step"]
