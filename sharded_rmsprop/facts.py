@@ -98,23 +98,31 @@ class ParameterScan:
     adoptable: list[list[int]]  # the same, as positions by bucket
 
     def has_grad_fact(self, opt: ShardedRMSprop) -> Fact:
-        label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
-        return Fact(
+        return _per_parameter(
+            opt,
             "which parameters have a gradient",
             self.has_grad,
-            lambda index: f"whether {label(index)} has a gradient",
+            "whether {} has a gradient",
             "Without DDP averaging the gradients, every rank must give the same parameters a "
             "gradient (zero_grad(set_to_none=True) and frozen parameters alike on all ranks).",
         )
 
     def replaced_fact(self, opt: ShardedRMSprop) -> Fact:
-        label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
-        return Fact(
+        return _per_parameter(
+            opt,
             "the parameters replaced since the last step",
             self.replaced,
-            lambda index: f"whether {label(index)} was replaced (p.data = ...)",
+            "whether {} was replaced (p.data = ...)",
             "Replace parameters on every rank alike.",
         )
+
+
+def _per_parameter(
+    opt: ShardedRMSprop, subject: str, flags: tuple[bool, ...], question: str, advice: str
+) -> Fact:
+    """A fact of one flag per parameter; ``question`` puts a parameter's label in words."""
+    label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+    return Fact(subject, flags, lambda index: question.format(label(index)), advice)
 
 
 def scan_parameters(
@@ -199,15 +207,15 @@ def step_facts(
 
 def _reloads(opt: ShardedRMSprop) -> Fact:
     """Which parameters' master weights are to be taken from the parameters."""
-    label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
     reloading = [False] * sum(len(bucket.params) for bucket in opt._buckets)
     for bucket in opt._buckets:
         for position in bucket.master_pending:
             reloading[bucket.plan.slots[position].index] = True
-    return Fact(
+    return _per_parameter(
+        opt,
         "the master weights to take from the parameters",
         tuple(reloading),
-        lambda index: f"whether the master weights of {label(index)} are to be reloaded",
+        "whether the master weights of {} are to be reloaded",
         "Call reload_master_weights() on every rank.",
     )
 
