@@ -45,7 +45,7 @@ from .agreement import Fact, agree
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .facts import TORCH_ONLY_OPTIONS, scan_parameters, state_facts
 from .shard_view import ShardView
-from .shards import MASTER_KEY, ShardedBucket, homes, param_shapes, state_keys_for
+from .shards import MASTER_KEY, ShardedBucket, homes, param_shapes
 from .validation import validated
 
 if TYPE_CHECKING:
@@ -63,12 +63,6 @@ __all__ = [
 DEFAULT_CHUNK_NUMEL = 1 << 22
 
 # -- what the optimizer holds, parameter by parameter ----------------------------------------------
-
-
-def _saved_keys(bucket: ShardedBucket, group: Mapping[str, Any]) -> tuple[str, ...]:
-    """The buffers a checkpoint holds for a parameter of ``group`` in ``bucket``: torch's,
-    and the master weights if the bucket keeps them."""
-    return state_keys_for(group) + ((MASTER_KEY,) if bucket.master_weights else ())
 
 
 def _saved_buffers(bucket: ShardedBucket, keys: Sequence[str]) -> dict[str, Tensor]:
@@ -124,7 +118,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
                 {
                     key
                     for g in bucket.group_indices
-                    for key in _saved_keys(bucket, opt.param_groups[g])
+                    for key in bucket.keys_for(opt.param_groups[g])
                 }
             ),
         )
@@ -137,7 +131,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
         piece = bucket.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         offset = piece.param_start if piece else 0
-        for key in _saved_keys(bucket, opt.param_groups[slot.group]):
+        for key in bucket.keys_for(opt.param_groups[slot.group]):
             local = buffers[id(bucket)][key][start:end].clone()
             if slot.numel == 0:  # nothing to shard: a replicated empty tensor, as torch has it
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
@@ -196,7 +190,7 @@ def full_state_dict(
             targets = [
                 (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
-                if key in _saved_keys(bucket, opt.param_groups[bucket.plan.slots[pos].group])
+                if key in bucket.keys_for(opt.param_groups[bucket.plan.slots[pos].group])
             ]
             for flat_start, chunk in ranks.stream_shards(buffer, to, chunk_numel):
                 _scatter_chunk(chunk, flat_start, targets)
@@ -287,7 +281,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
                     owned.copy_(source.reshape(-1)[piece.param_start : piece.param_end])
         for position, param in enumerate(bucket.params):
             if bucket.steps[position] > 0:
-                opt.state[param] = bucket.param_state(position)
+                opt.state[param] = opt._param_state(bucket, position)
 
 
 # -- offline conversion ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -479,13 +480,15 @@ class ShardedRMSprop(Optimizer):
         if not stepped:
             return
         bucket.steps[stepped] += 1
-        if self._allocate_state(bucket):
-            self._refresh_state_views(bucket)
+        keys = [bucket.keys_for(self.param_groups[g]) for g in bucket.group_indices]
+        if self._allocate_state(bucket) or keys != bucket.viewed_keys:
+            self._refresh_state_views(bucket)  # new buffers, or groups' options changed
+            bucket.viewed_keys = keys
         bucket.take_pending_master_weights()
         for position in stepped:
             param = bucket.params[position]
             if param not in self.state:
-                self.state[param] = bucket.param_state(position)
+                self.state[param] = self._param_state(bucket, position)
 
     def _allocate_state(self, bucket: ShardedBucket) -> bool:
         """Create the buffers the bucket's param groups need; True if any was new."""
@@ -539,7 +542,11 @@ class ShardedRMSprop(Optimizer):
     def _refresh_state_views(self, bucket: ShardedBucket) -> None:
         for position, param in enumerate(bucket.params):
             if param in self.state:
-                self.state[param] = bucket.param_state(position)
+                self.state[param] = self._param_state(bucket, position)
+
+    def _param_state(self, bucket: ShardedBucket, position: int) -> dict[str, Tensor]:
+        """``state[p]`` of the parameter at ``position`` (see ShardedBucket.param_state)."""
+        return bucket.param_state(position, self.param_groups[bucket.plan.slots[position].group])
 
     # -- checkpointing ---------------------------------------------------------------------------
 
@@ -550,9 +557,12 @@ class ShardedRMSprop(Optimizer):
         a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
         reads the ranges it now owns. Every tensor comes with checksums (``checksums``), which
         a load verifies. For torch's own single-file format use :meth:`full_state_dict`. No
-        collectives.
+        collectives. The hooks of :meth:`register_state_dict_pre_hook` and
+        :meth:`register_state_dict_post_hook` run as torch runs them.
         """
-        return checkpoint.sharded_state_dict(self)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        return self._after_state_dict_hooks(checkpoint.sharded_state_dict(self))
 
     def full_state_dict(
         self, to: int | None = 0, *, chunk_numel: int = checkpoint.DEFAULT_CHUNK_NUMEL
@@ -564,11 +574,25 @@ class ShardedRMSprop(Optimizer):
         ``torch.load(..., weights_only=True)`` reads it back. It carries the checksums of its
         tensors (``checksums``, which torch ignores and :meth:`load_state_dict` verifies). The
         receiving rank needs memory for the output plus one chunk of ``chunk_numel`` elements.
+        State-dict pre-hooks run on every rank, post-hooks on the receiving ranks.
 
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        return checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
+        try:
+            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+                pre_hook(self)
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
+            agree(self._ranks, "full_state_dict()", failure=error)
+        state_dict = checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
+        return None if state_dict is None else self._after_state_dict_hooks(state_dict)
+
+    def _after_state_dict_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch's format (from ``torch.optim.RMSprop`` or :meth:`full_state_dict`) or
@@ -580,7 +604,22 @@ class ShardedRMSprop(Optimizer):
         this rank loads), then the ranks agree: a bad or damaged state dict on any rank
         raises ``ValueError`` on every rank and leaves the optimizer as it was.
 
+        The hooks of :meth:`register_load_state_dict_pre_hook` (given a shallow copy of
+        ``state_dict``, as torch gives them) and :meth:`register_load_state_dict_post_hook`
+        run as torch runs them.
+
         .. warning::
             Collective: every rank of the process group must call it.
         """
+        try:
+            if isinstance(state_dict, Mapping):
+                state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it
+            agree(self._ranks, "load_state_dict()", failure=error)
         checkpoint.load_state_dict(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -152,6 +152,8 @@ class ShardedBucket:
         )
         self._windows = self._plan_windows()
         self.state: dict[str, Tensor] = {}
+        #: The buffers each group's parameters showed in ``optimizer.state`` when last built.
+        self.viewed_keys: list[tuple[str, ...]] = []
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
     def _flatten_params(self, flat: Tensor | None) -> Tensor:
@@ -302,16 +304,23 @@ class ShardedBucket:
         """The part of the parameter at ``position`` that this rank owns, if any."""
         return self._owned_piece.get(self.plan.slots[position].index)
 
-    def param_state(self, position: int) -> dict[str, Tensor]:
-        """torch-style state of the parameter at ``position`` on this rank.
+    def keys_for(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The buffers a parameter of a group with ``options`` has here: torch's, and the
+        master weights if the bucket keeps them."""
+        return state_keys_for(options) + ((MASTER_KEY,) if self.master_weights else ())
 
-        ``step`` is a 0-d view of its counter; each allocated buffer contributes the owned
-        slice (1-D, empty where this rank owns none of the parameter).
+    def param_state(self, position: int, options: Mapping[str, Any]) -> dict[str, Tensor]:
+        """torch-style state of the parameter at ``position`` on this rank, whose group has
+        ``options``.
+
+        ``step`` is a 0-d view of its counter; each buffer its group uses (and that is
+        allocated) contributes the owned slice (1-D, empty where this rank owns none of the
+        parameter). Buffers the bucket keeps for other groups are left out, as torch has none.
         """
         piece = self.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         state = {"step": self.steps[position]}
-        for key in (*STATE_KEYS, MASTER_KEY):
+        for key in self.keys_for(options):
             if key in self.state:
                 state[key] = self.state[key][start:end]
         return state

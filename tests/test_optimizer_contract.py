@@ -1,0 +1,156 @@
+"""torch.optim.Optimizer's contract, as torch's own generic optimizer tests state it.
+
+Our own tests of the behaviours PyTorch's ``test/test_optim.py`` checks for every optimizer
+(hooks, state-dict round trips, param groups, printing, ...), with ShardedRMSprop in place of
+torch.optim.RMSprop, at world size 1 without a process group unless said otherwise.
+
+Behaviours deliberately not followed, and why:
+
+- A parameter listed twice in one param group is an error (torch warns and updates it twice
+  through one state): each parameter gets one place in the flat buffer.
+- ``state_dict()`` returns this rank's shards (the sharded format DCP writes); torch's format,
+  whole tensors, comes from the collective ``full_state_dict()``.
+- ``load_state_dict()`` and ``clip_grad_norm_()`` are collective: every rank calls them.
+- Parameters appended to a param group after construction are an error at the next step
+  (torch would update them): the flat buffers are laid out at construction; use
+  ``add_param_group()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sharded_rmsprop import ShardedRMSprop
+
+SHAPES = [(7, 5), (3,), (40,)]
+
+
+def params_and_optimizer(**options) -> tuple[list[torch.Tensor], ShardedRMSprop]:
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).requires_grad_() for s in SHAPES]
+    groups = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.9, "centered": True}]
+    return params, ShardedRMSprop(groups, lr=1e-2, fused=False, **options)
+
+
+def train(params: list[torch.Tensor], opt: ShardedRMSprop, steps: int = 2, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+
+
+# -- hooks -------------------------------------------------------------------------------------
+
+
+def test_state_dict_hooks_run_as_torchs_do() -> None:
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "mine": 1})
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("post", sd["mine"])))
+    for make in (opt.state_dict, lambda: opt.full_state_dict(to=0)):
+        assert make()["mine"] == 1
+        assert calls == [("pre", True), ("post", 1)]
+        calls.clear()
+
+
+def test_load_state_dict_hooks_run_as_torchs_do() -> None:
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    saved = opt.full_state_dict(to=0)
+    calls = []
+
+    def halve_lr(o, state_dict):  # given a shallow copy: the caller's dict keeps its groups
+        calls.append("pre")
+        groups = [{**g, "lr": g["lr"] / 2} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    opt.register_load_state_dict_pre_hook(halve_lr)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.param_groups[0]["lr"])))
+    opt.load_state_dict(saved)
+    assert calls == ["pre", ("post", 5e-3)]
+    assert saved["param_groups"][0]["lr"] == 1e-2
+
+
+def test_step_hooks_run_around_step() -> None:
+    params, opt = params_and_optimizer()
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    train(params, opt, steps=1)
+    assert calls == ["pre", "post"]
+
+
+# -- state as torch shows it -----------------------------------------------------------------------
+
+
+def test_state_shows_only_the_buffers_of_each_parameters_group() -> None:
+    """Groups with and without momentum share one flat buffer: torch keeps no momentum_buffer
+    for a parameter whose group has none, and neither does ``state[p]``."""
+    params, opt = params_and_optimizer()
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.RMSprop(
+        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
+        lr=1e-2,
+    )
+    train(params, opt), train(reference, ref)
+    for p, q in zip(params, reference):
+        assert sorted(opt.state[p]) == sorted(ref.state[q])
+    opt.param_groups[0]["momentum"] = 0.5  # from now on group 0 keeps one too
+    train(params, opt, steps=1)
+    assert "momentum_buffer" in opt.state[params[0]]
+
+
+def test_param_names_go_through_loads_as_torchs_do() -> None:
+    """Named parameters: the names a state dict carries replace the optimizer's; a state dict
+    without names leaves the optimizer's as they are."""
+    generator = torch.Generator().manual_seed(0)
+    named = [(f"w{i}", torch.randn(s, generator=generator).requires_grad_()) for i, s in enumerate(SHAPES)]
+    opt = ShardedRMSprop(named, fused=False)
+    train([p for _, p in named], opt)
+    saved = opt.full_state_dict(to=0)
+    assert saved["param_groups"][0]["param_names"] == ["w0", "w1", "w2"]
+    unnamed_opt = ShardedRMSprop([p.detach().clone().requires_grad_() for _, p in named], fused=False)
+    unnamed_opt.load_state_dict(saved)
+    assert unnamed_opt.param_groups[0]["param_names"] == ["w0", "w1", "w2"]
+    unnamed = unnamed_opt.full_state_dict(to=0)
+    del unnamed["param_groups"][0]["param_names"]
+    opt.load_state_dict(unnamed)
+    assert opt.param_groups[0]["param_names"] == ["w0", "w1", "w2"]
+
+
+def test_a_step_count_that_is_a_number_loads() -> None:
+    """Older torch kept ``step`` as a Python number."""
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    saved = opt.full_state_dict(to=0)
+    del saved["checksums"]
+    for entry in saved["state"].values():
+        entry["step"] = float(entry["step"])
+    fresh_params, fresh = params_and_optimizer()
+    fresh.load_state_dict(saved)
+    assert all(float(fresh.state[p]["step"]) == 2.0 for p in fresh_params)
+
+
+def test_the_optimizer_prints_like_torchs() -> None:
+    _, opt = params_and_optimizer()
+    text = repr(opt)
+    assert text.startswith("ShardedRMSprop (") and "Parameter Group 1" in text and "momentum: 0.9" in text
+
+
+def test_zero_gradients_update_as_torchs_do() -> None:
+    """A zero gradient is a step (torch skips only None), with weight decay and momentum."""
+    params, opt = params_and_optimizer(weight_decay=0.1)
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.RMSprop(
+        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
+        lr=1e-2, weight_decay=0.1,
+    )
+    for _ in range(2):
+        for p, q in zip(params, reference):
+            p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+        opt.step(), ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
