@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
@@ -230,6 +232,34 @@ class ShardedRMSprop(Optimizer):
             raise
         if self._constructed:
             self._shard_new_groups("add_param_group()")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedRMSprop:
+        """A working copy over copies of the parameters (the same copies as a model copied
+        with it, through ``memo``), with its own flat buffers (private even where these are
+        shared by the host), state and step counts, on the same process group (a group is not
+        copied). Every rank must copy alike, as for any collective object."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            if name not in ("_ranks", "_buckets", "state", "_group_params"):
+                setattr(twin, name, copy.deepcopy(value, memo))
+        twin._ranks = self._ranks
+        twin._buckets = [
+            bucket.copy(self._ranks.rank, [copy.deepcopy(p, memo) for p in bucket.params])
+            for bucket in self._buckets
+        ]
+        twin._group_params = [tuple(group["params"]) for group in twin.param_groups]
+        twin.state = defaultdict(dict)
+        for bucket in twin._buckets:
+            twin._refresh_state_views(bucket, every=False)
+        return twin
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(
+            "a ShardedRMSprop cannot be pickled: it is bound to its process group and holds "
+            "one rank's shard. Save its state with state_dict() (DCP) or full_state_dict(), "
+            "or copy it with copy.deepcopy"
+        )
 
     # -- construction ------------------------------------------------------------------------
 
@@ -539,9 +569,11 @@ class ShardedRMSprop(Optimizer):
             low_precision_param=bucket.shard[owned] if bucket.master_weights else None,
         )
 
-    def _refresh_state_views(self, bucket: ShardedBucket) -> None:
+    def _refresh_state_views(self, bucket: ShardedBucket, every: bool = True) -> None:
+        """Rebuild ``state[p]`` of the bucket's parameters that have state (``every``), or
+        of those that have stepped."""
         for position, param in enumerate(bucket.params):
-            if param in self.state:
+            if param in self.state if every else bucket.steps[position] > 0:
                 self.state[param] = self._param_state(bucket, position)
 
     def _param_state(self, bucket: ShardedBucket, position: int) -> dict[str, Tensor]:

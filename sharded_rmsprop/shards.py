@@ -168,6 +168,16 @@ class ShardedBucket:
         self._view_flat(range(len(self.params)))
         return flat
 
+    def copy(self, rank: int, params: Sequence[Tensor]) -> ShardedBucket:
+        """A bucket of its own for ``params`` (copies of this one's parameters, with their
+        values), holding copies of this one's state, step counts and pending reloads; its flat
+        buffer is private even where this one's is shared by the host."""
+        twin = ShardedBucket(self.plan, rank, params, None, self.master_weights)
+        twin.state = {key: buffer.clone() for key, buffer in self.state.items()}
+        twin.steps = self.steps.clone()
+        twin.master_pending = set(self.master_pending)
+        return twin
+
     def is_replaced(self, position: int) -> bool:
         """Whether the parameter at ``position`` no longer is its view of ``flat``: another
         tensor (``p.data = ...``, ``module.to_empty(...)``), or another view of the same memory

@@ -18,9 +18,14 @@ Behaviours deliberately not followed, and why:
 
 from __future__ import annotations
 
+import copy
+import pickle
+
+import pytest
 import torch
 
 from sharded_rmsprop import ShardedRMSprop
+from spawn import run_ranks
 
 SHAPES = [(7, 5), (3,), (40,)]
 
@@ -154,3 +159,59 @@ def test_zero_gradients_update_as_torchs_do() -> None:
         opt.step(), ref.step()
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
     assert all(float(opt.state[p]["step"]) == 2 for p in params)
+
+
+# -- copies ----------------------------------------------------------------------------------------
+
+
+def test_a_deep_copy_is_a_working_optimizer_of_its_own() -> None:
+    params, opt = params_and_optimizer(skip_nonfinite=True)
+    train(params, opt)
+    opt.skipped_steps = 3
+    twin = copy.deepcopy(opt)
+    public = [name for name in dir(opt) if not name.startswith("_") and not callable(getattr(opt, name))]
+    for name in public:
+        assert repr(getattr(twin, name)) == repr(getattr(opt, name)), name
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    assert all(p is not q and torch.equal(p, q) for p, q in zip(params, twin_params))
+    assert all(opt.state[p]["square_avg"].data_ptr() != twin.state[q]["square_avg"].data_ptr()
+               for p, q in zip(params, twin_params))
+    train(params, opt, seed=5), train(twin_params, twin, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+    train(twin_params, twin, seed=6)  # the copy moves on alone
+    assert not torch.equal(params[0], twin_params[0])
+
+
+def test_a_model_and_its_optimizer_copied_together_train_together() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2))
+    opt = ShardedRMSprop(model.parameters(), momentum=0.9, fused=False)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), (model_copy, opt_copy)):
+        m(torch.ones(3, 5)).sum().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_copy.parameters()))
+    assert list(opt_copy.state) == list(model_copy.parameters())
+
+
+def test_pickling_the_optimizer_says_what_to_save_instead() -> None:
+    _, opt = params_and_optimizer()
+    with pytest.raises(TypeError, match="cannot be pickled.*state_dict\\(\\) \\(DCP\\) or full_state_dict\\(\\)"):
+        pickle.dumps(opt)
+
+
+def deep_copy_on_rank(rank: int, world_size: int) -> bool:
+    params, opt = params_and_optimizer()
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.RMSprop(
+        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
+        lr=1e-2,
+    )
+    train(params, opt), train(reference, ref)
+    twin = copy.deepcopy(opt)
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    train(twin_params, twin, seed=7), train(reference, ref, seed=7)
+    return all(torch.equal(p, q) for p, q in zip(twin_params, reference))
+
+
+def test_a_deep_copy_works_across_ranks() -> None:
+    assert all(run_ranks(2, deep_copy_on_rank))
