@@ -5,10 +5,20 @@ In the sharded state dict every buffer of a parameter is a 1-D tensor of the par
 that tensor: it tells ``torch.distributed.checkpoint`` where its range lies
 (``__create_write_items__``, ``__create_chunk_list__``, ``__get_tensor_shard__``), so each
 rank writes only its ranges and a load at another world size reads whatever saved ranges
-overlap the ranges it now owns. Its data is ``local``; no other operation is allowed on it.
+overlap the ranges it now owns. Its data is ``local``.
+
+It also survives what users do with a state dict: ``copy.deepcopy``, ``clone()``,
+``detach()`` and ``to()`` give ShardViews; ``torch.save`` writes it as plain data
+(:func:`as_plain`), which ``torch.load(..., weights_only=True)`` reads back and
+:meth:`ShardedRMSprop.load_state_dict` accepts (:func:`from_plain`). Any other operation, such as
+the arithmetic of ``torch.optim.RMSprop`` given this state dict, is a ``RuntimeError`` that says
+what it is.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +29,20 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-__all__ = ["ShardView"]
+__all__ = ["ShardView", "as_plain", "from_plain"]
+
+#: The key that marks a ShardView written as plain data; its value is the buffer's numel.
+PLAIN_MARK = "sharded_rmsprop_shard_of_numel"
+
+_aten = torch.ops.aten
+#: Operations whose result is the same range of a buffer (a copy, a view, another dtype or
+#: device): applied to ``local``, they give a ShardView.
+_SAME_RANGE = {
+    _aten.clone.default,
+    _aten.detach.default,
+    _aten.alias.default,
+    _aten._to_copy.default,
+}
 
 
 class ShardView(torch.Tensor):
@@ -43,10 +66,23 @@ class ShardView(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        view = args[0] if args else None
+        if func in _SAME_RANGE and isinstance(view, ShardView):
+            local = func(view.local, *args[1:], **(kwargs or {}))
+            return ShardView(local, view.offset, view.numel())
         raise RuntimeError(
-            f"{func} was called on a ShardView: it holds one rank's range of an optimizer "
-            "buffer for torch.distributed.checkpoint; use full_state_dict() for whole tensors"
+            f"{func} was called on a ShardView: it is one rank's range of an optimizer buffer, "
+            "from ShardedRMSprop.state_dict() (the sharded format for "
+            "torch.distributed.checkpoint). torch.optim.RMSprop and arithmetic need whole "
+            "tensors: use ShardedRMSprop.full_state_dict()"
         )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardView:
+        return ShardView(self.local.clone(), self.offset, self.numel())
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickled as plain data (:func:`as_plain`), which ``weights_only`` loads read."""
+        return (OrderedDict, (list(as_plain(self).items()),))
 
     def _chunk(self) -> ChunkStorageMetadata:
         return ChunkStorageMetadata(
@@ -76,3 +112,19 @@ class ShardView(torch.Tensor):
 
     def __repr__(self) -> str:  # the default repr would dispatch an op
         return f"ShardView(numel={self.numel()}, offset={self.offset}, local={self.local.numel()})"
+
+
+def as_plain(view: ShardView) -> OrderedDict:
+    """``view`` as plain data: its numel (under :data:`PLAIN_MARK`), offset and local tensor."""
+    return OrderedDict([(PLAIN_MARK, view.numel()), ("offset", view.offset), ("local", view.local)])
+
+
+def from_plain(value: Any) -> Any:
+    """A ShardView again from what :func:`as_plain` made of it; anything else as it is."""
+    if isinstance(value, OrderedDict) and PLAIN_MARK in value:
+        local = value.get("local")
+        numel, offset = value[PLAIN_MARK], value.get("offset")
+        if not (isinstance(local, Tensor) and isinstance(numel, int) and isinstance(offset, int)):
+            raise ValueError("a shard of a sharded state dict is damaged: it lacks local or offset")
+        return ShardView(local.reshape(-1), offset, numel)
+    return value

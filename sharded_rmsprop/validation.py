@@ -22,7 +22,7 @@ from .agreement import Fact, plain
 from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS
-from .shard_view import ShardView
+from .shard_view import ShardView, from_plain
 from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, homes, param_shapes, state_keys_for
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
                 else ""
             )
         )
+    state_dict = _with_shard_views(state_dict)
     groups = _checked_groups(opt, state_dict["param_groups"])
     _check_shapes(opt, state_dict)
     homes = _homes_by_saved_id(opt, state_dict["param_groups"])
@@ -101,6 +102,22 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
     for index, entry in by_index.items():
         steps[index] = _number(entry["step"])
     return Validated(groups, by_index, tuple(steps), _torch_format_digest(checksums, state))
+
+
+def _with_shard_views(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with the shards that ``torch.save`` wrote as plain data (a state dict
+    of :meth:`ShardedRMSprop.state_dict` saved and loaded) made ShardViews again."""
+    normal = dict(state_dict)
+    for section in ("state", "checksums"):
+        entries = state_dict.get(section)
+        if isinstance(entries, Mapping):
+            normal[section] = {
+                key: {name: from_plain(value) for name, value in entry.items()}
+                if isinstance(entry, Mapping)
+                else entry
+                for key, entry in entries.items()
+            }
+    return normal
 
 
 # -- param groups ---------------------------------------------------------------------------------
@@ -277,7 +294,9 @@ def _check_buffer(
         if (value.offset, local.numel()) != (start, end - start):
             raise ValueError(
                 f"{where} holds elements [{value.offset}, {value.offset + local.numel()}) but "
-                f"this rank owns [{start}, {end})"
+                f"this rank owns [{start}, {end}): state_dict() holds the ranges of the rank "
+                "that made it, so each rank must load its own (at the same world size); "
+                "full_state_dict() or torch.distributed.checkpoint load at any world size"
             )
 
 

@@ -215,3 +215,81 @@ def deep_copy_on_rank(rank: int, world_size: int) -> bool:
 
 def test_a_deep_copy_works_across_ranks() -> None:
     assert all(run_ranks(2, deep_copy_on_rank))
+
+
+# -- state_dict() survives the usual habits -------------------------------------------------------
+
+
+def test_state_dict_survives_deepcopy_and_torch_save(tmp_path) -> None:
+    """Loaded into fresh optimizers holding the weights of the save, both continue exactly."""
+    saved_params, saved_opt = params_and_optimizer()
+    train(saved_params, saved_opt)
+    torch.save(saved_opt.state_dict(), tmp_path / "optim.pt")
+    weights = [p.detach().clone() for p in saved_params]
+    copies = {"deepcopy": copy.deepcopy(saved_opt.state_dict()), "torch.load": torch.load(tmp_path / "optim.pt")}
+    train(saved_params, saved_opt, seed=9)
+    for name, state_dict in copies.items():
+        fresh_params, fresh = params_and_optimizer()
+        with torch.no_grad():
+            for p, w in zip(fresh_params, weights):
+                p.copy_(w)
+        fresh.load_state_dict(state_dict)
+        train(fresh_params, fresh, seed=9)
+        assert all(torch.equal(a, b) for a, b in zip(fresh_params, saved_params)), name
+
+
+def per_rank_files(rank: int, world_size: int, directory: str, only_rank_0: bool) -> str:
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    if rank == 0 or not only_rank_0:
+        torch.save(opt.state_dict(), f"{directory}/optim{rank}.pt")
+    torch.distributed.barrier()
+    weights = [p.detach().clone() for p in params]
+    train(params, opt, seed=9)
+    fresh_params, fresh = params_and_optimizer()
+    with torch.no_grad():
+        for p, w in zip(fresh_params, weights):
+            p.copy_(w)
+    try:
+        fresh.load_state_dict(torch.load(f"{directory}/optim{0 if only_rank_0 else rank}.pt"))
+    except ValueError as error:
+        return str(error)
+    train(fresh_params, fresh, seed=9)
+    return "same" if all(torch.equal(a, b) for a, b in zip(fresh_params, params)) else "differs"
+
+
+def test_each_rank_saving_its_state_dict_with_torch_save_resumes_exactly(tmp_path) -> None:
+    assert run_ranks(2, per_rank_files, str(tmp_path), False) == ["same", "same"]
+
+
+def test_one_rank_saving_its_state_dict_for_all_is_a_clear_error(tmp_path) -> None:
+    """The habit of saving on rank 0 alone: state_dict() holds rank 0's ranges only."""
+    for message in run_ranks(2, per_rank_files, str(tmp_path), True):
+        assert "state_dict() holds the ranges of the rank that made it" in message
+
+
+def test_state_dict_tensors_copy_and_move_but_refuse_arithmetic() -> None:
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    shard = opt.state_dict()["state"][2]["square_avg"]
+    for same_range in (shard.clone(), shard.detach(), shard.to(torch.float64), shard.cpu()):
+        assert type(same_range) is type(shard) and same_range.offset == shard.offset
+    assert shard.to(torch.float64).local.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="one rank's range of an optimizer buffer.*full_state_dict"):
+        shard * 2
+
+
+def test_torch_rmsprop_given_the_sharded_state_dict_fails_clearly_at_its_first_step() -> None:
+    """torch's loader copies the entries as they are (nothing in it can refuse them); its
+    first step then meets a ShardView and says what it is."""
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.RMSprop(
+        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}]
+    )
+    ref.load_state_dict(opt.state_dict())
+    for p in reference:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict"):
+        ref.step()
