@@ -239,7 +239,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     """
     failure, loaded, facts = None, None, []
     try:
-        scan = scan_parameters(opt)
+        scan = opt._scan()
         loaded = validated(opt, state_dict)
         facts = [*loaded.facts(), scan.replaced_fact(opt)]
     except (ValueError, RuntimeError) as error:

@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from .agreement import Fact, plain
@@ -18,6 +19,7 @@ from .agreement import Fact, plain
 if TYPE_CHECKING:
     from .gradients import PendingClip, ScalerRequest
     from .optimizer import ShardedRMSprop
+    from .shards import ShardedBucket
 
 __all__ = [
     "OPTION_KEYS",
@@ -96,6 +98,7 @@ class ParameterScan:
     has_grad: tuple[bool, ...]  # by parameter index
     replaced: tuple[bool, ...]  # by parameter index: replaced since the last step, adoptable
     adoptable: list[list[int]]  # the same, as positions by bucket
+    materialize: list[torch.device | None]  # by bucket: where a meta bucket's parameters went
 
     def has_grad_fact(self, opt: ShardedRMSprop) -> Fact:
         return _per_parameter(
@@ -138,8 +141,10 @@ def scan_parameters(
     count = sum(len(group["params"]) for group in opt.param_groups)
     has_grad, replaced = [False] * count, [False] * count
     adoptable = []
+    materialize = []
     for bucket in opt._buckets:
         found = bucket.scan(check_grad)
+        materialize.append(_materialized_on(opt, bucket, found.adoptable))
         if found.foreign:
             position, change = found.foreign[0]
             label = param_labels(opt.param_groups)[bucket.plan.slots[position].index]
@@ -154,7 +159,39 @@ def scan_parameters(
         for position in found.adoptable:
             replaced[bucket.plan.slots[position].index] = True
         adoptable.append(found.adoptable)
-    return ParameterScan(tuple(has_grad), tuple(replaced), adoptable)
+    return ParameterScan(tuple(has_grad), tuple(replaced), adoptable, materialize)
+
+
+def _materialized_on(
+    opt: ShardedRMSprop, bucket: ShardedBucket, moved: Sequence[int]
+) -> torch.device | None:
+    """The one device all parameters of a meta bucket moved to (``module.to_empty(...)``
+    after building on ``meta``, swapping tensors), None for a bucket that is not on meta;
+    ``RuntimeError`` if none or only some moved."""
+    if not bucket.on_meta:
+        return None
+    if not moved:
+        raise RuntimeError(
+            "ShardedRMSprop was built on parameters on the meta device, and they are still "
+            "there: module.to_empty(...) gives the module new Parameter objects, which the "
+            "optimizer does not hold (as no torch optimizer would). Build the optimizer after "
+            "to_empty(), or call torch.__future__.set_swap_module_params_on_conversion(True) "
+            "before it, so that the parameters keep their identity and move"
+        )
+    staying = sorted(set(range(len(bucket.params))) - set(moved))
+    devices = sorted({str(bucket.params[position].device) for position in moved})
+    if staying:
+        label = param_labels(opt.param_groups)[bucket.plan.slots[staying[0]].index]
+        raise RuntimeError(
+            f"parameters built on the meta device moved to {devices[0]}, but {label} is still "
+            "on meta: move every parameter (module.to_empty(device=...)) before the step"
+        )
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"parameters built on the meta device (one flat buffer) moved to several devices, "
+            f"{devices}: move them to one"
+        )
+    return bucket.params[moved[0]].device
 
 
 def _check_param_groups(opt: ShardedRMSprop) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from .facts import ParameterScan, construction_facts, scan_parameters, step_fact
 from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
-from .layout import ParamSpec, plan_buckets
+from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, Span, compute_dtype
 
 __all__ = ["ShardedRMSprop"]
@@ -133,7 +134,10 @@ class ShardedRMSprop(Optimizer):
         ``module.to_empty(...)``) is adopted at the next :meth:`step` if it keeps its shape,
         dtype and device: its values are copied into the flat buffer and it becomes a view
         of it again, with its state. Any other change (``model.to(torch.float64)``) is an
-        error on every rank: build the optimizer after moving or casting the model.
+        error on every rank: build the optimizer after moving or casting the model. Built on
+        the meta device, its buffers are made on the real one once every parameter is there
+        (``module.to_empty(...)`` keeping the Parameter objects:
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``).
 
     .. note::
         ``optimizer.state[p]`` holds this rank's part of ``p``'s state: ``step`` and a 1-D
@@ -274,10 +278,7 @@ class ShardedRMSprop(Optimizer):
         try:
             specs, params = self._specs(first)
             plans = plan_buckets(specs, self._ranks.world_size)
-            for plan in plans:
-                kernels[plan.device, plan.dtype] = select_update(
-                    self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
-                )
+            kernels = self._choose_kernels(plans)
             facts = construction_facts(self, first)
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
@@ -393,7 +394,7 @@ class ShardedRMSprop(Optimizer):
         failure, facts = None, []
         try:
             norm_type = gradients.check_norm_type(norm_type)
-            scan = scan_parameters(self, check_grad)
+            scan = self._scan(check_grad)
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
             facts = [
                 Fact(
@@ -403,10 +404,12 @@ class ShardedRMSprop(Optimizer):
                     "clip_grad_norm_() must be called on every rank, with the same arguments.",
                 ),
                 scan.has_grad_fact(self),
+                scan.replaced_fact(self),
             ]
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
         agree(self._ranks, "clip_grad_norm_()", facts, failure)
+        self._adopt(scan)  # the norm is of the parameters' gradients where they are now
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
         total_norm = gradients.global_norm(
             self._owned_grads(), norm_type, self._ranks, self._home_device, dtype
@@ -456,7 +459,7 @@ class ShardedRMSprop(Optimizer):
         try:
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
-            scan = scan_parameters(self, check_grad)
+            scan = self._scan(check_grad)
             facts = step_facts(self, clip, scaler, scan)
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
@@ -464,13 +467,47 @@ class ShardedRMSprop(Optimizer):
         return scan  # type: ignore[return-value]
 
     def _adopt(self, scan: ParameterScan) -> None:
-        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed)."""
+        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed), and
+        make anew on their device the buckets whose parameters all left the meta device."""
         if not any(scan.replaced):
             return
-        for bucket, positions in zip(self._buckets, scan.adoptable):
-            bucket.adopt(positions)
+        for i, (bucket, positions, device) in enumerate(
+            zip(self._buckets, scan.adoptable, scan.materialize)
+        ):
+            if device is None:
+                bucket.adopt(positions)
+                continue
+            self._buckets[i] = bucket.materialized(self._ranks.rank, device)
+            for param in bucket.params:
+                self.state.pop(param, None)  # meta state holds no values: made at next step
         if self._shares_host_memory:
             self._ranks.barrier()  # rank 0 has copied the adopted values into the shared copy
+
+    def _scan(self, check_grad: Callable[[Tensor], None] | None = None) -> ParameterScan:
+        """:func:`~sharded_rmsprop.facts.scan_parameters`, and the update kernels for the
+        meta buckets it finds on a real device (``RuntimeError`` if there is none)."""
+        scan = scan_parameters(self, check_grad)
+        self._kernels.update(
+            self._choose_kernels(
+                dataclasses.replace(bucket.plan, device=device)
+                for bucket, device in zip(self._buckets, scan.materialize)
+                if device is not None
+            )
+        )
+        return scan
+
+    def _choose_kernels(
+        self, plans: Iterable[BucketPlan]
+    ) -> dict[tuple[torch.device, torch.dtype], UpdateFn]:
+        """The update for each plan's device and dtype; meta plans get theirs once their
+        parameters are on a real device."""
+        return {
+            (plan.device, plan.dtype): select_update(
+                self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
+            )
+            for plan in plans
+            if plan.device.type != "meta"
+        }
 
     def _all_grads(self) -> list[Tensor]:
         """This rank's gradients, whole."""

@@ -20,6 +20,7 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -211,7 +212,8 @@ class ShardedBucket:
         return found
 
     def _change(self, position: int) -> str:
-        """What makes a replaced parameter impossible to adopt, in words ("" if nothing)."""
+        """What makes a replaced parameter impossible to adopt, in words ("" if nothing).
+        Leaving the meta device is no such change: the bucket is then made anew there."""
         param, slot = self.params[position], self.plan.slots[position]
         return ", ".join(
             f"{what} {now}, not {was}"
@@ -220,8 +222,23 @@ class ShardedBucket:
                 ("device", param.device, self.plan.device),
                 ("shape", tuple(param.shape), slot.shape),
             )
-            if now != was
+            if now != was and not (what == "device" and self.on_meta)
         )
+
+    @property
+    def on_meta(self) -> bool:
+        """Whether the bucket was laid out on the meta device (to be made on a real one)."""
+        return self.plan.device.type == "meta"
+
+    def materialized(self, rank: int, device: torch.device) -> ShardedBucket:
+        """This meta bucket made on ``device``, where all its parameters now are: a flat
+        buffer there holding their values, their step counts and pending reloads (a meta
+        bucket's state holds no values: buffers are made anew at the next step)."""
+        plan = dataclasses.replace(self.plan, device=device)
+        real = ShardedBucket(plan, rank, self.params, None, self.master_weights)
+        real.steps = self.steps.clone()
+        real.master_pending = set(self.master_pending)
+        return real
 
     def adopt(self, positions: Sequence[int]) -> None:
         """Make the replaced parameters at ``positions`` views of ``flat`` again, their

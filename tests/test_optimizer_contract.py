@@ -293,3 +293,105 @@ def test_torch_rmsprop_given_the_sharded_state_dict_fails_clearly_at_its_first_s
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict"):
         ref.step()
+
+
+# -- the meta-device pattern -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def swapping():
+    """module.to_empty() keeping Parameter objects (torch.__future__ setting), as it must for
+    any optimizer built before it to hold the moved parameters."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def meta_model() -> torch.nn.Module:
+    with torch.device("meta"):
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def materialise(model: torch.nn.Module) -> None:
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def train_model(model: torch.nn.Module, opt, steps: int = 3) -> None:
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 6, generator=generator)).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_built_on_meta_then_materialised_trains_as_torch(swapping, fused: bool) -> None:
+    model = meta_model()
+    opt = ShardedRMSprop(model.parameters(), momentum=0.9, centered=True, fused=fused)
+    materialise(model)
+    reference = meta_model()
+    materialise(reference)
+    ref = torch.optim.RMSprop(reference.parameters(), momentum=0.9, centered=True)
+    train_model(model, opt), train_model(reference, ref)
+    assert opt._buckets[0].plan.device == torch.device("cpu")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if fused:  # one fused float32 pass: a few ulps from torch's op-by-op rounding
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(p, q)
+
+
+def test_built_on_meta_then_loaded_resumes_exactly(swapping) -> None:
+    """Build on meta, materialise, load the weights and the optimizer's state: the resume."""
+    model = meta_model()
+    materialise(model)
+    opt = ShardedRMSprop(model.parameters(), momentum=0.9, fused=False)
+    train_model(model, opt)
+    weights, state = copy.deepcopy(model.state_dict()), opt.full_state_dict(to=0)
+    train_model(model, opt)
+    resumed = meta_model()
+    resumed_opt = ShardedRMSprop(resumed.parameters(), momentum=0.9, fused=False)
+    resumed.to_empty(device="cpu")
+    resumed.load_state_dict(weights)
+    resumed_opt.load_state_dict(state)
+    train_model(resumed, resumed_opt)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+def test_built_on_meta_without_swapping_is_an_error_not_a_silent_no_op() -> None:
+    """Plain to_empty() gives the module new Parameter objects: the optimizer (any torch
+    optimizer) still holds the meta ones, and would update nothing."""
+    model = meta_model()
+    opt = ShardedRMSprop(model.parameters())
+    materialise(model)
+    model(torch.ones(2, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="built on parameters on the meta device.*set_swap_module_params_on_conversion"):
+        opt.step()
+
+
+def test_some_parameters_left_on_meta_is_an_error(swapping) -> None:
+    model = meta_model()
+    opt = ShardedRMSprop(model.parameters())
+    first = model[0].weight
+    torch.utils.swap_tensors(first, torch.nn.Parameter(torch.zeros(first.shape)))
+    with pytest.raises(RuntimeError, match="moved to cpu, but parameter 1 .* is still on meta"):
+        opt.step()
+
+
+def meta_on_rank(rank: int, world_size: int) -> bool:
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    model, reference = meta_model(), meta_model()
+    opt = ShardedRMSprop(model.parameters(), momentum=0.9, fused=False)
+    materialise(model), materialise(reference)
+    ref = torch.optim.RMSprop(reference.parameters(), momentum=0.9)
+    train_model(model, opt), train_model(reference, ref)
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def test_built_on_meta_across_ranks() -> None:
+    assert all(run_ranks(2, meta_on_rank))
