@@ -27,10 +27,14 @@ from typing import Any, Callable, Sequence
 
 from .comm import DataParallelGroup
 
-__all__ = ["Fact", "agree", "first_problem", "plain"]
+__all__ = ["Fact", "agree", "cannot_follow", "digest_of", "first_problem", "follow", "plain"]
 
-#: Digests per agreement: the operation, the local failure and up to this many minus two facts.
+#: Digests per agreement: the operation, the local failure and up to this many minus two
+#: facts (then each negated, then a flag saying whether this rank follows the others).
 _SLOTS = 10
+
+#: What a rank that follows the others contributes for each digest: less than any of them.
+_FOLLOWER = -(1 << 63)
 
 #: Error types a failing rank's error is re-raised as on the other ranks (else RuntimeError).
 _ERROR_TYPES = {error.__name__: error for error in (ValueError, TypeError, RuntimeError)}
@@ -68,26 +72,84 @@ def agree(
     operation: str,
     facts: Sequence[Fact] = (),
     failure: BaseException | None = None,
-) -> None:
+    followable: bool = False,
+) -> tuple[int, ...]:
     """Return if every rank of ``ranks`` is about to run ``operation`` on the same ``facts``
     and none failed; else raise on every rank. Collective.
 
     ``failure`` is this rank's own error, if its input was rejected: it is raised here, after
     the others have learnt of it (they raise an error of the same type naming this rank).
+    Returns the ranks that :func:`follow` instead (they ran out of data under
+    ``torch.distributed.algorithms.join.Join``): almost always none, and an error on every
+    rank unless the operation is ``followable``.
     """
     if len(facts) > _SLOTS - 2:
         raise ValueError(f"at most {_SLOTS - 2} facts can be agreed on at once")
     if failure is not None:
         facts = ()  # what a failed rank found is moot; its failure is what the others learn
+    followers: tuple[int, ...] = ()
     if ranks.is_distributed:
         texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
         digests = [_digest(text) for text in texts] + [0] * (_SLOTS - len(texts))
-        if not ranks.host_all_equal(digests):
-            error = _explain(ranks, ranks.host_all_gather(digests), texts, facts)
-            if failure is None:
-                raise error
+        followers, error, _ = _exchange(ranks, digests, texts, facts)
+        if error is None and followers and not followable:
+            error = cannot_follow(followers, operation)
+        if error is not None and failure is None:
+            raise error
     if failure is not None:
         raise failure
+    return followers
+
+
+def follow(ranks: DataParallelGroup) -> tuple[int, tuple[int, ...]]:
+    """Take part in the other ranks' next agreement without a say (a rank that ran out of
+    data follows the others' collectives): the digest of the operation they agreed on (see
+    :func:`digest_of`) and the ranks that follow, or their error if they disagree.
+    Collective."""
+    followers, error, operation = _exchange(ranks, None, [], ())
+    if error is not None:
+        raise error
+    return operation, followers
+
+
+def cannot_follow(followers: tuple[int, ...], operation: str | None) -> RuntimeError:
+    """The error of a collective method that ranks out of data under Join cannot follow."""
+    return RuntimeError(
+        f"ShardedRMSprop: rank(s) {', '.join(map(str, followers))} ran out of data under Join "
+        "and follow only the others' clip_grad_norm_() and step(), but the others called "
+        f"{operation or 'another collective method'}. Nothing was changed on any rank. Call "
+        "the optimizer's other collective methods after the Join context."
+    )
+
+
+def digest_of(operation: str) -> int:
+    """The digest an agreement on ``operation`` carries first."""
+    return _digest(operation)
+
+
+def _exchange(
+    ranks: DataParallelGroup, digests: list[int] | None, texts: list[str], facts: Sequence[Fact]
+) -> tuple[tuple[int, ...], Exception | None, int]:
+    """One agreement's collectives: ``(followers, the error if the others disagree, the
+    operation's digest)``. A follower (``digests`` None) gives the least int64 for every
+    digest, so the maxima are the others'."""
+    if digests is None:
+        mine = [_FOLLOWER] * (2 * _SLOTS) + [1]
+    else:
+        mine = [*digests, *(-digest for digest in digests), 0]
+    reduced = ranks.host_all_reduce_max(mine)
+    followers: tuple[int, ...] = ()
+    if reduced[-1] > 0:  # someone follows: who (every rank takes part, so all know)
+        flags = ranks.host_all_gather([mine[-1]])
+        followers = tuple(rank for rank, (flag,) in enumerate(flags) if flag)
+    high, minus_low = reduced[:_SLOTS], reduced[_SLOTS : 2 * _SLOTS]
+    error = None
+    leaders_failed = bool(followers) and high[1] != _NO_FAILURE  # (followers must learn it)
+    if leaders_failed or any(h != -m for h, m in zip(high, minus_low)):
+        table = ranks.host_all_gather(mine[:_SLOTS])
+        leading = [rank for rank in range(ranks.world_size) if rank not in followers]
+        error = _explain(ranks, [table[rank] for rank in leading], leading, texts, facts)
+    return followers, error, high[0]
 
 
 def first_problem(ranks: DataParallelGroup, problem: str | None) -> str | None:
@@ -102,45 +164,56 @@ def first_problem(ranks: DataParallelGroup, problem: str | None) -> str | None:
     return f"rank {rank}: {problems[rank]}"
 
 
-def _describe(failure: BaseException | None) -> str:
-    return "" if failure is None else f"{type(failure).__name__}: {failure}"
-
-
 def _digest(text: str) -> int:
     """62 bits of the text's hash: the digest and its negation both fit in an int64."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
+def _describe(failure: BaseException | None) -> str:
+    return "" if failure is None else f"{type(failure).__name__}: {failure}"
+
+
+#: The failure digest of a rank that did not fail.
+_NO_FAILURE = _digest(_describe(None))
+
+
 def _explain(
-    ranks: DataParallelGroup, table: list[list[int]], texts: list[str], facts: Sequence[Fact]
+    ranks: DataParallelGroup,
+    table: list[list[int]],
+    leading: list[int],
+    texts: list[str],
+    facts: Sequence[Fact],
 ) -> Exception:
-    """The error for a disagreement; collective (every rank sees the same ``table`` and so
-    exchanges the same texts)."""
+    """The error for a disagreement among the ranks ``leading`` (whose digests are ``table``);
+    collective: every rank, followers too, sees the same table and so exchanges the same
+    texts, and gets the same error."""
     differing = [slot for slot in range(_SLOTS) if len({row[slot] for row in table}) > 1]
+    differing = differing or [1]  # they agree, but on a failure
+    said = lambda slot: ranks.host_all_gather_text(texts[slot] if slot < len(texts) else "")  # noqa: E731
+    operations = said(0)
     if differing[0] == 0:
-        operations = ranks.host_all_gather_text(texts[0])
         return RuntimeError(
             "ShardedRMSprop: the ranks called different collective methods at the same time ("
-            + "; ".join(f"rank {r}: {op}" for r, op in enumerate(operations))
+            + "; ".join(f"rank {rank}: {operations[rank]}" for rank in leading)
             + "). Nothing was changed on any rank. Every rank must call the optimizer's "
             "collective methods in the same order."
         )
-    operation = texts[0]
+    operation = operations[leading[0]]
     if differing[0] == 1:
-        failures = ranks.host_all_gather_text(texts[1])
-        rank = next(r for r, text in enumerate(failures) if text)
+        failures = said(1)
+        rank = next(rank for rank in leading if failures[rank])
         kind, _, message = failures[rank].partition(": ")
         return _ERROR_TYPES.get(kind, RuntimeError)(
             f"ShardedRMSprop.{operation} failed on rank {rank}: {message} "
             "(nothing was changed on any rank)"
         )
     slot = differing[0]
-    mine = texts[slot] if slot < len(texts) else ""  # (a rank may hold fewer facts)
-    everyone = [_read(text) for text in ranks.host_all_gather_text(mine)]
+    everyone = said(slot)
     fact = facts[slot - 2] if slot - 2 < len(facts) else Fact(f"fact {slot - 2}", ())
+    values = [(rank, _read(everyone[rank])) for rank in leading]
     return RuntimeError(
         f"ShardedRMSprop.{operation}: the ranks disagree on {fact.subject}: "
-        f"{_first_difference(everyone, fact)}. Nothing was changed on any rank."
+        f"{_first_difference(values, fact)}. Nothing was changed on any rank."
         + (f" {fact.advice}" if fact.advice else "")
     )
 
@@ -152,17 +225,17 @@ def _read(text: str) -> Any:
         return text
 
 
-def _first_difference(everyone: list[Any], fact: Fact) -> str:
-    """Where the first rank that differs from rank 0 differs from it, in words."""
-    mine = everyone[0]
-    rank, theirs = next((r, values) for r, values in enumerate(everyone) if values != mine)
+def _first_difference(values: list[tuple[int, Any]], fact: Fact) -> str:
+    """Where the first rank that differs from the first one differs from it, in words."""
+    first, mine = values[0]
+    rank, theirs = next((rank, value) for rank, value in values if value != mine)
     if not (isinstance(mine, tuple) and isinstance(theirs, tuple)):
-        return f"rank 0 has {mine!r}, rank {rank} has {theirs!r}"
+        return f"rank {first} has {mine!r}, rank {rank} has {theirs!r}"
     missing = object()
     for index in range(max(len(mine), len(theirs))):
         a = mine[index] if index < len(mine) else missing
         b = theirs[index] if index < len(theirs) else missing
         if a != b:
             show = lambda value: "absent" if value is missing else repr(value)  # noqa: E731
-            return f"{fact.name(index)} is {show(a)} on rank 0 but {show(b)} on rank {rank}"
-    return f"rank 0 and rank {rank} differ"  # unreachable: the values differ somewhere
+            return f"{fact.name(index)} is {show(a)} on rank {first} but {show(b)} on rank {rank}"
+    return f"rank {first} and rank {rank} differ"  # unreachable: the values differ somewhere

@@ -115,11 +115,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
         id(bucket): _saved_buffers(
             bucket,
             sorted(
-                {
-                    key
-                    for g in bucket.group_indices
-                    for key in bucket.keys_for(opt.param_groups[g])
-                }
+                {key for g in bucket.group_indices for key in bucket.keys_for(opt.param_groups[g])}
             ),
         )
         for bucket in opt._buckets

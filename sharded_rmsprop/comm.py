@@ -95,7 +95,7 @@ class DataParallelGroup:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
-    def _control_device(self) -> torch.device:
+    def control_device(self) -> torch.device:
         """Where values computed on the device travel for this backend's collectives."""
         if (
             self.backend is not None
@@ -159,7 +159,7 @@ class DataParallelGroup:
         """
         if not self.is_distributed:
             return value.clone()
-        tensor = value.to(self._control_device(), copy=True)
+        tensor = value.to(self.control_device(), copy=True)
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(tensor, op=reduce_op[op], group=self.group)
         return tensor.to(value.device)

@@ -131,7 +131,9 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             master_port=_slurm_port(env),
         )
-    return LaunchInfo("none", rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None)
+    return LaunchInfo(
+        "none", rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None
+    )
 
 
 def _free_port() -> int:
@@ -239,7 +241,9 @@ def init_distributed(
             f"could not start torch.distributed ({info.launcher} launch, rank {info.rank} of "
             f"{info.world_size}, rendezvous {init_method}, timeout {timeout}): {error}"
         ) from error
-    return DistributedContext(info.launcher, backend, info.rank, info.world_size, local_rank, device)
+    return DistributedContext(
+        info.launcher, backend, info.rank, info.world_size, local_rank, device
+    )
 
 
 #: How long :func:`destroy_distributed` lets gloo's worker threads finish (see there).

@@ -210,14 +210,16 @@ def nonfinite_on_some_rank(
     *,
     scaler: ScalerRequest | None,
     grads: Sequence[Tensor] | None,
+    following: bool = False,
 ) -> bool:
     """Whether any rank found inf or NaN gradients; collective (one all-reduce of 3 numbers).
 
     A rank finds them if its GradScaler did (``scaler``) or, when ``grads`` (all of this rank's
     gradients) are given, in them. The ranks also compare the GradScaler's scale: scalers that
     drifted apart (each updates its scale from its own rank's inf checks) would unscale each
-    rank's shard differently, so that raises on every rank. The answer is known on the host,
-    so on a GPU this waits for the gradients.
+    rank's shard differently, so that raises on every rank. A rank ``following`` the others
+    (it ran out of data under Join) has no say: it gives what leaves their maxima theirs. The
+    answer is known on the host, so on a GPU this waits for the gradients.
     """
     found = torch.tensor(False, device=device)
     if scaler is not None:
@@ -228,6 +230,8 @@ def nonfinite_on_some_rank(
     if scaler is not None and scaler.inverse_scale is not None:
         inverse = scaler.inverse_scale.to(device, torch.float64)
     mine = torch.stack([found.to(torch.float64), inverse, -inverse])
+    if following:
+        mine = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64, device=device)
     any_found, highest, minus_lowest = ranks.all_reduce_tensor(mine, "max").tolist()
     if highest != -minus_lowest:
         raise RuntimeError(

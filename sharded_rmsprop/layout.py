@@ -123,9 +123,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _plan_one_bucket(
-    specs: Sequence[ParamSpec], world_size: int, alignment: int
-) -> BucketPlan:
+def _plan_one_bucket(specs: Sequence[ParamSpec], world_size: int, alignment: int) -> BucketPlan:
     slots = []
     offset = 0
     for spec in specs:
@@ -157,6 +155,4 @@ def plan_buckets(
     by_kind: dict[tuple[torch.dtype, torch.device], list[ParamSpec]] = {}
     for spec in specs:
         by_kind.setdefault((spec.dtype, spec.device), []).append(spec)
-    return tuple(
-        _plan_one_bucket(members, world_size, alignment) for members in by_kind.values()
-    )
+    return tuple(_plan_one_bucket(members, world_size, alignment) for members in by_kind.values())

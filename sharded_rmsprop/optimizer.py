@@ -11,9 +11,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
-from . import checkpoint, gradients
+from . import checkpoint, gradients, joining
 from .agreement import Fact, agree, plain
 from .arguments import check_grad, check_hyperparameters, check_numeric_options, check_params
 from .comm import DataParallelGroup
@@ -22,7 +23,8 @@ from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
-from .shards import MASTER_KEY, ShardedBucket, Span, compute_dtype
+from .shards import MASTER_KEY, ShardedBucket, compute_dtype
+from .windows import Span
 
 __all__ = ["ShardedRMSprop"]
 
@@ -33,7 +35,7 @@ def _as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-class ShardedRMSprop(Optimizer):
+class ShardedRMSprop(Optimizer, Joinable):
     r"""RMSprop whose state is partitioned across data-parallel ranks (ZeRO stage 1).
 
     It computes exactly what :class:`torch.optim.RMSprop` computes:
@@ -177,6 +179,7 @@ class ShardedRMSprop(Optimizer):
         skip_nonfinite: bool = False,
         host_shared: bool = False,
     ) -> None:
+        Joinable.__init__(self)
         self._ranks = DataParallelGroup.resolve(process_group)
         self._fused = fused
         self._master_weights = master_weights is not False
@@ -327,13 +330,17 @@ class ShardedRMSprop(Optimizer):
         .. warning::
             Collective: every rank of the process group must call it.
         """
+        Join.notify_join_context(self)  # (uneven inputs: see join_hook)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         clip, scaler = self._clip, ScalerRequest.from_optimizer(self)
         try:
-            scan = self._agree_on_step(clip, scaler)
+            scan, followers = self._agree_on_step(clip, scaler)
+            leading = joining.leads(self, followers)
+            if leading:
+                joining.send_records(self, followers, clip, scaler)
             skip = self._skip_this_step(scaler)
         except Exception:
             ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
@@ -342,17 +349,15 @@ class ShardedRMSprop(Optimizer):
         self._adopt(scan)
         if skip:
             return loss
+        if leading:
+            joining.send_gradients(self, followers)
         for bucket in self._buckets:
-            self._begin_step(bucket)
+            self._begin_step(bucket, bucket.positions_with_grad())
         if self._shares_host_memory:
             self._ranks.barrier()  # no rank still reads parameters that the update writes
         for bucket in self._buckets:
             self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
-        self._ranks.sync_shards(
-            [bucket.flat for bucket in self._buckets],
-            [bucket.plan.shard_numel for bucket in self._buckets],
-            [bucket.host_shared for bucket in self._buckets],
-        )
+        self._sync()
         return loss
 
     @torch.no_grad()
@@ -408,12 +413,14 @@ class ShardedRMSprop(Optimizer):
             ]
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
-        agree(self._ranks, "clip_grad_norm_()", facts, failure)
+        followers = agree(self._ranks, "clip_grad_norm_()", facts, failure, followable=True)
         self._adopt(scan)  # the norm is of the parameters' gradients where they are now
+        owned = self._owned_grads()
+        if joining.leads(self, followers):  # and their part of the norm (see join_hook)
+            joining.send_norm_type(self, followers, norm_type)
+            owned += joining.followers_grads(self, followers)
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
-        total_norm = gradients.global_norm(
-            self._owned_grads(), norm_type, self._ranks, self._home_device, dtype
-        )
+        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
         )
@@ -451,10 +458,11 @@ class ShardedRMSprop(Optimizer):
 
     def _agree_on_step(
         self, clip: PendingClip | None, scaler: ScalerRequest | None
-    ) -> ParameterScan:
+    ) -> tuple[ParameterScan, tuple[int, ...]]:
         """Check this rank's gradients and parameters, then agree with the other ranks on
         what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
-        Returns what the scan found (the parameters to adopt among it)."""
+        Returns what the scan found (the parameters to adopt among it) and the ranks that
+        follow this step (out of data under Join; almost always none)."""
         failure, facts, scan = None, [], None
         try:
             for g, group in enumerate(self.param_groups):
@@ -463,8 +471,8 @@ class ShardedRMSprop(Optimizer):
             facts = step_facts(self, clip, scaler, scan)
         except Exception as error:  # noqa: BLE001 - every rank must learn of it
             failure = error
-        agree(self._ranks, "step()", facts, failure)  # raises if anything failed anywhere
-        return scan  # type: ignore[return-value]
+        followers = agree(self._ranks, "step()", facts, failure, followable=True)
+        return scan, followers  # type: ignore[return-value]
 
     def _adopt(self, scan: ParameterScan) -> None:
         """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed), and
@@ -515,21 +523,25 @@ class ShardedRMSprop(Optimizer):
             p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
 
-    def _skip_this_step(self, scaler: ScalerRequest | None) -> bool:
+    def _skip_this_step(
+        self, scaler: ScalerRequest | None, following: joining.Record | None = None
+    ) -> bool:
         """Whether some rank has inf or NaN gradients this step (when that is checked):
         with ``skip_nonfinite`` (each rank reads all its gradients), or when a GradScaler
-        reports its own finding."""
-        if not (self._skip_nonfinite or scaler is not None):
+        reports its own finding. A rank ``following`` the others takes part without a say."""
+        scaled = scaler is not None or (following is not None and following.scaled)
+        if not (self._skip_nonfinite or scaled):
             return False
         if not gradients.nonfinite_on_some_rank(
             self._ranks,
             self._home_device,
             scaler=scaler,
-            grads=self._all_grads() if self._skip_nonfinite else None,
+            grads=self._all_grads() if self._skip_nonfinite and following is None else None,
+            following=following is not None,
         ):
             return False
         self.skipped_steps += 1
-        report = _log.info if scaler is not None and not self._skip_nonfinite else _log.warning
+        report = _log.info if scaled and not self._skip_nonfinite else _log.warning
         if self._ranks.rank == 0:
             report(
                 "ShardedRMSprop skipped a step: inf or NaN gradients (%d skipped so far)",
@@ -537,13 +549,13 @@ class ShardedRMSprop(Optimizer):
             )
         return True
 
-    def _begin_step(self, bucket: ShardedBucket) -> None:
-        """Count the step of every parameter with a gradient; create state on first use.
+    def _begin_step(self, bucket: ShardedBucket, stepped: list[int]) -> None:
+        """Count the step of the parameters at positions ``stepped`` (those with a gradient);
+        create state on first use.
 
         Every rank sees the same gradients (DDP), so every rank allocates the same state
         buffers at the same step, whatever it owns.
         """
-        stepped = bucket.positions_with_grad()
         if not stepped:
             return
         bucket.steps[stepped] += 1
@@ -573,10 +585,17 @@ class ShardedRMSprop(Optimizer):
                 created = True
         return created
 
-    def _update(self, bucket: ShardedBucket, grad_scale: Tensor | None) -> None:
+    def _update(
+        self,
+        bucket: ShardedBucket,
+        grad_scale: Tensor | None,
+        has_grad: Callable[[int], bool] | None = None,
+        receive: Callable[[Tensor], None] | None = None,
+    ) -> None:
         """Stage the owned gradients window by window and run the update kernel on each
-        span with its param group's current options."""
-        for window_start, spans in bucket.staged_grads():
+        span with its param group's current options (``has_grad`` and ``receive``: see
+        ``ShardedBucket.staged_grads``)."""
+        for window_start, spans in bucket.staged_grads(has_grad, receive):
             for span in spans:
                 self._update_span(bucket, span, window_start, grad_scale)
 
@@ -616,6 +635,53 @@ class ShardedRMSprop(Optimizer):
     def _param_state(self, bucket: ShardedBucket, position: int) -> dict[str, Tensor]:
         """``state[p]`` of the parameter at ``position`` (see ShardedBucket.param_state)."""
         return bucket.param_state(position, self.param_groups[bucket.plan.slots[position].group])
+
+    # -- uneven inputs (Join) -------------------------------------------------------------------
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """The hook that lets a rank out of data follow the others' steps under
+        ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
+        the shard it owns, with the others' options and gradients (see
+        :mod:`sharded_rmsprop.joining`). No keyword arguments."""
+        return joining.FollowHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._ranks.control_device()
+
+    @property
+    def join_process_group(self) -> Any:
+        return self._ranks.group
+
+    def _sync(self) -> None:
+        """Give every rank the whole of each flat buffer (each rank's shard from it)."""
+        self._ranks.sync_shards(
+            [bucket.flat for bucket in self._buckets],
+            [bucket.plan.shard_numel for bucket in self._buckets],
+            [bucket.host_shared for bucket in self._buckets],
+        )
+
+    def _follow_step(self, record: joining.Record, leader: int) -> None:
+        """step() on a rank that ran out of data under Join: the leaders' options, clip and
+        loss scale (``record``), and the gradients of the elements it owns from ``leader``
+        (a global rank), window by window; then the skip decision and the sync with all."""
+        record.apply_options(self)
+        if self._skip_this_step(None, following=record):
+            return
+        has_grad = record.has_grad
+        for bucket in self._buckets:
+            stepped = [p for p, slot in enumerate(bucket.plan.slots) if has_grad[slot.index]]
+            self._begin_step(bucket, stepped)
+        if self._shares_host_memory:
+            self._ranks.barrier()
+        for bucket in self._buckets:
+            self._update(
+                bucket,
+                record.grad_scale(bucket.plan.device),
+                has_grad=lambda position, b=bucket: has_grad[b.plan.slots[position].index],
+                receive=joining.receiver(self, leader),
+            )
+        self._sync()
 
     # -- checkpointing ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .layout import BucketPlan, Piece
+from .windows import Span, Window, pack, plan_windows
 
 __all__ = [
     "BucketScan",
@@ -39,7 +40,6 @@ __all__ = [
     "STATE_KEYS",
     "ShardedBucket",
     "Span",
-    "merge_spans",
     "param_shapes",
     "state_keys_for",
 ]
@@ -57,32 +57,6 @@ MASTER_KEY = "master_weight"
 
 #: Parameter dtypes that get float32 master weights when asked for.
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class Span:
-    """A contiguous stretch ``[start, end)`` of the shard that one param group updates."""
-
-    group: int
-    start: int
-    end: int
-
-    @classmethod
-    def of(cls, piece: Piece) -> Span:
-        """The span a piece covers in the shard."""
-        return cls(piece.slot.group, piece.shard_start, piece.shard_end)
-
-
-def merge_spans(spans: Sequence[Span]) -> list[Span]:
-    """Join adjacent spans of the same param group, keeping their order."""
-    merged: list[Span] = []
-    for span in spans:
-        last = merged[-1] if merged else None
-        if last is not None and last.group == span.group and last.end == span.start:
-            merged[-1] = Span(last.group, last.start, span.end)
-        else:
-            merged.append(span)
-    return merged
 
 
 def compute_dtype(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
@@ -151,7 +125,9 @@ class ShardedBucket:
         self.grad_window = torch.zeros(
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device
         )
-        self._windows = self._plan_windows()
+        #: This rank's gradient windows, planned once (a step only looks up which are present).
+        self._windows = plan_windows(self.pieces, self.position_of, self.grad_window)
+        self._windows_of: dict[int, list[Window]] = {}
         self.state: dict[str, Tensor] = {}
         #: The buffers each group's parameters showed in ``optimizer.state`` when last built.
         self.viewed_keys: list[tuple[str, ...]] = []
@@ -365,7 +341,11 @@ class ShardedBucket:
                 owned.append((piece, grad.reshape(-1)[piece.param_start : piece.param_end]))
         return owned
 
-    def staged_grads(self) -> Iterator[tuple[int, list[Span]]]:
+    def staged_grads(
+        self,
+        has_grad: Callable[[int], bool] | None = None,
+        receive: Callable[[Tensor], None] | None = None,
+    ) -> Iterator[tuple[int, list[Span]]]:
         """Stage the owned gradients in ``grad_window``, one window of the shard at a time.
 
         Yields ``(window_start, spans)`` once the gradients of shard elements
@@ -374,51 +354,28 @@ class ShardedBucket:
         stretches to update there: owned elements whose parameter has a gradient, one
         param group each, in shard coordinates. Windows without any are skipped; the
         window's contents are valid until the next one is staged.
+
+        ``has_grad`` says by position which parameters have a gradient (default: those with
+        a ``.grad``); ``receive`` fills the window instead of the gradients (a rank that ran
+        out of data gets its gradients from the rank that leads it, see ``joining``).
         """
+        has_grad = has_grad or (lambda position: self.params[position].grad is not None)
         for window in self._windows:
-            present = [part for part in window.parts if self.params[part.position].grad is not None]
+            present, spans = window.present(has_grad)
             if not present:
                 continue
-            torch._foreach_copy_(
-                [part.target for part in present],
-                [
-                    self.params[part.position].grad.reshape(-1)[part.param_start : part.param_end]
-                    for part in present
-                ],
-            )
-            everything = len(present) == len(window.parts)
-            yield (
-                window.start,
-                window.spans if everything else merge_spans([part.span for part in present]),
-            )
+            if receive is None:
+                pack(present, self.params)
+            else:
+                receive(self.grad_window[: window.length])
+            yield window.start, spans
 
-    def _plan_windows(self) -> list[_Window]:
-        """The owned pieces cut where windows of ``grad_window``'s length end, by window.
-
-        Fixed by the plan, so worked out once: a step only looks up which have gradients.
-        """
-        width = self.grad_window.numel()
-        windows: dict[int, list[_Part]] = {}
-        for piece in self.pieces:
-            start = piece.shard_start
-            while start < piece.shard_end:
-                window_start = start // width * width
-                end = min(piece.shard_end, window_start + width)
-                param_start = piece.param_start + start - piece.shard_start
-                windows.setdefault(window_start, []).append(
-                    _Part(
-                        position=self.position_of(piece),
-                        param_start=param_start,
-                        param_end=param_start + end - start,
-                        span=Span(piece.slot.group, start, end),
-                        target=self.grad_window[start - window_start : end - window_start],
-                    )
-                )
-                start = end
-        return [
-            _Window(start, parts, merge_spans([part.span for part in parts]))
-            for start, parts in windows.items()
-        ]
+    def windows_of(self, rank: int) -> list[Window]:
+        """The gradient windows of ``rank``'s shard (this rank's own are ``_windows``)."""
+        if rank not in self._windows_of:
+            pieces = self.plan.pieces(rank)
+            self._windows_of[rank] = plan_windows(pieces, self.position_of, self.grad_window)
+        return self._windows_of[rank]
 
 
 def _is_view(
@@ -442,21 +399,3 @@ class BucketScan:
     has_grad: list[bool]
     adoptable: list[int]  # replaced, same shape, dtype and device
     foreign: list[tuple[int, str]]  # replaced by something else, and what changed
-
-
-@dataclass(frozen=True)
-class _Part:
-    """The stretch of one owned piece that falls in one gradient window."""
-
-    position: int  # of the parameter in the bucket
-    param_start: int  # where the stretch lies in the flattened parameter
-    param_end: int
-    span: Span  # and in the shard
-    target: Tensor  # its place in the gradient window
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: int  # first shard element of the window
-    parts: list[_Part]
-    spans: list[Span]  # the parts merged, for steps where every parameter has a gradient

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharded_rmsprop.layout import ALIGNMENT, ParamSpec, plan_buckets
-from sharded_rmsprop.shards import Span, merge_spans
+from sharded_rmsprop.windows import Span, merge_spans
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def test_parameter_starts_are_aligned_and_in_order() -> None:
 
 def test_exact_balance_with_one_huge_parameter() -> None:
     """An embedding-like parameter is split across ranks, not assigned to one of them."""
-    plan, = plan_buckets(specs((50257, 384), (384,), (64, 64)), 4)
+    (plan,) = plan_buckets(specs((50257, 384), (384,), (64, 64)), 4)
     owned = [sum(p.numel for p in plan.pieces(r)) for r in range(4)]
     assert max(owned) - min(owned) <= ALIGNMENT * 4
     assert all(len(plan.pieces(r)) >= 1 for r in range(4))
@@ -104,5 +104,6 @@ def test_adjacent_pieces_of_one_group_merge_into_one_span() -> None:
     # a missing gradient splits a span: the middle piece is left out
     pieces = plan.pieces(0)
     assert merge_spans([Span.of(pieces[0]), Span.of(pieces[2])]) == [
-        Span(0, 0, a), Span(0, 3 * a, 3 * a + 5)
+        Span(0, 0, a),
+        Span(0, 3 * a, 3 * a + 5),
     ]

@@ -9,7 +9,6 @@ on the reference path, after every one of many steps, at world sizes 1 to 4.
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 
 import pytest

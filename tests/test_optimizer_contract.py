@@ -2,7 +2,10 @@
 
 Our own tests of the behaviours PyTorch's ``test/test_optim.py`` checks for every optimizer
 (hooks, state-dict round trips, param groups, printing, ...), with ShardedRMSprop in place of
-torch.optim.RMSprop, at world size 1 without a process group unless said otherwise.
+torch.optim.RMSprop. Tests that run in this process run twice, at world size 1 without a
+process group and with a gloo group of one rank; tests marked ``across_ranks`` spawn ranks.
+Error inputs in torch's wording are in test_errors.py, fused against reference per dtype in
+test_parity.py, uneven inputs under Join in test_join.py, resharding in test_checkpoint.py.
 
 Behaviours deliberately not followed, and why:
 
@@ -23,6 +26,7 @@ import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from sharded_rmsprop import ShardedRMSprop
 from spawn import run_ranks
@@ -30,18 +34,47 @@ from spawn import run_ranks
 SHAPES = [(7, 5), (3,), (40,)]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not metafunc.definition.get_closest_marker("across_ranks"):
+        metafunc.parametrize("world_of_one", ["no group", "group of 1"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def world_of_one(request: pytest.FixtureRequest, tmp_path) -> None:
+    """This process alone, with no process group or in a gloo group of one rank."""
+    if getattr(request, "param", "no group") == "no group":
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def groups_of(params: list[torch.Tensor]) -> list[dict]:
+    return [{"params": params[:2]}, {"params": params[2:], "momentum": 0.9, "centered": True}]
+
+
 def params_and_optimizer(**options) -> tuple[list[torch.Tensor], ShardedRMSprop]:
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator).requires_grad_() for s in SHAPES]
-    groups = [{"params": params[:2]}, {"params": params[2:], "momentum": 0.9, "centered": True}]
-    return params, ShardedRMSprop(groups, lr=1e-2, fused=False, **options)
+    return params, ShardedRMSprop(groups_of(params), lr=1e-2, fused=False, **options)
+
+
+def twin_of(
+    params: list[torch.Tensor], **options
+) -> tuple[list[torch.Tensor], torch.optim.RMSprop]:
+    """torch.optim.RMSprop over copies of ``params``, grouped as params_and_optimizer groups."""
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    return reference, torch.optim.RMSprop(groups_of(reference), lr=1e-2, **options)
 
 
 def train(params: list[torch.Tensor], opt: ShardedRMSprop, steps: int = 2, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator)
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=generator)
         opt.step()
 
 
@@ -73,7 +106,9 @@ def test_load_state_dict_hooks_run_as_torchs_do() -> None:
         return {**state_dict, "param_groups": groups}
 
     opt.register_load_state_dict_pre_hook(halve_lr)
-    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.param_groups[0]["lr"])))
+    opt.register_load_state_dict_post_hook(
+        lambda o: calls.append(("post", o.param_groups[0]["lr"]))
+    )
     opt.load_state_dict(saved)
     assert calls == ["pre", ("post", 5e-3)]
     assert saved["param_groups"][0]["lr"] == 1e-2
@@ -95,11 +130,7 @@ def test_state_shows_only_the_buffers_of_each_parameters_group() -> None:
     """Groups with and without momentum share one flat buffer: torch keeps no momentum_buffer
     for a parameter whose group has none, and neither does ``state[p]``."""
     params, opt = params_and_optimizer()
-    reference = [p.detach().clone().requires_grad_() for p in params]
-    ref = torch.optim.RMSprop(
-        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
-        lr=1e-2,
-    )
+    reference, ref = twin_of(params)
     train(params, opt), train(reference, ref)
     for p, q in zip(params, reference):
         assert sorted(opt.state[p]) == sorted(ref.state[q])
@@ -112,12 +143,17 @@ def test_param_names_go_through_loads_as_torchs_do() -> None:
     """Named parameters: the names a state dict carries replace the optimizer's; a state dict
     without names leaves the optimizer's as they are."""
     generator = torch.Generator().manual_seed(0)
-    named = [(f"w{i}", torch.randn(s, generator=generator).requires_grad_()) for i, s in enumerate(SHAPES)]
+    named = [
+        (f"w{i}", torch.randn(s, generator=generator).requires_grad_())
+        for i, s in enumerate(SHAPES)
+    ]
     opt = ShardedRMSprop(named, fused=False)
     train([p for _, p in named], opt)
     saved = opt.full_state_dict(to=0)
     assert saved["param_groups"][0]["param_names"] == ["w0", "w1", "w2"]
-    unnamed_opt = ShardedRMSprop([p.detach().clone().requires_grad_() for _, p in named], fused=False)
+    unnamed_opt = ShardedRMSprop(
+        [p.detach().clone().requires_grad_() for _, p in named], fused=False
+    )
     unnamed_opt.load_state_dict(saved)
     assert unnamed_opt.param_groups[0]["param_names"] == ["w0", "w1", "w2"]
     unnamed = unnamed_opt.full_state_dict(to=0)
@@ -142,23 +178,87 @@ def test_a_step_count_that_is_a_number_loads() -> None:
 def test_the_optimizer_prints_like_torchs() -> None:
     _, opt = params_and_optimizer()
     text = repr(opt)
-    assert text.startswith("ShardedRMSprop (") and "Parameter Group 1" in text and "momentum: 0.9" in text
+    assert (
+        text.startswith("ShardedRMSprop (")
+        and "Parameter Group 1" in text
+        and "momentum: 0.9" in text
+    )
 
 
 def test_zero_gradients_update_as_torchs_do() -> None:
     """A zero gradient is a step (torch skips only None), with weight decay and momentum."""
     params, opt = params_and_optimizer(weight_decay=0.1)
-    reference = [p.detach().clone().requires_grad_() for p in params]
-    ref = torch.optim.RMSprop(
-        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
-        lr=1e-2, weight_decay=0.1,
-    )
+    reference, ref = twin_of(params, weight_decay=0.1)
     for _ in range(2):
         for p, q in zip(params, reference):
             p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
         opt.step(), ref.step()
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
     assert all(float(opt.state[p]["step"]) == 2 for p in params)
+
+
+def test_missing_gradients_skip_their_parameters_as_torchs_do() -> None:
+    """A parameter whose gradient is None is not stepped (its state is not even created)."""
+    params, opt = params_and_optimizer()
+    reference, ref = twin_of(params)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(params, reference)):
+            grad = torch.randn(p.shape, generator=generator)
+            p.grad, q.grad = (None, None) if (i + step) % 2 else (grad, grad.clone())
+        opt.step(), ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 1.0, 2.0]
+
+
+def test_a_tensor_lr_under_a_scheduler_steps_as_torchs_does() -> None:
+    params, opt = params_and_optimizer()
+    reference, ref = twin_of(params)
+    for o in (opt, ref):
+        for group in o.param_groups:
+            group["lr"] = torch.tensor(1e-2)
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (opt, ref)]
+    for seed in range(3):
+        train(params, opt, steps=1, seed=seed), train(reference, ref, steps=1, seed=seed)
+        for schedule in schedules:
+            schedule.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+
+
+def test_complex_parameters_step_as_torchs_do() -> None:
+    """torch treats a complex parameter as its real view; so does the flat buffer."""
+    generator = torch.Generator().manual_seed(4)
+    params = [
+        torch.randn(s, dtype=torch.complex64, generator=generator).requires_grad_() for s in SHAPES
+    ]
+    opt = ShardedRMSprop(groups_of(params), lr=1e-2, fused=False)
+    reference, ref = twin_of(params)
+    train(params, opt, steps=3), train(reference, ref, steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
+# -- state dicts -----------------------------------------------------------------------------------
+
+
+def test_state_dict_is_deterministic_and_a_load_resumes_exactly() -> None:
+    """Two state_dict() calls give equal dicts; a fresh optimizer over the same weights,
+    loaded with one, continues bit for bit as the original does."""
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    first, second = opt.full_state_dict(to=0), opt.full_state_dict(to=0)
+    assert first["param_groups"] == second["param_groups"]
+    assert all(
+        torch.equal(a, b)
+        for i in first["state"]
+        for a, b in zip(first["state"][i].values(), second["state"][i].values())
+    )
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    fresh = ShardedRMSprop(groups_of(copies), lr=1e-2, fused=False)
+    fresh.load_state_dict(opt.state_dict())
+    train(params, opt, seed=9), train(copies, fresh, seed=9)
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
 
 
 # -- copies ----------------------------------------------------------------------------------------
@@ -169,13 +269,17 @@ def test_a_deep_copy_is_a_working_optimizer_of_its_own() -> None:
     train(params, opt)
     opt.skipped_steps = 3
     twin = copy.deepcopy(opt)
-    public = [name for name in dir(opt) if not name.startswith("_") and not callable(getattr(opt, name))]
+    public = [
+        name for name in dir(opt) if not name.startswith("_") and not callable(getattr(opt, name))
+    ]
     for name in public:
         assert repr(getattr(twin, name)) == repr(getattr(opt, name)), name
     twin_params = [p for group in twin.param_groups for p in group["params"]]
     assert all(p is not q and torch.equal(p, q) for p, q in zip(params, twin_params))
-    assert all(opt.state[p]["square_avg"].data_ptr() != twin.state[q]["square_avg"].data_ptr()
-               for p, q in zip(params, twin_params))
+    assert all(
+        opt.state[p]["square_avg"].data_ptr() != twin.state[q]["square_avg"].data_ptr()
+        for p, q in zip(params, twin_params)
+    )
     train(params, opt, seed=5), train(twin_params, twin, seed=5)
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
     train(twin_params, twin, seed=6)  # the copy moves on alone
@@ -195,17 +299,15 @@ def test_a_model_and_its_optimizer_copied_together_train_together() -> None:
 
 def test_pickling_the_optimizer_says_what_to_save_instead() -> None:
     _, opt = params_and_optimizer()
-    with pytest.raises(TypeError, match="cannot be pickled.*state_dict\\(\\) \\(DCP\\) or full_state_dict\\(\\)"):
+    with pytest.raises(
+        TypeError, match="cannot be pickled.*state_dict\\(\\) \\(DCP\\) or full_state_dict\\(\\)"
+    ):
         pickle.dumps(opt)
 
 
 def deep_copy_on_rank(rank: int, world_size: int) -> bool:
     params, opt = params_and_optimizer()
-    reference = [p.detach().clone().requires_grad_() for p in params]
-    ref = torch.optim.RMSprop(
-        [{"params": reference[:2]}, {"params": reference[2:], "momentum": 0.9, "centered": True}],
-        lr=1e-2,
-    )
+    reference, ref = twin_of(params)
     train(params, opt), train(reference, ref)
     twin = copy.deepcopy(opt)
     twin_params = [p for group in twin.param_groups for p in group["params"]]
@@ -213,6 +315,7 @@ def deep_copy_on_rank(rank: int, world_size: int) -> bool:
     return all(torch.equal(p, q) for p, q in zip(twin_params, reference))
 
 
+@pytest.mark.across_ranks
 def test_a_deep_copy_works_across_ranks() -> None:
     assert all(run_ranks(2, deep_copy_on_rank))
 
@@ -226,7 +329,10 @@ def test_state_dict_survives_deepcopy_and_torch_save(tmp_path) -> None:
     train(saved_params, saved_opt)
     torch.save(saved_opt.state_dict(), tmp_path / "optim.pt")
     weights = [p.detach().clone() for p in saved_params]
-    copies = {"deepcopy": copy.deepcopy(saved_opt.state_dict()), "torch.load": torch.load(tmp_path / "optim.pt")}
+    copies = {
+        "deepcopy": copy.deepcopy(saved_opt.state_dict()),
+        "torch.load": torch.load(tmp_path / "optim.pt"),
+    }
     train(saved_params, saved_opt, seed=9)
     for name, state_dict in copies.items():
         fresh_params, fresh = params_and_optimizer()
@@ -258,10 +364,12 @@ def per_rank_files(rank: int, world_size: int, directory: str, only_rank_0: bool
     return "same" if all(torch.equal(a, b) for a, b in zip(fresh_params, params)) else "differs"
 
 
+@pytest.mark.across_ranks
 def test_each_rank_saving_its_state_dict_with_torch_save_resumes_exactly(tmp_path) -> None:
     assert run_ranks(2, per_rank_files, str(tmp_path), False) == ["same", "same"]
 
 
+@pytest.mark.across_ranks
 def test_one_rank_saving_its_state_dict_for_all_is_a_clear_error(tmp_path) -> None:
     """The habit of saving on rank 0 alone: state_dict() holds rank 0's ranges only."""
     for message in run_ranks(2, per_rank_files, str(tmp_path), True):
@@ -275,7 +383,9 @@ def test_state_dict_tensors_copy_and_move_but_refuse_arithmetic() -> None:
     for same_range in (shard.clone(), shard.detach(), shard.to(torch.float64), shard.cpu()):
         assert type(same_range) is type(shard) and same_range.offset == shard.offset
     assert shard.to(torch.float64).local.dtype == torch.float64
-    with pytest.raises(RuntimeError, match="one rank's range of an optimizer buffer.*full_state_dict"):
+    with pytest.raises(
+        RuntimeError, match="one rank's range of an optimizer buffer.*full_state_dict"
+    ):
         shard * 2
 
 
@@ -291,7 +401,10 @@ def test_torch_rmsprop_given_the_sharded_state_dict_fails_clearly_at_its_first_s
     ref.load_state_dict(opt.state_dict())
     for p in reference:
         p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict"):
+    with pytest.raises(
+        RuntimeError,
+        match="from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict",
+    ):
         ref.step()
 
 
@@ -370,7 +483,10 @@ def test_built_on_meta_without_swapping_is_an_error_not_a_silent_no_op() -> None
     opt = ShardedRMSprop(model.parameters())
     materialise(model)
     model(torch.ones(2, 6)).sum().backward()
-    with pytest.raises(RuntimeError, match="built on parameters on the meta device.*set_swap_module_params_on_conversion"):
+    with pytest.raises(
+        RuntimeError,
+        match="built on parameters on the meta device.*set_swap_module_params_on_conversion",
+    ):
         opt.step()
 
 
@@ -393,5 +509,6 @@ def meta_on_rank(rank: int, world_size: int) -> bool:
     return all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
 
 
+@pytest.mark.across_ranks
 def test_built_on_meta_across_ranks() -> None:
     assert all(run_ranks(2, meta_on_rank))

@@ -284,8 +284,7 @@ def _build_location() -> tuple[str, str]:
     """The library's name and build directory: a hash of everything the binary depends on."""
     key = hashlib.sha256(
         "\0".join(
-            (_cpp_source(), *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version,
-             platform.machine())
+            (_cpp_source(), *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine())
         ).encode()
     ).hexdigest()[:16]
     name = f"sharded_rmsprop_cpu_{key}"
@@ -436,8 +435,7 @@ def _check_copy_dtype(param_dtype: torch.dtype, copy_dtype: torch.dtype) -> None
         )
     if copy_dtype not in _COPY_DTYPE_CODE:
         raise TypeError(
-            f"low_precision_param has dtype {copy_dtype}, expected torch.bfloat16 or "
-            f"torch.float16"
+            f"low_precision_param has dtype {copy_dtype}, expected torch.bfloat16 or torch.float16"
         )
 
 
@@ -532,9 +530,16 @@ def rmsprop_cpu_fused_(
         None if copy is None else copy.data_ptr(),
         0 if copy is None else _COPY_DTYPE_CODE[copy.dtype],
         n,
-        -float(lr), float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay),
-        int(weight_decay != 0), float(momentum),
-        int(bool(maximize)), scale, torch.get_num_threads(),
+        -float(lr),
+        float(alpha),
+        1.0 - float(alpha),
+        float(eps),
+        float(weight_decay),
+        int(weight_decay != 0),
+        float(momentum),
+        int(bool(maximize)),
+        scale,
+        torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"the fused CPU RMSprop kernel failed with code {rc}")

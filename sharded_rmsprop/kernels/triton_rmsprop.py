@@ -190,7 +190,11 @@ if _HAS_TRITON:
         if MOMENTUM:
             buf = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             buf = momentum * buf + tl.div_rn(g, avg)
-            tl.store(momentum_buffer_ptr + offsets, buf.to(momentum_buffer_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                momentum_buffer_ptr + offsets,
+                buf.to(momentum_buffer_ptr.dtype.element_ty),
+                mask=mask,
+            )
             p = p - lr * buf
         else:
             p = p - lr * tl.div_rn(g, avg)

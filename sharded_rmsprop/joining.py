@@ -1,0 +1,211 @@
+"""Uneven inputs under ``torch.distributed.algorithms.join.Join``: ranks out of data follow.
+
+With ``Join([ddp_model, optimizer])``, a rank that has no batches left runs each joinable's
+join hook once per iteration that the others still run. DDP's hook matches their gradient
+all-reduces with zeros, and leaves the rank's own ``.grad`` as it was. This optimizer's hook
+makes the rank *follow*: it takes part in the others' agreements without a say (so it learns
+which method they call), and it still updates the shard it owns exactly as the others would
+have. The lowest-ranked leading rank sends it what that takes: every param group's options
+(a follower's LR scheduler no longer steps), the clip coefficient and loss scale, which
+parameters have a gradient, and the gradients of the elements it owns; and for
+``clip_grad_norm_()`` that leading rank adds the follower's part of the norm. The follower
+then takes part in the skip decision and the parameter sync, so every rank's copy of the
+parameters stays the same, and its shard goes on as if it had had the data. (torch's
+ZeroRedundancyOptimizer leaves a joined rank's update to its own ``.grad``.)
+
+As with torch's ZeRO, the others must call ``step()`` once per iteration (and may call
+``clip_grad_norm_()`` before it); a loop that accumulates gradients over several iterations
+between steps cannot be followed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.algorithms.join import JoinHook
+
+from . import gradients
+from .agreement import cannot_follow, digest_of, follow
+from .facts import OPTION_KEYS
+from .windows import pack
+
+if TYPE_CHECKING:
+    from .gradients import PendingClip, ScalerRequest
+    from .optimizer import ShardedRMSprop
+
+__all__ = [
+    "FollowHook",
+    "Record",
+    "followers_grads",
+    "leader_of",
+    "leads",
+    "receiver",
+    "send_gradients",
+    "send_norm_type",
+    "send_records",
+]
+
+_STEP, _CLIP = digest_of("step()"), digest_of("clip_grad_norm_()")
+
+#: The dtypes of a gradient factor, by the code a Record carries (0: no factor).
+_DTYPES = (None, torch.float32, torch.float64)
+
+
+class FollowHook(JoinHook):
+    """The join hook of a ShardedRMSprop: once per iteration of the others, follow them."""
+
+    def __init__(self, opt: ShardedRMSprop) -> None:
+        self.opt = opt
+
+    def main_hook(self) -> None:
+        ranks = self.opt._ranks
+        while True:  # the others' clip_grad_norm_() calls, then their step()
+            operation, followers = follow(ranks)
+            leader = dist.get_global_rank(ranks.host_group, leader_of(followers, ranks.world_size))
+            if operation == _CLIP:
+                _follow_clip(self.opt, leader)
+            elif operation == _STEP:
+                self.opt._follow_step(Record.receive(self.opt, leader), leader)
+                return
+            else:  # the others raise too (agree)
+                raise cannot_follow(followers, None)
+
+
+def leader_of(followers: tuple[int, ...], world_size: int) -> int:
+    """The rank (in the group) that leads the followers: the lowest that still has data."""
+    return next(rank for rank in range(world_size) if rank not in followers)
+
+
+def leads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> bool:
+    """Whether this rank leads ``followers`` (there are some, and it is their leader)."""
+    return bool(followers) and opt._ranks.rank == leader_of(followers, opt._ranks.world_size)
+
+
+def send_records(
+    opt: ShardedRMSprop,
+    followers: tuple[int, ...],
+    clip: PendingClip | None,
+    scaler: ScalerRequest | None,
+) -> None:
+    """The leader sends each follower its step's :class:`Record`."""
+    values = Record.of(opt, clip, scaler).to_tensor()
+    for follower in followers:
+        dist.send(values, _global(opt, follower, host=True), group=opt._ranks.host_group)
+
+
+def send_gradients(opt: ShardedRMSprop, followers: tuple[int, ...]) -> None:
+    """The leader sends each follower the gradients of the elements it owns, window by
+    window, as the follower's update stages them."""
+    for follower in followers:
+        for bucket in opt._buckets:
+            has_grad = lambda position, b=bucket: b.params[position].grad is not None  # noqa: E731
+            for window in bucket.windows_of(follower):
+                parts, _ = window.present(has_grad)
+                if parts:
+                    pack(parts, bucket.params)
+                    window_values = bucket.grad_window[: window.length]
+                    dist.send(window_values, _global(opt, follower), group=opt._ranks.group)
+
+
+def followers_grads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> list[Tensor]:
+    """For their leader: the slices of its gradients that the followers own (their part of
+    a gradient norm)."""
+    owned = []
+    for follower in followers:
+        for bucket in opt._buckets:
+            for piece in bucket.plan.pieces(follower):
+                grad = bucket.params[bucket.position_of(piece)].grad
+                if grad is not None:
+                    owned.append(grad.reshape(-1)[piece.param_start : piece.param_end])
+    return owned
+
+
+def send_norm_type(opt: ShardedRMSprop, followers: tuple[int, ...], norm_type: float) -> None:
+    """The leader tells the followers the norm's type (their part must be its identity)."""
+    for follower in followers:
+        message = torch.tensor([norm_type], dtype=torch.float64)
+        dist.send(message, _global(opt, follower, host=True), group=opt._ranks.host_group)
+
+
+def _follow_clip(opt: ShardedRMSprop, leader: int) -> None:
+    """clip_grad_norm_() on a follower: the identity of the norm's reduction (the leader
+    adds the follower's part); the clip itself reaches it in the step's record."""
+    message = torch.zeros(1, dtype=torch.float64)
+    dist.recv(message, leader, group=opt._ranks.host_group)
+    dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in opt._buckets])
+    gradients.global_norm([], message.item(), opt._ranks, opt._home_device, dtype)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a follower's step needs from its leader."""
+
+    options: list[float]  # every group's OPTION_KEYS, in order
+    scale: float  # what the update multiplies the gradients by (clip, unscaling)
+    scale_dtype: int  # that factor's: 0 none, 1 float32, 2 float64
+    scaled: bool  # whether a GradScaler steps
+    has_grad: list[bool]  # by parameter index
+
+    @classmethod
+    def of(
+        cls, opt: ShardedRMSprop, clip: PendingClip | None, scaler: ScalerRequest | None
+    ) -> Record:
+        scale = gradients.combined_scale(opt._home_device, clip, scaler)
+        return cls(
+            options=[float(group[key]) for group in opt.param_groups for key in OPTION_KEYS],
+            scale=0.0 if scale is None else float(scale),
+            scale_dtype=0 if scale is None else _DTYPES.index(scale.dtype),
+            scaled=scaler is not None,
+            has_grad=[p.grad is not None for group in opt.param_groups for p in group["params"]],
+        )
+
+    def to_tensor(self) -> Tensor:
+        scalars = [self.scale, float(self.scale_dtype), float(self.scaled)]
+        return torch.tensor(
+            [*self.options, *scalars, *map(float, self.has_grad)], dtype=torch.float64
+        )
+
+    @classmethod
+    def receive(cls, opt: ShardedRMSprop, leader: int) -> Record:
+        options = len(opt.param_groups) * len(OPTION_KEYS)
+        count = sum(len(group["params"]) for group in opt.param_groups)
+        values = torch.zeros(options + 3 + count, dtype=torch.float64)
+        dist.recv(values, leader, group=opt._ranks.host_group)
+        values = values.tolist()
+        scale, scale_dtype, scaled = values[options : options + 3]
+        has_grad = [value > 0 for value in values[options + 3 :]]
+        return cls(values[:options], scale, int(scale_dtype), scaled > 0, has_grad)
+
+    def apply_options(self, opt: ShardedRMSprop) -> None:
+        """The leaders' options, into the follower's param groups."""
+        values = iter(self.options)
+        for group in opt.param_groups:
+            for key in OPTION_KEYS:
+                value = next(values)
+                if key in ("centered", "maximize"):
+                    group[key] = bool(value)
+                elif key == "lr" and isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(value)
+                else:
+                    group[key] = value
+
+    def grad_scale(self, device: torch.device) -> Tensor | None:
+        """The leaders' gradient factor, the same bits on ``device``."""
+        if not self.scale_dtype:
+            return None
+        return torch.tensor(self.scale, dtype=_DTYPES[self.scale_dtype], device=device)
+
+
+def receiver(opt: ShardedRMSprop, leader: int) -> Callable[[Tensor], None]:
+    """For a follower's update: fill a gradient window with what ``leader`` (a global rank)
+    sends for it."""
+    return lambda window: dist.recv(window, leader, group=opt._ranks.group)
+
+
+def _global(opt: ShardedRMSprop, rank: int, host: bool = False) -> int:
+    group = opt._ranks.host_group if host else opt._ranks.group
+    return dist.get_global_rank(group, rank)
