@@ -450,6 +450,8 @@ def train(
     else:
         log.info("the checkpoint is at step %d, past --max-steps: nothing to train", first_step - 1)
     record.skipped_steps = opt.skipped_steps
+    if ctx.device.type == "cuda":  # activations and workspaces included
+        record.cuda_peak_bytes = torch.cuda.max_memory_allocated(ctx.device)
     record.val.append((config.max_steps, evaluate(model.module, corpus, config, ctx)))
     if config.save_final:
         save_final_parameters(config.save_final, model.module)

@@ -169,6 +169,7 @@ class RunRecord:
     tokens: int = 0
     skipped_steps: int = 0  # by the optimizer: inf/NaN gradients, including GradScaler's
     memory: MemoryFigures | None = None  # rank 0's
+    cuda_peak_bytes: int | None = None  # rank 0's torch.cuda.max_memory_allocated, on a GPU
 
 
 def progress_notes(
@@ -242,6 +243,8 @@ def log_summary(record: RunRecord, config: Config, world_size: int) -> None:
             f"memory {memory.total / MIB:.3f} MiB per rank vs "
             f"{memory.replicated_total / MIB:.3f} MiB replicated float32"
         )
+    if record.cuda_peak_bytes is not None:
+        parts.append(f"cuda peak {record.cuda_peak_bytes / MIB:.1f} MiB allocated")
     norms = _grad_norm_summary(record.grad_norms, config.clip_grad_norm)
     if norms:
         parts.append(norms)

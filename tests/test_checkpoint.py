@@ -19,9 +19,9 @@ OPTIONS = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1)
 SHAPES = [(7, 5), (3,), (), (0,), (40,), (17, 3)]
 
 
-def initial_params() -> list[torch.Tensor]:
+def initial_params(device: str = "cpu") -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=generator).requires_grad_() for shape in SHAPES]
+    return [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in SHAPES]
 
 
 def groups(params: list[torch.Tensor]) -> list[dict]:
@@ -30,7 +30,7 @@ def groups(params: list[torch.Tensor]) -> list[dict]:
 
 def step_with_grads(optimizers, params_lists, step: int) -> None:
     generator = torch.Generator().manual_seed(100 + step)
-    grads = [torch.randn(p.shape, generator=generator) for p in params_lists[0]]
+    grads = [torch.randn(p.shape, generator=generator).to(p.device) for p in params_lists[0]]
     for params in params_lists:
         for i, (p, g) in enumerate(zip(params, grads)):
             p.grad = None if (i == 1 and step == 0) else g.clone()  # param 1 skips step 0
@@ -38,10 +38,11 @@ def step_with_grads(optimizers, params_lists, step: int) -> None:
         opt.step()
 
 
-def torch_run(steps: int) -> tuple[list[torch.Tensor], torch.optim.RMSprop]:
+def torch_run(steps: int, device: str = "cpu") -> tuple[list[torch.Tensor], torch.optim.RMSprop]:
     """The uninterrupted reference: torch.optim.RMSprop for ``steps`` steps."""
-    params = initial_params()
-    opt = torch.optim.RMSprop(groups(params), **OPTIONS)
+    params = initial_params(device)
+    # torch's for-loop: the reference path's op sequence (CPU's default; CUDA's is foreach)
+    opt = torch.optim.RMSprop(groups(params), **OPTIONS, foreach=None if device == "cpu" else False)
     for step in range(steps):
         step_with_grads([opt], [params], step)
     return params, opt
@@ -109,8 +110,10 @@ def test_load_state_dict_from_torch_continues_bit_for_bit() -> None:
 # -- DCP -----------------------------------------------------------------------------------------
 
 
-def dcp_save_on_rank(rank: int, world_size: int, path: str, steps: int) -> None:
-    params = initial_params()
+def dcp_save_on_rank(
+    rank: int, world_size: int, path: str, steps: int, device: str = "cpu"
+) -> None:
+    params = initial_params(device)
     opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)
     for step in range(steps):
         step_with_grads([opt], [params], step)
@@ -118,12 +121,14 @@ def dcp_save_on_rank(rank: int, world_size: int, path: str, steps: int) -> None:
     dcp.save({"model": model, "optim": opt}, checkpoint_id=path)
 
 
-def dcp_resume_on_rank(rank: int, world_size: int, path: str, steps: int) -> dict:
-    params = initial_params()
+def dcp_resume_on_rank(
+    rank: int, world_size: int, path: str, steps: int, device: str = "cpu"
+) -> dict:
+    params = initial_params(device)
     opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)  # fresh: never stepped
     model = {f"p{i}": p.detach() for i, p in enumerate(params)}
     dcp.load({"model": model, "optim": opt}, checkpoint_id=path)  # params load in place
-    reference, ref_opt = torch_run(steps)
+    reference, ref_opt = torch_run(steps, device)
     equal_at_load = all(torch.equal(a, b) for a, b in zip(params, reference))
     for step in range(steps, steps + 3):
         step_with_grads([opt, ref_opt], [params, reference], step)
@@ -202,7 +207,10 @@ def fewer_params_state_dict() -> dict:
     "make, message",
     [
         (adam_state_dict, r"lacks the RMSprop options \['alpha'\].*another optimizer"),
-        (other_shapes_state_dict, r"state\[0\]\['square_avg'\] has shape \(35,\) but the parameter has shape \(7, 5\)"),
+        (
+            other_shapes_state_dict,
+            r"state\[0\]\['square_avg'\] has shape \(35,\) but the parameter has shape \(7, 5\)",
+        ),
         (fewer_params_state_dict, "doesn't match the size of optimizer's group"),
         (lambda: {"state": {}}, "not an optimizer state dict"),
         (lambda: {"state": {}, "param_groups": []}, "different number of parameter groups"),
@@ -240,6 +248,8 @@ def test_dcp_checkpoint_of_other_shapes_is_rejected_before_loading(tmp_path) -> 
     dcp.save({"optim": saver}, checkpoint_id=path)
     other = [torch.randn(7, 5, requires_grad=True)]  # same numel, other shape
     loader = ShardedRMSprop(other)
-    with pytest.raises(ValueError, match=r"parameter 0 has shape \(5, 7\) in the state dict and \(7, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter 0 has shape \(5, 7\) in the state dict and \(7, 5\)"
+    ):
         dcp.load({"optim": loader}, checkpoint_id=path)
     assert len(loader.state) == 0

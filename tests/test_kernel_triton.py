@@ -46,7 +46,7 @@ from sharded_rmsprop.kernels.triton_rmsprop import (  # noqa: E402
     triton_available,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.cuda  # (skipped without a GPU: see conftest.py)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)

@@ -29,12 +29,12 @@ SHAPES = [(), (3,), (5, 7), (17,), (33, 2), (64,)]
 STEPS = 30
 
 
-def make_model(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def make_model(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
     """16-bit parameters, with one float32 parameter among them (its own master)."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
     params.append(torch.randn(6, generator=generator))
-    return [p.requires_grad_() for p in params]
+    return [p.to(device).requires_grad_() for p in params]
 
 
 def float32_copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -45,11 +45,13 @@ def set_grads(ours: list[torch.Tensor], theirs: list[torch.Tensor], step: int) -
     """The same gradients for both (theirs in float32); some parameters skip some steps."""
     generator = torch.Generator().manual_seed(100 + step)
     for i, (p, q) in enumerate(zip(ours, theirs)):
-        grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        grad = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
         p.grad, q.grad = (None, None) if (i + step) % 5 == 0 else (grad, grad.float())
 
 
-def compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], opt: ShardedRMSprop) -> str | None:
+def compare(
+    ours: list[torch.Tensor], theirs: list[torch.Tensor], opt: ShardedRMSprop
+) -> str | None:
     """Where ours differs from torch's float32 run, rounded; and the masters from its values."""
     for i, (p, q) in enumerate(zip(ours, theirs)):
         if not torch.equal(p, q.to(p.dtype)):
@@ -71,11 +73,13 @@ def owned_range(opt: ShardedRMSprop, param: torch.Tensor, values: torch.Tensor) 
     raise KeyError("not a parameter of the optimizer")
 
 
-def run_parity(dtype: torch.dtype, options: dict, fused: bool | None = False) -> str | None:
-    ours = make_model(dtype)
+def run_parity(
+    dtype: torch.dtype, options: dict, fused: bool | None = False, device: str = "cpu"
+) -> str | None:
+    ours = make_model(dtype, device=device)
     theirs = float32_copy(ours)
     opt = ShardedRMSprop(ours, fused=fused, **options)
-    ref = torch.optim.RMSprop(theirs, **options)
+    ref = torch.optim.RMSprop(theirs, **options, foreach=False)
     for step in range(STEPS):
         set_grads(ours, theirs, step)
         opt.step()
@@ -215,10 +219,15 @@ def resume_on_rank(rank: int, world_size: int, workdir: str, saved_world_size: i
         params = make_model(torch.bfloat16)
         opt = ShardedRMSprop(params, fused=False, **options)
         train(opt, params, range(4))
-        dcp.save({"optim": opt, "params": {str(i): p for i, p in enumerate(params)}}, checkpoint_id=workdir)
+        dcp.save(
+            {"optim": opt, "params": {str(i): p for i, p in enumerate(params)}},
+            checkpoint_id=workdir,
+        )
         full = opt.full_state_dict(to=0)
         if rank == 0:
-            torch.save({"optim": full, "params": [p.detach() for p in params]}, f"{workdir}/full.pt")
+            torch.save(
+                {"optim": full, "params": [p.detach() for p in params]}, f"{workdir}/full.pt"
+            )
         torch.distributed.barrier()
         train(opt, params, range(4, 8))
         return [p.detach() for p in params]

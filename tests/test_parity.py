@@ -53,12 +53,12 @@ def random_like(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Gen
     return torch.randn(shape, generator=generator).to(dtype)
 
 
-def make_params(seed: int = 0, shapes: dict = SHAPES) -> list[torch.Tensor]:
+def make_params(seed: int = 0, shapes: dict = SHAPES, device: str = "cpu") -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     params = []
     for dtype, dtype_shapes in shapes.items():
         for shape in dtype_shapes:
-            params.append(random_like(shape, dtype, generator).requires_grad_())
+            params.append(random_like(shape, dtype, generator).to(device).requires_grad_())
     if len(params) > 2:
         params[2].requires_grad_(False)  # a frozen parameter: never has a gradient
     return params
@@ -68,7 +68,7 @@ def set_grads(params: list[torch.Tensor], step: int) -> None:
     """The same gradients on every rank, as DDP would leave them; some are None."""
     generator = torch.Generator().manual_seed(1000 + step)
     for i, param in enumerate(params):
-        grad = random_like(param.shape, param.dtype, generator)
+        grad = random_like(param.shape, param.dtype, generator).to(param.device)
         skipped = not param.requires_grad or (i + step) % 4 == 0
         param.grad = None if skipped else grad
 
@@ -87,11 +87,12 @@ def first_mismatch(ours: list[torch.Tensor], theirs: list[torch.Tensor], step: i
     return None
 
 
-def run_config(options: dict, shapes: dict = SHAPES) -> str | None:
-    ours = make_params(shapes=shapes)
+def run_config(options: dict, shapes: dict = SHAPES, device: str = "cpu") -> str | None:
+    ours = make_params(shapes=shapes, device=device)
     theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in ours]
     opt = ShardedRMSprop(two_groups(ours, options), fused=False, master_weights=False)
-    ref = torch.optim.RMSprop(two_groups(theirs, options))
+    # torch's for-loop, the reference path's op sequence (CUDA would default to foreach)
+    ref = torch.optim.RMSprop(two_groups(theirs, options), foreach=False)
     for step in range(STEPS):
         if step == STEPS // 2:  # an LR schedule and an alpha change between steps
             for group in opt.param_groups + ref.param_groups:

@@ -1,0 +1,373 @@
+"""The parts of the GPU check (see ``benchmarks/gpu_check.py``), one per process.
+
+``python -m benchmarks.gpu_parts PART --json FILE`` runs one part and rewrites ``FILE`` after
+every measurement, so that a part killed at its time limit still leaves what it found. Each
+part uses the python it runs in as it is (a GPU machine reaches no package index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["PARTS", "Recorder", "parse_junit", "parse_train_summary"]
+
+
+class Recorder:
+    """A part's results, written to its JSON file after every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.write()
+
+    def append(self, key: str, value: Any) -> None:
+        self.data.setdefault(key, []).append(value)
+        self.write()
+
+    def write(self) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.data, indent=1, default=str))
+        partial.replace(self.path)  # a reader never sees half a file
+
+
+# -- parsers (pure: tested on CPU) -------------------------------------------------------------
+
+
+def parse_junit(path: Path) -> dict[str, Any]:
+    """Counts, failures and the slowest tests of a pytest ``--junitxml`` report."""
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {
+        key: sum(int(s.get(key, 0)) for s in suites)
+        for key in ("tests", "failures", "errors", "skipped")
+    }
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    failed, timings = [], []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        timings.append((float(case.get("time", 0)), name))
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:
+            message = (problem.get("message") or problem.text or "").strip().splitlines()
+            failed.append({"test": name, "message": message[0][:300] if message else ""})
+    slowest = [{"test": name, "seconds": round(t, 2)} for t, name in sorted(timings)[::-1][:5]]
+    return {**counts, "failed": failed, "slowest": slowest}
+
+
+_SUMMARY = re.compile(
+    r"summary: train loss (?P<loss_start>[\d.]+) -> (?P<loss_end>[\d.]+|nan|inf) \| "
+    r"val loss (?P<val_start>[\d.]+) -> (?P<val_end>[\d.]+|nan|inf) \| "
+    r"(?P<steps>\d+) steps in (?P<seconds>[\d.]+) s, (?P<rate>[\d.]+)(?P<unit>[kMG]?) tokens/s"
+)
+_MEMORY = re.compile(r"memory (?P<formula>[\d.]+) MiB per rank vs (?P<replicated>[\d.]+) MiB")
+_PEAK = re.compile(r"cuda peak (?P<peak>[\d.]+) MiB allocated")
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_train_summary(log: str) -> dict[str, Any] | None:
+    """The figures of ``launch/train.py``'s summary line, or None if there is none."""
+    found = _SUMMARY.search(log)
+    if found is None:
+        return None
+    figures: dict[str, Any] = {
+        "loss_start": float(found["loss_start"]),
+        "loss_end": float(found["loss_end"]),
+        "val_start": float(found["val_start"]),
+        "val_end": float(found["val_end"]),
+        "steps": int(found["steps"]),
+        "seconds": float(found["seconds"]),
+        "tokens_per_s": float(found["rate"]) * _UNITS[found["unit"]],
+    }
+    memory = _MEMORY.search(log[found.start() :])
+    if memory is not None:
+        figures["formula_mib"] = float(memory["formula"])
+        figures["replicated_mib"] = float(memory["replicated"])
+    peak = _PEAK.search(log[found.start() :])
+    if peak is not None:
+        figures["cuda_peak_mib"] = float(peak["peak"])
+    return figures
+
+
+# -- the parts -----------------------------------------------------------------------------------
+
+
+def environment(out: Recorder, seconds: float) -> None:
+    """The python, the packages and the device, as found."""
+    versions = {}
+    for package in ("torch", "triton", "numpy", "pytest", "mpi4py", "matplotlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    out["python"] = platform.python_version()
+    out["versions"] = versions
+    out["host"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    import torch
+
+    out["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        out["device"] = {
+            "name": properties.name,
+            "count": torch.cuda.device_count(),
+            "memory_gib": round(properties.total_memory / 2**30, 1),
+            "capability": f"{properties.major}.{properties.minor}",
+            "multiprocessors": properties.multi_processor_count,
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        }
+
+
+def _pytest(out: Recorder, seconds: float, selection: list[str]) -> None:
+    """Run pytest on ``selection`` (CUDA tests), record its counts."""
+    with tempfile.TemporaryDirectory() as workdir:
+        report = Path(workdir) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda"]
+        command += ["--continue-on-collection-errors", f"--junitxml={report}", *selection]
+        out["command"] = " ".join(command[1:])
+        start = time.perf_counter()
+        code, log = _run(command, seconds - 5)
+        out["seconds"] = round(time.perf_counter() - start, 1)
+        out["exit_code"] = code
+        out["tail"] = log[-3000:]
+        if report.exists():
+            out["results"] = parse_junit(report)
+    if code != 0:
+        raise SystemExit(f"pytest: {code}")
+
+
+def cuda_tests(out: Recorder, seconds: float) -> None:
+    """Every test marked ``cuda`` at one rank (the two-rank ones are their own part)."""
+    _pytest(out, seconds, ["tests", "-k", "not two_ranks"])
+
+
+def two_ranks(out: Recorder, seconds: float) -> None:
+    """Two ranks on the one GPU through gloo (NCCL refuses two ranks on one device): the
+    sync with CUDA tensors, the control tensors' placement, checkpoints saved on CUDA and
+    loaded at another world size. NCCL at world size > 1 stays untested."""
+    out["note"] = "gloo on CUDA tensors; NCCL at world size > 1 is untested (one GPU)"
+    _pytest(out, seconds, ["tests/test_cuda.py", "-k", "two_ranks"])
+
+
+def kernels(
+    out: Recorder,
+    seconds: float,
+    device: str = "cuda",
+    sizes: tuple[float, ...] = (1, 4, 16, 64, 256),
+) -> None:
+    """The update kernels by the byte model, beside the device's copy bandwidth; ``sizes``
+    in millions of elements (the largest also for the copy)."""
+    import torch
+
+    from benchmarks.bench_kernels import (
+        BYTES_PER_ELEMENT,
+        OPTION_SETS,
+        candidates,
+        copy_bandwidth,
+        median_seconds,
+    )
+
+    on = torch.device(device)
+    deadline = time.monotonic() + seconds - 10
+    out["byte_model"] = BYTES_PER_ELEMENT
+    copy_gbs = copy_bandwidth(int(max(sizes) * 1e6), on, 20) / 1e9
+    out["copy_gbs"] = round(copy_gbs, 1)
+    for millions in sizes:
+        numel = int(millions * 1e6)
+        for name, options in OPTION_SETS.items():
+            if time.monotonic() > deadline:
+                out["cut_short"] = f"stopped before {millions} M {name}: out of time"
+                return
+            runs = candidates(numel, on, options)
+            times = {kernel: median_seconds(fn, on, 10) for kernel, fn in runs.items()}
+            del runs
+            if on.type == "cuda":
+                torch.cuda.empty_cache()
+            for kernel, t in times.items():
+                gbs = BYTES_PER_ELEMENT[name] * numel / t / 1e9
+                row = {"millions": millions, "options": name, "kernel": kernel}
+                row |= {"ms": round(t * 1e3, 4), "gbs": round(gbs, 1)}
+                row |= {"of_copy": round(gbs / copy_gbs, 3)}
+                row |= {"x_foreach": round(times["torch foreach"] / t, 2)}
+                out.append("rows", row)
+
+
+#: launch/train.py's model and run for the GPU check: a few seconds of a GPU's time each.
+TRAIN_ARGS = (
+    "--n-layer 6 --n-head 6 --n-embd 384 --block-size 128 --batch-size 32 --max-steps 300 "
+    "--eval-every 0 --log-every 50"
+).split()
+
+
+def train(out: Recorder, seconds: float) -> None:
+    """``launch/train.py`` at world size 1 under torchrun with NCCL, float32 then bfloat16."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for index, dtype in enumerate(("float32", "bfloat16")):
+        command = [*torchrun, "--nproc_per_node", "1", "launch/train.py", "--backend", "nccl"]
+        command += ["--dtype", dtype, *TRAIN_ARGS]
+        start = time.perf_counter()
+        # the first run may take half of what is left, the second all of it
+        code, log = _run(command, seconds / (2 - index) - 5)
+        seconds -= time.perf_counter() - start
+        out[dtype] = {
+            "command": " ".join(["torchrun", *command[4:]]),
+            "exit_code": code,
+            "figures": parse_train_summary(log),
+            "tail": log[-2000:],
+        }
+    if any(out.data[dtype]["exit_code"] != 0 for dtype in ("float32", "bfloat16")):
+        raise SystemExit("a training run failed")
+
+
+def _run(command: list[str], seconds: float) -> tuple[int | str, str]:
+    """Run ``command`` from the repository root, with the package from the working tree and
+    Triton compiling (not interpreting); its exit code ("timed out" past ``seconds``) and
+    output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    try:
+        proc = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(seconds, 1)
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as error:
+        return "timed out", _text(error.stdout) + _text(error.stderr)
+
+
+def _text(value: bytes | str | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value or ""
+
+
+def host_syncs(out: Recorder, seconds: float) -> None:
+    """Host synchronisations in step() phases (``torch.cuda.set_sync_debug_mode("warn")``),
+    and whether step() can be captured in a CUDA graph."""
+    import torch
+
+    from sharded_rmsprop import ShardedRMSprop
+
+    device = torch.device("cuda")
+    batch = torch.randn(64, 256, device=device)
+
+    def model_and_loss() -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)]
+        model = torch.nn.Sequential(*layers).to(device)
+        return model, lambda: model(batch).square().mean()
+
+    Phase = tuple[Callable[[], None], Callable[[], None]]  # (backward, what is checked)
+
+    def plain(model, loss) -> Phase:
+        opt = ShardedRMSprop(model.parameters(), lr=1e-3)
+        return lambda: loss().backward(), opt.step
+
+    def scheduled(model, loss) -> Phase:
+        opt = ShardedRMSprop(model.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+        return lambda: loss().backward(), lambda: (opt.step(), schedule.step())
+
+    def clipped(model, loss) -> Phase:
+        opt = ShardedRMSprop(model.parameters(), lr=1e-3, skip_nonfinite=True)
+        return lambda: loss().backward(), lambda: (opt.clip_grad_norm_(1.0), opt.step())
+
+    def scaled(model, loss) -> Phase:
+        opt, scaler = ShardedRMSprop(model.parameters(), lr=1e-3), torch.amp.GradScaler("cuda")
+        return lambda: scaler.scale(loss()).backward(), lambda: (scaler.step(opt), scaler.update())
+
+    def tensor_lr(model, loss) -> Phase:
+        opt = ShardedRMSprop(model.parameters(), lr=torch.tensor(1e-3, device=device))
+        return lambda: loss().backward(), opt.step
+
+    phases = {
+        "step()": plain,
+        "step() + LR scheduler": scheduled,
+        "clip_grad_norm_() + step(), skip_nonfinite": clipped,
+        "GradScaler step(), update()": scaled,
+        "step() with a CUDA tensor lr": tensor_lr,
+    }
+    for name, make in phases.items():
+        backward, run = make(*model_and_loss())
+        for _ in range(2):  # warm-up: kernels compiled, state created
+            backward()
+            run()
+        backward()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        where = [
+            f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+        ]
+        out.append("phases", {"phase": name, "syncs": len(where), "where": where})
+    out["cuda_graph"] = _capture_step(*model_and_loss())
+
+
+def _capture_step(model: Any, loss: Callable[[], Any]) -> dict[str, Any]:
+    """Try to capture one step() in a CUDA graph and replay it."""
+    import torch
+
+    from sharded_rmsprop import ShardedRMSprop
+
+    opt = ShardedRMSprop(model.parameters(), lr=1e-3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            loss().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            opt.step()
+        graph.replay()
+        torch.cuda.synchronize()
+        return {"captured": True}
+    except Exception as error:  # noqa: BLE001 - the answer is the error
+        return {"captured": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
+PARTS: dict[str, Callable[[Recorder, float], None]] = {
+    "environment": environment,
+    "cuda_tests": cuda_tests,
+    "kernels": kernels,
+    "train": train,
+    "two_ranks": two_ranks,
+    "host_syncs": host_syncs,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=sorted(PARTS))
+    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
+    parser.add_argument("--seconds", type=float, default=600, help="this part's time limit")
+    args = parser.parse_args(argv)
+    PARTS[args.part](Recorder(args.json), args.seconds)
+
+
+if __name__ == "__main__":
+    main()
