@@ -254,6 +254,8 @@ def _tests_section(data: dict[str, Any]) -> list[str]:
             f"{results['errors']} errors, {results['skipped']} skipped "
             f"({data.get('seconds', 0)} s)."
         )
+        if results.get("incomplete"):
+            lines.append("Cut short: counted from pytest's lines up to then.")
         lines += [f"- FAILED `{f['test']}`: {f['message']}" for f in results["failed"]]
         if results["slowest"]:
             lines += [

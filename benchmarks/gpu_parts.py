@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["PARTS", "Recorder", "parse_junit", "parse_train_summary"]
+__all__ = ["PARTS", "Recorder", "parse_junit", "parse_train_summary", "parse_verbose"]
 
 
 class Recorder:
@@ -70,6 +70,28 @@ def parse_junit(path: Path) -> dict[str, Any]:
             failed.append({"test": name, "message": message[0][:300] if message else ""})
     slowest = [{"test": name, "seconds": round(t, 2)} for t, name in sorted(timings)[::-1][:5]]
     return {**counts, "failed": failed, "slowest": slowest}
+
+
+_VERBOSE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.MULTILINE)
+
+
+def parse_verbose(log: str) -> dict[str, Any]:
+    """What ``pytest -v`` output says about the tests that ran (when there is no report)."""
+    outcomes = _VERBOSE.findall(log)
+    count = lambda *kinds: sum(kind in kinds for _, kind in outcomes)  # noqa: E731
+    failed = [
+        {"test": test, "message": kind} for test, kind in outcomes if kind in ("FAILED", "ERROR")
+    ]
+    return {
+        "tests": len(outcomes),
+        "passed": count("PASSED", "XFAIL", "XPASS"),
+        "failures": count("FAILED"),
+        "errors": count("ERROR"),
+        "skipped": count("SKIPPED"),
+        "failed": failed,
+        "slowest": [],
+        "incomplete": True,
+    }
 
 
 _SUMMARY = re.compile(
@@ -140,7 +162,7 @@ def _pytest(out: Recorder, seconds: float, selection: list[str]) -> None:
     """Run pytest on ``selection`` (CUDA tests), record its counts."""
     with tempfile.TemporaryDirectory() as workdir:
         report = Path(workdir) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda"]
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda"]
         command += ["--continue-on-collection-errors", f"--junitxml={report}", *selection]
         out["command"] = " ".join(command[1:])
         start = time.perf_counter()
@@ -148,8 +170,8 @@ def _pytest(out: Recorder, seconds: float, selection: list[str]) -> None:
         out["seconds"] = round(time.perf_counter() - start, 1)
         out["exit_code"] = code
         out["tail"] = log[-3000:]
-        if report.exists():
-            out["results"] = parse_junit(report)
+        # pytest writes its report at the end; cut short, the verbose lines say how far it got
+        out["results"] = parse_junit(report) if report.exists() else parse_verbose(log)
     if code != 0:
         raise SystemExit(f"pytest: {code}")
 

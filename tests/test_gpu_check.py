@@ -15,7 +15,13 @@ import pytest
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import PARTS, Budget, Outcome, Report, parse_args, slug
-from benchmarks.gpu_parts import Recorder, kernels, parse_junit, parse_train_summary
+from benchmarks.gpu_parts import (
+    Recorder,
+    kernels,
+    parse_junit,
+    parse_train_summary,
+    parse_verbose,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -316,3 +322,20 @@ def test_the_kernel_part_measures_every_kernel_on_a_cpu(tmp_path) -> None:
     assert {row["kernel"].split(" ")[0] for row in rows} == {"reference", "torch", "fused"}
     assert all(row["ms"] > 0 and row["x_foreach"] > 0 for row in rows)
     assert "fused" in gpu_check.headline(Outcome("kernels", "passed", data=recorder.data))
+
+
+def test_tests_cut_short_are_counted_from_pytests_verbose_lines() -> None:
+    log = (
+        "tests/test_cuda.py::test_a[x] PASSED                [ 10%]\n"
+        "tests/test_cuda.py::test_b FAILED                   [ 20%]\n"
+        "tests/test_kernel_triton.py::test_c SKIPPED (why)   [ 30%]\n"
+        "tests/test_kernel_triton.py::test_d "
+    )
+    counts = parse_verbose(log)
+    assert (counts["tests"], counts["passed"], counts["failures"], counts["skipped"]) == (
+        3,
+        1,
+        1,
+        1,
+    )
+    assert counts["failed"] == [{"test": "tests/test_cuda.py::test_b", "message": "FAILED"}]
