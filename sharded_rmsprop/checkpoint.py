@@ -83,7 +83,8 @@ def _saved_buffers(bucket: ShardedBucket, keys: Sequence[str]) -> dict[str, Tens
 
 def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
     """``param_groups`` as torch.optim.RMSprop.state_dict() writes them."""
-    packed, index = [], 0
+    packed: list[dict[str, Any]] = []
+    ids: dict[int, int] = {}  # a parameter listed again (groups repeated) keeps its id, as in torch
     for group in opt.param_groups:
         # copies: DCP loads into this dict in place, and a tensor lr is the group's own
         entry = {
@@ -91,8 +92,7 @@ def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
         }
         for key, value in TORCH_ONLY_OPTIONS.items():  # so that torch sees its own format
             entry.setdefault(key, value)
-        entry["params"] = list(range(index, index + len(group["params"])))
-        index += len(group["params"])
+        entry["params"] = [ids.setdefault(id(p), len(ids)) for p in group["params"]]
         packed.append(entry)
     return packed
 

@@ -242,6 +242,15 @@ def test_complex_parameters_step_as_torchs_do() -> None:
 # -- state dicts -----------------------------------------------------------------------------------
 
 
+def test_repeated_param_groups_keep_their_parameter_ids_as_torchs_do() -> None:
+    params, opt = params_and_optimizer()
+    _, ref = twin_of(params)
+    for o in (opt, ref):
+        o.param_groups.extend(o.param_groups)
+    ids = lambda o: [group["params"] for group in o.state_dict()["param_groups"]]  # noqa: E731
+    assert ids(opt) == ids(ref) == [[0, 1], [2], [0, 1], [2]]
+
+
 def test_state_dict_is_deterministic_and_a_load_resumes_exactly() -> None:
     """Two state_dict() calls give equal dicts; a fresh optimizer over the same weights,
     loaded with one, continues bit for bit as the original does."""
