@@ -462,7 +462,7 @@ def _rows(cfg: Config) -> list[str]:
 
 
 def targets(results: dict) -> list[tuple[str, float, float, str]]:
-    """(what, measured ratio, bound, met?) for the issue's targets that the run covers."""
+    """(what, measured ratio, bound, met?) for the project's targets that the run covers."""
     out = []
 
     def ms(world, s, name):

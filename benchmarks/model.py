@@ -285,7 +285,7 @@ def check(inputs: dict, measured: dict) -> tuple[list[str], list[float]]:
 class Cluster:
     """Assumed H100 figures (bytes/s, seconds); see the notes printed with the table."""
 
-    hbm: float = 3.0e12  # streaming kernels; ~3 TB/s on a device-to-device copy (DESIGN.md)
+    hbm: float = 3.0e12  # streaming kernels: about 3 TB/s of an H100's HBM3 in a device-to-device copy
     nvlink_busbw: float = 360e9  # NCCL all-gather busbw within an 8-GPU node
     network_busbw: float = 400e9 / 8  # 400 Gb/s per GPU between nodes
     gpus_per_node: int = 8

@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = ["DataParallelGroup"]
 
 # gloo implements all-gather as a ring of point-to-point sends; one broadcast per owning rank
-# measured about 4x faster on 2 CPU ranks at 100 MB (DESIGN.md), so gloo syncs by broadcasts.
+# is about 4x faster on 2 CPU ranks at 100 MiB (benchmarks/results/sync_gloo_2ranks.md).
 _BROADCAST_BACKENDS = frozenset({"gloo"})
 
 

@@ -101,8 +101,7 @@ struct Hyper {
 // maximize, grad.neg_() are one product here, grad * (+-scale), bit for bit the same since
 // rounding to nearest is symmetric (x * -s == -(x * s)). Without a scale the factor is 1 or
 // -1, the multiply that maximize needs anyway (x * 1 == x for every x, NaN stays NaN): so
-// "no scale" runs the same instructions as before scales existed, and adds no loop versions
-// to the build.
+// a scale costs no instruction and no loop version of its own.
 template <class S, class LP, bool WD, bool MOM, bool CEN>
 __attribute__((always_inline)) inline void update_span(
     typename S::storage_t* __restrict param, const typename S::storage_t* __restrict grad,

@@ -10,79 +10,19 @@ weights with a bfloat16 or float16 ``low_precision_param`` write 2 bytes more pe
 (22 / 30 / 38), the new value rounded in the same pass. A ``grad_scale`` costs nothing: it
 joins the factor the gradient is already multiplied by (1, or -1 for ``maximize``).
 
-Why a C++ extension: measured
------------------------------
-On this project's machine (2 cores, x86-64 AMD EPYC with AVX-512, torch 2.13 CPU, 2 intra-op
-threads), one 12.5 M-element shard, lr 1e-3, alpha 0.99, weight_decay 0.01; ms per step,
-the best call of 15 interleaved rounds, each started while the shared machine was idle;
-speedup over the reference in brackets (bfloat16 and float16: their own reference rows):
+Why a C++ loop: the update is memory-bound, so what matters is one pass over memory and a
+small first-use cost. A C++ loop built once per machine (``load_inline`` without torch's
+headers, called through ctypes: a few seconds to build, about 0.1 s to load from the cache)
+runs at memory speed; ``torch.compile`` runs as fast but pays its compile time in every
+process and for every option set, plus dynamo's guards on every call. The measurements behind
+this choice are in ``benchmarks/results/kernels_cpu_design.md``.
 
-=================  ===========  ===========  ===========  ============
-float32            plain        momentum     centered     mom+centered
-=================  ===========  ===========  ===========  ============
-reference          27.6         36.3         36.3         40.6
-C++, SSE2          3.9 (7.0x)   5.9 (6.1x)   5.4 (6.8x)   7.9 (5.2x)
-C++, AVX2          3.9 (7.0x)   5.8 (6.2x)   4.5 (8.1x)   7.6 (5.3x)
-C++, AVX-512       3.9 (7.0x)   6.0 (6.0x)   4.1 (8.9x)   7.6 (5.4x)
-torch.compile      4.1 (6.7x)   6.2 (5.9x)   4.0 (9.0x)   7.6 (5.3x)
-bfloat16 ref.      10.1         10.3         11.8         14.5
-bf16 C++, SSE2     9.8 (1.0x)   14.4 (0.7x)  13.9 (0.9x)  18.2 (0.8x)
-bf16 C++, AVX2     4.8 (2.1x)   7.0 (1.5x)   7.0 (1.7x)   9.0 (1.6x)
-bf16 C++, AVX-512  3.2 (3.2x)   4.2 (2.4x)   4.5 (2.6x)   5.6 (2.6x)
-float16 ref.       7.5          12.9         12.2         14.6
-fp16 C++, SSE2     22.0 (0.3x)  30.2 (0.4x)  34.3 (0.4x)  40.0 (0.4x)
-fp16 C++, AVX2     3.6 (2.1x)   4.4 (3.0x)   4.5 (2.7x)   6.0 (2.4x)
-fp16 C++, AVX-512  4.3 (1.8x)   4.3 (3.0x)   4.0 (3.0x)   5.5 (2.6x)
-=================  ===========  ===========  ===========  ============
-
-The float32 reference's time was not stable on this shared virtual machine: the runs above
-were the first hour's; an hour later it took 9.7 / 14.4 / 16.2 / 18.6 ms (then with no page
-faults in its 50 MB temporaries; the earlier slowness was probably faulting them in on every
-step) while the fused kernel took 3.0 / 3.6 / 5.8 / 7.2 ms: 2.4-3.3x. That is about the
-ceiling against a reference at memory speed: counting each eager op's reads and writes, the
-reference moves about 1350 MB per step on 12.5 M float32 elements with momentum, centered
-and weight decay, the fused pass 450 MB, here at 62 GB/s, 90 % of a plain copy's 70 GB/s
-(2.8 ms for 12.5 M elements). One thread takes 9.6 ms where two take 7.6.
-
-Both fused candidates run at memory speed; what differs is the first use:
-
-- C++ through ``torch.utils.cpp_extension.load_inline``, without torch headers, called with
-  ctypes: 4-5 s to build, once per machine (three instruction-set copies of 24 loops; 6 s
-  with the 16 more for master weights with a copy); a later process loads the cached
-  library in about 0.1 s. (A pybind11 extension including
-  ``torch/extension.h`` takes 24 s to build one loop.) About 11 us per call at 1000 elements,
-  against 22 us for the reference.
-- ``torch.compile`` (inductor C++, ``dynamic=True``, hyperparameters as 0-d tensors, so a new
-  LR or span length does not recompile): 12.9 s for the first call of a process with a cold
-  cache, 1-2 s more for each further option set (weight_decay, momentum, centered, maximize
-  and dtype make up to 48 graphs, past dynamo's default recompile limit of 8) and about 0.1 s
-  per graph from a warm cache, in every process; plus dynamo's guards on every call.
-
-So: the C++ kernel, as fast, with a smaller first-use cost paid once per machine.
-
-Instruction sets: float32 is memory-bound, and the x86-64 baseline (SSE2) is as fast as AVX2
-and AVX-512. The half types are not: their conversions make the SSE2 loop slower than torch's
-own (vectorised) ops. So the loop is compiled three times through ``target`` attributes and
-the library picks the best version the CPU supports when it loads: no ``-march`` flag, one
-binary for any x86-64 machine. :func:`cpu_fused_preferred` says whether the fused path is
-the faster one for a dtype with the instruction set in use.
-
-Master weights with a low-precision copy, float32 with weight decay, plain: ms as above but
-the best of 11 rounds with the machine under other load (compare within this table only);
-the reference is followed by ``low_precision_param.copy_(param)``:
-
-========  =========================  =============================
-copy      fused: none / bf16 / fp16  reference: none / bf16 / fp16
-========  =========================  =============================
-SSE2      4.7 / 6.7 / 12.9           11.5 / 12.5 / 12.8
-AVX2      4.6 / 5.0 / 4.9            11.9 / 12.9 / 13.0
-AVX-512   4.6 / 5.3 / 5.3            12.6 / 13.6 / 13.5
-========  =========================  =============================
-
-With momentum and centered, AVX-512: 7.9 / 8.6 / 8.7 against 19.9 / 21.1 / 21.2. The copy's
-2 bytes cost about 4 (a store first reads its cache line), 10-15 % at memory speed; the
-float16 copy uses F16C on AVX2 and AVX-512. SSE2's float16 rounding is slow: there, with a
-float16 copy, the fused update only matches the reference.
+Instruction sets: float32 is memory-bound and the x86-64 baseline (SSE2) is as fast as AVX2
+and AVX-512, but the 16-bit conversions make an SSE2 loop slower than torch's own vectorised
+ops. So the loop is compiled three times through ``target`` attributes and the library picks
+the best version the CPU supports when it loads: no ``-march`` flag, one binary for any
+x86-64 machine. :func:`cpu_fused_preferred` says whether the fused path is the faster one for
+a dtype with the instruction set in use.
 
 Build and cache
 ---------------

@@ -41,8 +41,7 @@ the reference path for it.
 
 **No recompilation on a schedule.** The option switches (``WEIGHT_DECAY``, ``MOMENTUM``,
 ``CENTERED``, ``MAXIMIZE``, ``STORE_LOW_PRECISION`` and ``GRAD_SCALE``: none, a number, or a
-tensor) are ``tl.constexpr``: each combination compiles once, with dead branches removed, so the
-plain update compiles to the same code as before the options existed. The numbers (``lr``,
+tensor) are ``tl.constexpr``: each combination compiles once, with dead branches removed. The numbers (``lr``,
 ``alpha``, ``1 - alpha``, ``eps``, ``weight_decay``, ``momentum``, a numeric ``grad_scale``) are
 runtime arguments annotated ``tl.float32``: Triton neither specialises a float-annotated
 argument on its value nor retypes it (an ``int`` equal to 1 *would* be specialised, and a bare
