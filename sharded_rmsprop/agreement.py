@@ -227,15 +227,16 @@ def _read(text: str) -> Any:
 
 def _first_difference(values: list[tuple[int, Any]], fact: Fact) -> str:
     """Where the first rank that differs from the first one differs from it, in words."""
+    # (compared as they were sent, by repr: 0 == 0.0, yet they may have been told apart)
     first, mine = values[0]
-    rank, theirs = next((rank, value) for rank, value in values if value != mine)
+    rank, theirs = next((rank, value) for rank, value in values if repr(value) != repr(mine))
     if not (isinstance(mine, tuple) and isinstance(theirs, tuple)):
         return f"rank {first} has {mine!r}, rank {rank} has {theirs!r}"
     missing = object()
     for index in range(max(len(mine), len(theirs))):
         a = mine[index] if index < len(mine) else missing
         b = theirs[index] if index < len(theirs) else missing
-        if a != b:
+        if repr(a) != repr(b):
             show = lambda value: "absent" if value is missing else repr(value)  # noqa: E731
             return f"{fact.name(index)} is {show(a)} on rank {first} but {show(b)} on rank {rank}"
     return f"rank {first} and rank {rank} differ"  # unreachable: the values differ somewhere

@@ -45,7 +45,7 @@ from .agreement import Fact, agree
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .facts import TORCH_ONLY_OPTIONS, scan_parameters, state_facts
 from .shard_view import ShardView
-from .shards import MASTER_KEY, ShardedBucket, homes, param_shapes
+from .shards import MASTER_KEY, ShardedBucket, param_shapes, positions_by_index
 from .validation import validated
 
 if TYPE_CHECKING:
@@ -79,6 +79,12 @@ def _saved_buffers(bucket: ShardedBucket, keys: Sequence[str]) -> dict[str, Tens
             if saved[key] is None:
                 saved[key] = bucket.new_state(key, 0, bucket.shard.numel())
     return saved
+
+
+def user_entries(opt: ShardedRMSprop) -> dict[Any, Any]:
+    """The entries of ``optimizer.state`` under keys that are not parameters (a state-dict
+    hook's, say): saved and loaded as they are, as torch does, in both formats."""
+    return {key: value for key, value in opt.state.items() if not isinstance(key, Tensor)}
 
 
 def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
@@ -120,7 +126,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
         )
         for bucket in opt._buckets
     }
-    for bucket, position in homes(opt._buckets):
+    for bucket, position in positions_by_index(opt._buckets):
         slot = bucket.plan.slots[position]
         step = bucket.steps[position].clone()
         entry, sums = {"step": step}, {"step": block_checksums(step)}
@@ -139,7 +145,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
                 )
         state[slot.index], checksums[slot.index] = entry, sums
     return {
-        "state": state,
+        "state": {**state, **user_entries(opt)},
         "param_groups": _packed_groups(opt),
         "param_shapes": param_shapes(opt._buckets),
         "checksums": checksums,
@@ -200,6 +206,7 @@ def full_state_dict(
         index: {key: block_checksums(value) for key, value in entry.items()}
         for index, entry in state.items()
     }
+    state.update(user_entries(opt))
     return {"state": state, "param_groups": _packed_groups(opt), "checksums": checksums}
 
 
@@ -253,7 +260,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
         if names is not None and "param_names" not in saved:
             group["param_names"] = names
     opt.state.clear()
-    for bucket, position in homes(opt._buckets):
+    for bucket, position in positions_by_index(opt._buckets):
         bucket.steps[position] = loaded.steps[bucket.plan.slots[position].index]
     for bucket in opt._buckets:
         if bucket.steps.gt(0).any():
@@ -278,6 +285,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
         for position, param in enumerate(bucket.params):
             if bucket.steps[position] > 0:
                 opt.state[param] = opt._param_state(bucket, position)
+    opt.state.update(loaded.extras)
 
 
 # -- offline conversion ----------------------------------------------------------------------------
@@ -331,7 +339,8 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
     groups = [saved["param_groups"][i] for i in sorted(saved["param_groups"])]
     shapes = saved["param_shapes"]
     full: dict[str, Any] = {"state": {}, "param_groups": groups}
-    for index in sorted(saved["state"], key=int):
+    params = sorted((key for key in saved["state"] if str(key).isdigit()), key=int)
+    for index in params:
         entry = saved["state"][index]
         if float(entry["step"]) > 0:
             shape = tuple(shapes[int(index)])
@@ -348,6 +357,7 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
             "are not verified, and the converted file carries none",
             stacklevel=2,
         )
+    full["state"].update({key: saved["state"][key] for key in saved["state"] if key not in params})
     return full
 
 

@@ -61,8 +61,16 @@ def _options(groups: Sequence[dict[str, Any]], first: int = 0) -> Fact:
         group, key = divmod(index, len(OPTION_KEYS))
         return f"the {OPTION_KEYS[key]} of param group {first + group}"
 
-    values = tuple(plain(group[key]) for group in groups for key in OPTION_KEYS)
+    values = tuple(_number(group[key]) for group in groups for key in OPTION_KEYS)
     return Fact("the param-group options", values, name)
+
+
+def _number(value: Any) -> Any:
+    """An option as the number it is: ``0`` and ``0.0`` compute alike, so they agree (and
+    read ``0`` in a message)."""
+    value = plain(value)
+    whole = isinstance(value, float) and value.is_integer() and abs(value) < 2**53
+    return int(value) if whole else value
 
 
 def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:

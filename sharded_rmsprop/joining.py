@@ -31,10 +31,11 @@ from torch.distributed.algorithms.join import JoinHook
 from . import gradients
 from .agreement import cannot_follow, digest_of, follow
 from .facts import OPTION_KEYS
+from .gradients import PendingClip
 from .windows import pack
 
 if TYPE_CHECKING:
-    from .gradients import PendingClip, ScalerRequest
+    from .gradients import ScalerRequest
     from .optimizer import ShardedRMSprop
 
 __all__ = [
@@ -45,11 +46,22 @@ __all__ = [
     "leads",
     "receiver",
     "send_gradients",
-    "send_norm_type",
+    "send_clip_request",
     "send_records",
 ]
 
 _STEP, _CLIP = digest_of("step()"), digest_of("clip_grad_norm_()")
+
+#: The kinds of an option's value, by the code a Record carries.
+_KINDS = (float, int, bool, Tensor)
+
+
+def _kind_of(value: object) -> int:
+    for index, kind in enumerate(_KINDS[::-1]):  # bool before int: a bool is an int
+        if isinstance(value, kind):
+            return len(_KINDS) - 1 - index
+    return _KINDS.index(float)  # any other number
+
 
 #: The dtypes of a gradient factor, by the code a Record carries (0: no factor).
 _DTYPES = (None, torch.float32, torch.float64)
@@ -124,20 +136,30 @@ def followers_grads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> list[Ten
     return owned
 
 
-def send_norm_type(opt: ShardedRMSprop, followers: tuple[int, ...], norm_type: float) -> None:
-    """The leader tells the followers the norm's type (their part must be its identity)."""
+def send_clip_request(
+    opt: ShardedRMSprop,
+    followers: tuple[int, ...],
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+) -> None:
+    """The leader tells the followers the arguments of its ``clip_grad_norm_()``."""
+    message = torch.tensor([max_norm, norm_type, float(error_if_nonfinite)], dtype=torch.float64)
     for follower in followers:
-        message = torch.tensor([norm_type], dtype=torch.float64)
         dist.send(message, _global(opt, follower, host=True), group=opt._ranks.host_group)
 
 
 def _follow_clip(opt: ShardedRMSprop, leader: int) -> None:
     """clip_grad_norm_() on a follower: the identity of the norm's reduction (the leader
-    adds the follower's part); the clip itself reaches it in the step's record."""
-    message = torch.zeros(1, dtype=torch.float64)
+    adds the follower's part), then the leaders' check of the norm, so that a non-finite one
+    with ``error_if_nonfinite`` raises here too; the clip itself reaches the follower in the
+    step's record."""
+    message = torch.zeros(3, dtype=torch.float64)
     dist.recv(message, leader, group=opt._ranks.host_group)
+    max_norm, norm_type, error_if_nonfinite = message.tolist()
     dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in opt._buckets])
-    gradients.global_norm([], message.item(), opt._ranks, opt._home_device, dtype)
+    total = gradients.global_norm([], norm_type, opt._ranks, opt._home_device, dtype)
+    PendingClip.after(None, total, max_norm, norm_type, bool(error_if_nonfinite))
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,7 @@ class Record:
     """What a follower's step needs from its leader."""
 
     options: list[float]  # every group's OPTION_KEYS, in order
+    kinds: list[int]  # what each option is: an index into _KINDS
     scale: float  # what the update multiplies the gradients by (clip, unscaling)
     scale_dtype: int  # that factor's: 0 none, 1 float32, 2 float64
     scaled: bool  # whether a GradScaler steps
@@ -155,8 +178,10 @@ class Record:
         cls, opt: ShardedRMSprop, clip: PendingClip | None, scaler: ScalerRequest | None
     ) -> Record:
         scale = gradients.combined_scale(opt._home_device, clip, scaler)
+        values = [group[key] for group in opt.param_groups for key in OPTION_KEYS]
         return cls(
-            options=[float(group[key]) for group in opt.param_groups for key in OPTION_KEYS],
+            options=[float(value) for value in values],
+            kinds=[_kind_of(value) for value in values],
             scale=0.0 if scale is None else float(scale),
             scale_dtype=0 if scale is None else _DTYPES.index(scale.dtype),
             scaled=scaler is not None,
@@ -165,33 +190,34 @@ class Record:
 
     def to_tensor(self) -> Tensor:
         scalars = [self.scale, float(self.scale_dtype), float(self.scaled)]
-        return torch.tensor(
-            [*self.options, *scalars, *map(float, self.has_grad)], dtype=torch.float64
-        )
+        values = [*self.options, *map(float, self.kinds), *scalars, *map(float, self.has_grad)]
+        return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def receive(cls, opt: ShardedRMSprop, leader: int) -> Record:
         options = len(opt.param_groups) * len(OPTION_KEYS)
         count = sum(len(group["params"]) for group in opt.param_groups)
-        values = torch.zeros(options + 3 + count, dtype=torch.float64)
+        values = torch.zeros(2 * options + 3 + count, dtype=torch.float64)
         dist.recv(values, leader, group=opt._ranks.host_group)
         values = values.tolist()
-        scale, scale_dtype, scaled = values[options : options + 3]
-        has_grad = [value > 0 for value in values[options + 3 :]]
-        return cls(values[:options], scale, int(scale_dtype), scaled > 0, has_grad)
+        kinds = [int(kind) for kind in values[options : 2 * options]]
+        scale, scale_dtype, scaled = values[2 * options : 2 * options + 3]
+        has_grad = [value > 0 for value in values[2 * options + 3 :]]
+        return cls(values[:options], kinds, scale, int(scale_dtype), scaled > 0, has_grad)
 
     def apply_options(self, opt: ShardedRMSprop) -> None:
-        """The leaders' options, into the follower's param groups."""
-        values = iter(self.options)
+        """The leaders' options, into the follower's param groups, each of the kind the
+        leaders' is (an int stays an int: the ranks compare their options)."""
+        values = zip(self.options, self.kinds)
         for group in opt.param_groups:
             for key in OPTION_KEYS:
-                value = next(values)
-                if key in ("centered", "maximize"):
-                    group[key] = bool(value)
-                elif key == "lr" and isinstance(group["lr"], Tensor):
-                    group["lr"].fill_(value)
+                value, kind = next(values)
+                if _KINDS[kind] is not Tensor:
+                    group[key] = _KINDS[kind](value)
+                elif isinstance(group[key], Tensor):
+                    group[key].fill_(value)
                 else:
-                    group[key] = value
+                    group[key] = torch.tensor(value)
 
     def grad_scale(self, device: torch.device) -> Tensor | None:
         """The leaders' gradient factor, the same bits on ``device``."""

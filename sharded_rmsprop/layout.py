@@ -89,11 +89,6 @@ class BucketPlan:
     def padded_numel(self) -> int:
         return self.shard_numel * self.world_size
 
-    @property
-    def numel(self) -> int:
-        """Elements that belong to parameters (padding excluded)."""
-        return sum(slot.numel for slot in self.slots)
-
     def shard_range(self, rank: int) -> tuple[int, int]:
         """The flat-buffer range ``[start, end)`` that ``rank`` owns."""
         if not 0 <= rank < self.world_size:

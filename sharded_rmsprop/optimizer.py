@@ -23,7 +23,7 @@ from .gradients import PendingClip, ScalerRequest
 from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
-from .shards import MASTER_KEY, ShardedBucket, compute_dtype
+from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .windows import Span
 
 __all__ = ["ShardedRMSprop"]
@@ -349,12 +349,12 @@ class ShardedRMSprop(Optimizer, Joinable):
         self._adopt(scan)
         if skip:
             return loss
-        if leading:
-            joining.send_gradients(self, followers)
         for bucket in self._buckets:
             self._begin_step(bucket, bucket.positions_with_grad())
         if self._shares_host_memory:
             self._ranks.barrier()  # no rank still reads parameters that the update writes
+        if leading:  # (after the barrier, which the followers reach before they receive)
+            joining.send_gradients(self, followers)
         for bucket in self._buckets:
             self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
         self._sync()
@@ -417,7 +417,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         self._adopt(scan)  # the norm is of the parameters' gradients where they are now
         owned = self._owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
-            joining.send_norm_type(self, followers, norm_type)
+            joining.send_clip_request(self, followers, max_norm, norm_type, error_if_nonfinite)
             owned += joining.followers_grads(self, followers)
         dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
         total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
@@ -511,7 +511,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         parameters are on a real device."""
         return {
             (plan.device, plan.dtype): select_update(
-                self._fused, plan.device, compute_dtype(plan.dtype, self._master_weights)
+                self._fused, plan.device, update_dtype_for(plan.dtype, self._master_weights)
             )
             for plan in plans
             if plan.device.type != "meta"

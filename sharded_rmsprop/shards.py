@@ -33,15 +33,14 @@ from .windows import Span, Window, pack, plan_windows
 __all__ = [
     "BucketScan",
     "GRAD_WINDOW_NUMEL",
-    "compute_dtype",
-    "homes",
     "LOW_PRECISION_DTYPES",
     "MASTER_KEY",
     "STATE_KEYS",
     "ShardedBucket",
-    "Span",
     "param_shapes",
+    "positions_by_index",
     "state_keys_for",
+    "update_dtype_for",
 ]
 
 #: Elements of the shard whose gradients are staged at once (16 MB in float32). Large enough
@@ -59,7 +58,7 @@ MASTER_KEY = "master_weight"
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def compute_dtype(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
+def update_dtype_for(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
     """The dtype in which parameters of ``dtype`` are updated and their state is kept:
     float32 for 16-bit parameters with master weights, else their own."""
     return torch.float32 if master_weights and dtype in LOW_PRECISION_DTYPES else dtype
@@ -71,7 +70,7 @@ def state_keys_for(options: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(key for key, want in zip(STATE_KEYS, wanted) if want)
 
 
-def homes(buckets: Sequence[ShardedBucket]) -> list[tuple[ShardedBucket, int]]:
+def positions_by_index(buckets: Sequence[ShardedBucket]) -> list[tuple[ShardedBucket, int]]:
     """``(bucket, position)`` of every parameter, in the optimizer's parameter order."""
     found = [(bucket, position) for bucket in buckets for position in range(len(bucket.params))]
     found.sort(key=lambda home: home[0].plan.slots[home[1]].index)
@@ -80,7 +79,9 @@ def homes(buckets: Sequence[ShardedBucket]) -> list[tuple[ShardedBucket, int]]:
 
 def param_shapes(buckets: Sequence[ShardedBucket]) -> list[list[int]]:
     """Every parameter's shape, in the optimizer's parameter order."""
-    return [list(bucket.plan.slots[position].shape) for bucket, position in homes(buckets)]
+    return [
+        list(bucket.plan.slots[position].shape) for bucket, position in positions_by_index(buckets)
+    ]
 
 
 def _step_dtype() -> torch.dtype:
@@ -120,7 +121,7 @@ class ShardedBucket:
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
         #: The dtype of the update's arithmetic, of the state and of ``grad_window``.
-        self.compute_dtype = compute_dtype(plan.dtype, master_weights)
+        self.compute_dtype = update_dtype_for(plan.dtype, master_weights)
         self.master_weights = self.compute_dtype != plan.dtype
         self.grad_window = torch.zeros(
             min(plan.shard_numel, GRAD_WINDOW_NUMEL), dtype=self.compute_dtype, device=plan.device

@@ -23,7 +23,14 @@ from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS
 from .shard_view import ShardView, from_plain
-from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, homes, param_shapes, state_keys_for
+from .shards import (
+    MASTER_KEY,
+    STATE_KEYS,
+    ShardedBucket,
+    param_shapes,
+    positions_by_index,
+    state_keys_for,
+)
 
 if TYPE_CHECKING:
     from .optimizer import ShardedRMSprop
@@ -45,6 +52,7 @@ class Validated:
 
     groups: list[dict[str, Any]]  # per param group: the options and other entries to set
     state: dict[int, Mapping[str, Any]]  # each parameter's entry, by its index in the optimizer
+    extras: dict[Any, Any]  # entries under other keys than a parameter's (see user_entries)
     steps: tuple[float, ...]  # every parameter's step count (0 without an entry)
     checksums_digest: str  # of the checksums of a torch-format dict, "" otherwise
 
@@ -81,27 +89,30 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
     state_dict = _with_shard_views(state_dict)
     groups = _checked_groups(opt, state_dict["param_groups"])
     _check_shapes(opt, state_dict)
-    homes = _homes_by_saved_id(opt, state_dict["param_groups"])
+    places = _places_by_saved_id(opt, state_dict["param_groups"])
     state = state_dict["state"]
     if not isinstance(state, Mapping):
         raise ValueError(f"state_dict['state'] is of type {type(state).__name__}, not a mapping")
+    extras = {key: entry for key, entry in state.items() if not isinstance(key, int)}
+    state = {key: entry for key, entry in state.items() if isinstance(key, int)}
     by_index: dict[int, Mapping[str, Any]] = {}
     for saved_id, entry in state.items():
-        if saved_id not in homes:
+        if saved_id not in places:
             raise ValueError(
                 f"state dict has state for parameter {saved_id!r}, which no group lists"
             )
-        bucket, position = homes[saved_id]
+        bucket, position = places[saved_id]
         slot = bucket.plan.slots[position]
         _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group])
         by_index[slot.index] = entry
     checksums = state_dict.get("checksums")
     if checksums is not None:
-        _verify_checksums(checksums, state, homes)
-    steps = [0.0] * len(homes)
+        _verify_checksums(checksums, state, places)
+    steps = [0.0] * len(places)
     for index, entry in by_index.items():
         steps[index] = _number(entry["step"])
-    return Validated(groups, by_index, tuple(steps), _torch_format_digest(checksums, state))
+    digest = _torch_format_digest(checksums, state)
+    return Validated(groups, by_index, extras, tuple(steps), digest)
 
 
 def _with_shard_views(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,12 +231,12 @@ def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     raise ValueError(f"the state dict is for other parameters: {detail}")
 
 
-def _homes_by_saved_id(
+def _places_by_saved_id(
     opt: ShardedRMSprop, saved_groups: Sequence[Mapping[str, Any]]
 ) -> dict[Any, tuple[ShardedBucket, int]]:
     """Saved parameter id -> (bucket, position), by order as torch matches them."""
     saved_ids = [saved_id for saved in saved_groups for saved_id in saved["params"]]
-    return dict(zip(saved_ids, homes(opt._buckets)))
+    return dict(zip(saved_ids, positions_by_index(opt._buckets)))
 
 
 # -- per-parameter state ------------------------------------------------------------------------
@@ -320,7 +331,9 @@ def _number(step: Any) -> float:
 # -- checksums ----------------------------------------------------------------------------------
 
 
-def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[Any, tuple]) -> None:
+def _verify_checksums(
+    checksums: Any, state: Mapping[Any, Any], places: Mapping[Any, tuple]
+) -> None:
     """Every tensor of ``state`` has its checksums, and the blocks this rank loads match them
     (the step counts: all of them)."""
     if not isinstance(checksums, Mapping):
@@ -340,7 +353,7 @@ def _verify_checksums(checksums: Any, state: Mapping[Any, Any], homes: Mapping[A
                 f"{_DELETE_CHECKSUMS}"
             )
     for saved_id, entry in state.items():
-        bucket, position = homes[saved_id]
+        bucket, position = places[saved_id]
         sums = checksums.get(saved_id)
         for key, value in entry.items():
             where = f"state[{saved_id!r}][{key!r}]"

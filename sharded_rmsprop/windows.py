@@ -28,11 +28,6 @@ class Span:
     start: int
     end: int
 
-    @classmethod
-    def of(cls, piece: Piece) -> Span:
-        """The span a piece covers in the shard."""
-        return cls(piece.slot.group, piece.shard_start, piece.shard_end)
-
 
 def merge_spans(spans: Sequence[Span]) -> list[Span]:
     """Join adjacent spans of the same param group, keeping their order."""

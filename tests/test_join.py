@@ -30,13 +30,17 @@ def batch(rank: int, i: int) -> torch.Tensor:
     return torch.randn(4, 7, generator=torch.Generator().manual_seed(100 * rank + i))
 
 
-def uneven_on_rank(rank: int, world_size: int, clip: bool, scaled: bool = False) -> dict:
+def uneven_on_rank(
+    rank: int, world_size: int, clip: bool, scaled: bool = False, host_shared: bool = False
+) -> dict:
     batches = 3 + 2 * rank
     # a power-of-two loss scale: scaled gradients unscale to exactly the plain ones
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
     nan_at = 3 + 2 * (world_size - 1) - 1  # the last rank's last batch: the others have joined
     model, twin = DDP(tiny_model()), DDP(tiny_model())
-    opt = ShardedRMSprop(model.parameters(), **OPTIONS, fused=False, skip_nonfinite=clip)
+    opt = ShardedRMSprop(
+        model.parameters(), **OPTIONS, fused=False, skip_nonfinite=clip, host_shared=host_shared
+    )
     ref = torch.optim.RMSprop(twin.parameters(), **OPTIONS)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
     norms = []
@@ -94,6 +98,30 @@ def test_uneven_inputs_under_join_with_a_grad_scaler() -> None:
     check_against_truth(run_ranks(2, uneven_on_rank, False, True, timeout=120), 2, False)
 
 
+def test_uneven_inputs_under_join_with_host_shared_buffers() -> None:
+    """The leader sends after the barrier that the followers wait at before they receive."""
+    check_against_truth(run_ranks(2, uneven_on_rank, True, False, True, timeout=120), 2, True)
+
+
+def epochs_with_default_options(rank: int, world_size: int) -> list[torch.Tensor]:
+    """Two epochs under Join with torch's default options (the ints momentum=0 and
+    weight_decay=0): a follower's options must still agree with the leaders' afterwards."""
+    model = DDP(tiny_model())
+    opt = ShardedRMSprop(model.parameters(), lr=1e-2)
+    for epoch in range(2):
+        with Join([model, opt]):
+            for i in range(1 + 2 * rank):
+                opt.zero_grad()
+                model(batch(rank, 10 * epoch + i)).pow(2).mean().backward()
+                opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_second_epoch_after_a_join_trains() -> None:
+    first, second = run_ranks(2, epochs_with_default_options, timeout=120)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def check_against_truth(results: list[dict], world_size: int, clip: bool) -> None:
     longest = results[-1]
     total = 3 + 2 * (world_size - 1)
@@ -119,6 +147,9 @@ def misuse_under_join(rank: int, world_size: int, misuse: str) -> str:
                 if i == 1 and misuse == "bad_gradient":
                     p = next(model.parameters())
                     p.grad = p.grad.to_sparse()
+                if i == 1 and misuse == "nonfinite_norm":
+                    next(model.parameters()).grad[0, 0] = float("inf")
+                    opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
                 opt.step()
     except RuntimeError as error:
         return str(error)
@@ -130,6 +161,10 @@ def misuse_under_join(rank: int, world_size: int, misuse: str) -> str:
     [
         ("full_state_dict", "rank(s) 0 ran out of data under Join"),
         ("bad_gradient", "sparse gradients"),
+        (
+            "nonfinite_norm",
+            "The total norm of order 2.0 for gradients from `parameters` is non-finite",
+        ),
     ],
 )
 def test_misuse_while_a_rank_follows_is_an_error_on_every_rank(misuse: str, words: str) -> None:

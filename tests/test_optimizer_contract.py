@@ -17,6 +17,15 @@ Behaviours deliberately not followed, and why:
 - Parameters appended to a param group after construction are an error at the next step
   (torch would update them): the flat buffers are laid out at construction; use
   ``add_param_group()``.
+- The optimizer cannot be pickled (it is bound to its process group); ``copy.deepcopy`` works.
+- ``state_dict()``'s tensors (ShardViews) refuse arithmetic and comparison: a rank's range is
+  not the whole tensor. ``torch.save`` writes them as plain dicts, which load back.
+- Built on the meta device, the parameters must keep their objects when materialised
+  (``torch.__future__.set_swap_module_params_on_conversion(True)``); plain ``to_empty()`` is
+  an error at the next step.
+- ``fused=True`` with float64 or complex parameters is an error: no fused kernel takes them.
+- Integer parameter ids in a loaded state dict that no group lists are an error (torch keeps
+  them); entries under other keys are kept, as torch keeps them.
 """
 
 from __future__ import annotations
@@ -249,6 +258,22 @@ def test_repeated_param_groups_keep_their_parameter_ids_as_torchs_do() -> None:
         o.param_groups.extend(o.param_groups)
     ids = lambda o: [group["params"] for group in o.state_dict()["param_groups"]]  # noqa: E731
     assert ids(opt) == ids(ref) == [[0, 1], [2], [0, 1], [2]]
+
+
+def test_state_entries_that_are_not_parameters_are_saved_and_loaded_as_torch_does() -> None:
+    """A state-dict pre-hook may put its own entry in optimizer.state; torch keeps it."""
+    params, opt = params_and_optimizer()
+    reference, ref = twin_of(params)
+    for o in (opt, ref):
+        o.register_state_dict_pre_hook(lambda o: o.state.__setitem__("mine", 1))
+    train(params, opt), train(reference, ref)
+    for saved in (opt.state_dict(), opt.full_state_dict(to=0), ref.state_dict()):
+        assert saved["state"]["mine"] == 1
+        fresh = ShardedRMSprop(groups_of([p.detach().clone() for p in params]), lr=1e-2)
+        fresh.load_state_dict(saved)
+        assert fresh.state["mine"] == 1
+    ref.load_state_dict(opt.full_state_dict(to=0))
+    assert ref.state["mine"] == 1
 
 
 def test_state_dict_is_deterministic_and_a_load_resumes_exactly() -> None:

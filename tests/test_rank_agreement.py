@@ -167,41 +167,77 @@ def full_state_dict_to_is_a_string(params, opt, odd):
 
 
 CASES = {
-    "grad_missing": (grad_missing, "the ranks disagree on which parameters have a gradient: "
-                     "whether parameter 2 (shape (3,)) has a gradient is True on rank 0 but "
-                     "False on rank {odd}"),
-    "zero_grad_on_one_rank": (zero_grad_on_one_rank, "whether parameter 0 (shape (40,)) has a "
-                              "gradient is True on rank 0 but False on rank {odd}"),
-    "lr_on_one_rank": (lr_on_one_rank, "the ranks disagree on the param-group options: the lr "
-                       "of param group 0 is 0.01 on rank 0 but 0.02 on rank {odd}"),
-    "momentum_on_one_rank": (momentum_on_one_rank, "the momentum of param group 1 is 0.5 on "
-                             "rank 0 but 0.25 on rank {odd}"),
+    "grad_missing": (
+        grad_missing,
+        "the ranks disagree on which parameters have a gradient: "
+        "whether parameter 2 (shape (3,)) has a gradient is True on rank 0 but "
+        "False on rank {odd}",
+    ),
+    "zero_grad_on_one_rank": (
+        zero_grad_on_one_rank,
+        "whether parameter 0 (shape (40,)) has a "
+        "gradient is True on rank 0 but False on rank {odd}",
+    ),
+    "lr_on_one_rank": (
+        lr_on_one_rank,
+        "the ranks disagree on the param-group options: the lr "
+        "of param group 0 is 0.01 on rank 0 but 0.02 on rank {odd}",
+    ),
+    "momentum_on_one_rank": (
+        momentum_on_one_rank,
+        "the momentum of param group 1 is 0.5 on rank 0 but 0.25 on rank {odd}",
+    ),
     "sparse_on_one_rank": (sparse_on_one_rank, "RMSprop does not support sparse gradients"),
-    "misshapen_grad_on_one_rank": (misshapen_grad_on_one_rank, "a gradient has shape (5, 7) "
-                                   "but its parameter has shape (7, 5)"),
-    "sparse_at_clip_on_one_rank": (sparse_at_clip_on_one_rank, "RMSprop does not support sparse "
-                                   "gradients"),
-    "clip_differs": (clip_differs, "clip_grad_norm_(): the ranks disagree on the arguments: "
-                     "max_norm is 1.0 on rank 0 but 0.5 on rank {odd}"),
-    "clip_rejected_on_one_rank": (clip_rejected_on_one_rank, "norm_type must be a number or "
-                                  "'inf', got 'two'"),
-    "clip_on_one_rank": (clip_on_one_rank, "the ranks called different collective methods at "
-                         "the same time (rank 0: clip_grad_norm_()"),
-    "momentum_not_a_number": (momentum_not_a_number, "param_groups[1]['momentum'] is None, not "
-                              "a number"),
-    "scaler_on_one_rank": (scaler_on_one_rank, "the ranks disagree on the GradScaler: whether "
-                           "a GradScaler calls step() is True on rank 0 but False on rank {odd}"),
+    "misshapen_grad_on_one_rank": (
+        misshapen_grad_on_one_rank,
+        "a gradient has shape (5, 7) but its parameter has shape (7, 5)",
+    ),
+    "sparse_at_clip_on_one_rank": (
+        sparse_at_clip_on_one_rank,
+        "RMSprop does not support sparse gradients",
+    ),
+    "clip_differs": (
+        clip_differs,
+        "clip_grad_norm_(): the ranks disagree on the arguments: "
+        "max_norm is 1.0 on rank 0 but 0.5 on rank {odd}",
+    ),
+    "clip_rejected_on_one_rank": (
+        clip_rejected_on_one_rank,
+        "norm_type must be a number or 'inf', got 'two'",
+    ),
+    "clip_on_one_rank": (
+        clip_on_one_rank,
+        "the ranks called different collective methods at the same time (rank 0: clip_grad_norm_()",
+    ),
+    "momentum_not_a_number": (
+        momentum_not_a_number,
+        "param_groups[1]['momentum'] is None, not a number",
+    ),
+    "scaler_on_one_rank": (
+        scaler_on_one_rank,
+        "the ranks disagree on the GradScaler: whether "
+        "a GradScaler calls step() is True on rank 0 but False on rank {odd}",
+    ),
     "scales_differ": (scales_differ, "the ranks' GradScalers have different scales"),
-    "replaced_on_one_rank": (replaced_on_one_rank, "the ranks disagree on the parameters "
-                             "replaced since the last step: whether parameter 3 (shape (64,)) "
-                             "was replaced (p.data = ...) is False on rank 0 but True on rank "
-                             "{odd}"),
-    "different_methods": (different_methods, "the ranks called different collective methods "
-                          "at the same time (rank 0: step()"),
-    "full_state_dict_to_differs": (full_state_dict_to_differs, "the ranks disagree on the "
-                                   "arguments: to is 0 on rank 0 but 1 on rank {odd}"),
-    "full_state_dict_to_is_a_string": (full_state_dict_to_is_a_string, "to='1' is not a rank of "
-                                       "a process group of size"),
+    "replaced_on_one_rank": (
+        replaced_on_one_rank,
+        "the ranks disagree on the parameters "
+        "replaced since the last step: whether parameter 3 (shape (64,)) "
+        "was replaced (p.data = ...) is False on rank 0 but True on rank "
+        "{odd}",
+    ),
+    "different_methods": (
+        different_methods,
+        "the ranks called different collective methods at the same time (rank 0: step()",
+    ),
+    "full_state_dict_to_differs": (
+        full_state_dict_to_differs,
+        "the ranks disagree on the arguments: to is 0 on rank 0 but 1 on rank {odd}",
+    ),
+    "full_state_dict_to_is_a_string": (
+        full_state_dict_to_is_a_string,
+        "to='1' is not a rank of a process group of size",
+    ),
 }
 
 
@@ -282,6 +318,24 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(element: int) -> None:
     """Whichever rank owns the element: each rank reads all of its own gradients."""
     for result in run_ranks(2, nan_on_one_rank, element):
         assert result == {"skipped": 1, "untouched": True}
+
+
+# -- equal numbers of different types agree --------------------------------------------------------
+
+
+def int_or_float_options(rank: int, world_size: int) -> list[torch.Tensor]:
+    """weight_decay=0 on one rank, 0.0 on the other (torch computes alike with either)."""
+    params = make_params()
+    opt = ShardedRMSprop(params, lr=1e-2, momentum=0.9, weight_decay=0 if rank else 0.0)
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_an_int_option_and_an_equal_float_agree() -> None:
+    first, second = run_ranks(2, int_or_float_options)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 # -- what the library cannot see: a collective of the user's called on one rank only ---------------
