@@ -11,6 +11,7 @@ __all__ = [
     "check_hyperparameters",
     "check_numeric_options",
     "check_params",
+    "check_torch_implementation",
     "is_real",
 ]
 
@@ -31,6 +32,24 @@ def check_hyperparameters(
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if not 0.0 <= alpha:
         raise ValueError(f"Invalid alpha value: {alpha}")
+
+
+def check_torch_implementation(capturable: Any, foreach: Any, differentiable: Any) -> None:
+    """torch.optim.RMSprop's implementation switches: ``foreach`` is accepted and changes
+    nothing (every path computes torch's numbers; ``fused`` picks the kernel), the other two
+    only off."""
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+    if capturable is not False:
+        raise ValueError(
+            "ShardedRMSprop does not support capturable=True: its step reads the options and "
+            "agrees with the other ranks on the host, so it cannot be captured in a CUDA graph"
+        )
+    if differentiable is not False:
+        raise ValueError(
+            "ShardedRMSprop does not support differentiable=True: its update runs outside "
+            "autograd, on a shard of the parameters"
+        )
 
 
 def is_real(value: Any) -> bool:

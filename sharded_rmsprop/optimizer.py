@@ -16,7 +16,13 @@ from torch.optim import Optimizer
 
 from . import checkpoint, gradients, joining
 from .agreement import Fact, agree, plain
-from .arguments import check_grad, check_hyperparameters, check_numeric_options, check_params
+from .arguments import (
+    check_grad,
+    check_hyperparameters,
+    check_numeric_options,
+    check_params,
+    check_torch_implementation,
+)
 from .comm import DataParallelGroup
 from .facts import ParameterScan, construction_facts, scan_parameters, step_facts
 from .gradients import PendingClip, ScalerRequest
@@ -171,7 +177,10 @@ class ShardedRMSprop(Optimizer, Joinable):
         weight_decay: float = 0,
         momentum: float = 0,
         centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
+        differentiable: bool = False,
         *,
         process_group: torch.distributed.ProcessGroup | None = None,
         fused: bool | None = None,
@@ -196,6 +205,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         self._constructed = False
         try:
             check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+            check_torch_implementation(capturable, foreach, differentiable)
             for name, value in (("fused", fused), ("master_weights", master_weights)):
                 if value is not None and not isinstance(value, bool):
                     raise TypeError(f"{name} must be None, True or False, got {value!r}")
@@ -209,7 +219,10 @@ class ShardedRMSprop(Optimizer, Joinable):
                 weight_decay=weight_decay,
                 momentum=momentum,
                 centered=centered,
+                capturable=capturable,
+                foreach=foreach,
                 maximize=maximize,
+                differentiable=differentiable,
             )
             super().__init__(params, defaults)
         except Exception as error:  # noqa: BLE001 - every rank must learn of it

@@ -27,8 +27,31 @@ def test_invalid_hyperparameters_raise_torchs_value_error(options, message) -> N
         torch.optim.RMSprop([torch.zeros(3, requires_grad=True)], **options)
 
 
+@pytest.mark.parametrize("switch", ["capturable", "differentiable"])
+def test_torchs_capturable_and_differentiable_are_refused_when_on(switch: str) -> None:
+    with pytest.raises(ValueError, match=f"does not support {switch}=True"):
+        ShardedRMSprop([torch.zeros(3, requires_grad=True)], **{switch: True})
+    ShardedRMSprop([torch.zeros(3, requires_grad=True)], **{switch: False})  # torch's default
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_torchs_foreach_is_accepted_and_changes_nothing(foreach) -> None:
+    """torch's implementation switch: kept in the param groups as torch keeps it."""
+    ours, theirs = (torch.ones(5, requires_grad=True) for _ in range(2))
+    opt = ShardedRMSprop([ours], foreach=foreach, fused=False)
+    ref = torch.optim.RMSprop([theirs], foreach=foreach)
+    for p, o in ((ours, opt), (theirs, ref)):
+        p.grad = torch.arange(5.0)
+        o.step()
+    assert torch.equal(ours, theirs) and opt.param_groups[0]["foreach"] is foreach
+    with pytest.raises(TypeError, match="foreach must be None, True or False"):
+        ShardedRMSprop([torch.zeros(3, requires_grad=True)], foreach="yes")
+
+
 def test_bare_tensor_as_params_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="params argument given to the optimizer should be an iterable"):
+    with pytest.raises(
+        TypeError, match="params argument given to the optimizer should be an iterable"
+    ):
         ShardedRMSprop(torch.zeros(3, requires_grad=True))
 
 
@@ -50,7 +73,9 @@ def test_duplicate_parameter_is_a_value_error() -> None:
 
 def test_fused_true_without_a_kernel_is_a_clear_error() -> None:
     float64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="fused=True was requested, but the CPU kernel takes.*not torch.float64"):
+    with pytest.raises(
+        RuntimeError, match="fused=True was requested, but the CPU kernel takes.*not torch.float64"
+    ):
         ShardedRMSprop([float64], fused=True)
     with pytest.raises(TypeError, match="fused must be None, True or False"):
         ShardedRMSprop([torch.zeros(3, requires_grad=True)], fused="yes")
@@ -86,7 +111,9 @@ def test_gradient_of_the_wrong_shape_is_a_runtime_error() -> None:
     opt = ShardedRMSprop([p])
     p.grad = torch.ones(4)
     p.grad.data = torch.ones(2, 2)
-    with pytest.raises(RuntimeError, match=r"gradient has shape \(2, 2\) but its parameter has shape \(4,\)"):
+    with pytest.raises(
+        RuntimeError, match=r"gradient has shape \(2, 2\) but its parameter has shape \(4,\)"
+    ):
         opt.step()
 
 
@@ -126,14 +153,26 @@ def mismatch_on_rank(rank: int, world_size: int, case: str) -> dict:
 @pytest.mark.parametrize(
     "case, difference",
     [
-        ("shape", "the parameters: parameter 1 is 'float32 (7,) on cpu, param group 0' on rank 0 "
-                  "but 'float32 (8,) on cpu, param group 0' on rank 1"),
-        ("count", "the parameters: parameter 2 is absent on rank 0 but 'float32 (2,) on cpu, "
-                  "param group 0' on rank 1"),
-        ("dtype", "the parameters: parameter 0 is 'float32 (4, 3) on cpu, param group 0' on "
-                  "rank 0 but 'float64 (4, 3) on cpu, param group 0' on rank 1"),
-        ("options", "the param-group options: the momentum of param group 0 is 0 on rank 0 but "
-                    "0.9 on rank 1"),
+        (
+            "shape",
+            "the parameters: parameter 1 is 'float32 (7,) on cpu, param group 0' on rank 0 "
+            "but 'float32 (8,) on cpu, param group 0' on rank 1",
+        ),
+        (
+            "count",
+            "the parameters: parameter 2 is absent on rank 0 but 'float32 (2,) on cpu, "
+            "param group 0' on rank 1",
+        ),
+        (
+            "dtype",
+            "the parameters: parameter 0 is 'float32 (4, 3) on cpu, param group 0' on "
+            "rank 0 but 'float64 (4, 3) on cpu, param group 0' on rank 1",
+        ),
+        (
+            "options",
+            "the param-group options: the momentum of param group 0 is 0 on rank 0 but "
+            "0.9 on rank 1",
+        ),
     ],
 )
 def test_ranks_with_different_parameters_all_raise(case: str, difference: str) -> None:
@@ -174,5 +213,8 @@ def add_group_mismatch_on_rank(rank: int, world_size: int) -> dict:
 def test_add_param_group_mismatch_raises_on_every_rank_and_adds_nothing() -> None:
     for result in run_ranks(2, add_group_mismatch_on_rank, timeout=120):
         assert result["error"][0] == "RuntimeError"
-        assert "add_param_group(): the ranks disagree on the parameters: parameter 1" in result["error"][1]
+        assert (
+            "add_param_group(): the ranks disagree on the parameters: parameter 1"
+            in result["error"][1]
+        )
         assert result["groups"] == 1

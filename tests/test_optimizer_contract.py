@@ -24,6 +24,9 @@ Behaviours deliberately not followed, and why:
   (``torch.__future__.set_swap_module_params_on_conversion(True)``); plain ``to_empty()`` is
   an error at the next step.
 - ``fused=True`` with float64 or complex parameters is an error: no fused kernel takes them.
+- ``capturable=True`` and ``differentiable=True`` are errors (torch's ``foreach`` is accepted
+  and changes nothing): a step agrees with the other ranks on the host and updates a shard
+  outside autograd.
 - Integer parameter ids in a loaded state dict that no group lists are an error (torch keeps
   them); entries under other keys are kept, as torch keeps them.
 """
