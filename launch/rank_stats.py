@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sharded_rmsprop.shards import state_keys_for
+
 __all__ = [
     "MemoryFigures",
     "all_ranks_true",
@@ -88,7 +90,8 @@ def replicated_rmsprop_bytes(model: nn.Module, *, momentum: float, centered: boo
     4 bytes an element (or the parameters' own size if wider), whatever dtype the model
     has here: the baseline is plain float32 training.
     """
-    return _fp32_bytes(_trained(model)) * (1 + int(momentum > 0) + int(centered))
+    buffers = state_keys_for({"momentum": momentum, "centered": centered})
+    return _fp32_bytes(_trained(model)) * len(buffers)
 
 
 def _fp32_bytes(tensors: list[torch.Tensor]) -> int:

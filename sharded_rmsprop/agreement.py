@@ -22,12 +22,24 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from types import TracebackType
+from typing import Any, Callable, Iterator, Sequence
 
 from .comm import DataParallelGroup
 
-__all__ = ["Fact", "agree", "cannot_follow", "digest_of", "first_problem", "follow", "plain"]
+__all__ = [
+    "Agreement",
+    "Fact",
+    "agree",
+    "cannot_follow",
+    "digest_of",
+    "first_problem",
+    "follow",
+    "plain",
+    "shares_failure",
+]
 
 #: Digests per agreement: the operation, the local failure and up to this many minus two
 #: facts (then each negated, then a flag saying whether this rank follows the others).
@@ -99,6 +111,57 @@ def agree(
     if failure is not None:
         raise failure
     return followers
+
+
+class Agreement:
+    """``with Agreement(ranks, operation) as agreement:`` runs this rank's checks (the body,
+    which sets ``agreement.facts``), then :func:`agree`; collective. A body that raises still
+    takes part, with its error (``translate`` may turn an unforeseen one into the error to
+    report), so every rank raises. ``followers`` holds what :func:`agree` returned."""
+
+    def __init__(
+        self,
+        ranks: DataParallelGroup,
+        operation: str,
+        *,
+        followable: bool = False,
+        translate: Callable[[Exception], Exception] | None = None,
+    ) -> None:
+        self.ranks, self.operation = ranks, operation
+        self.followable, self.translate = followable, translate
+        self.facts: Sequence[Fact] = ()
+        self.followers: tuple[int, ...] = ()
+
+    def __enter__(self) -> Agreement:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if error is not None and not isinstance(error, Exception):
+            return False  # KeyboardInterrupt and the like: no agreement
+        failure = error
+        if isinstance(error, Exception) and self.translate is not None:
+            failure = self.translate(error)
+        self.followers = agree(
+            self.ranks, self.operation, self.facts, failure, followable=self.followable
+        )
+        return False
+
+
+@contextmanager
+def shares_failure(ranks: DataParallelGroup, operation: str) -> Iterator[None]:
+    """A preparation for ``operation`` whose failure the other ranks must learn of: if the
+    body raises, this rank joins the agreement on ``operation`` that the others reach
+    afterwards, with its error, and raises it once they know. Collective only on failure."""
+    try:
+        yield
+    except Exception as error:
+        agree(ranks, operation, failure=error)  # raises ``error``
+        raise
 
 
 def follow(ranks: DataParallelGroup) -> tuple[int, tuple[int, ...]]:

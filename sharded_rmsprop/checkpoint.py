@@ -41,7 +41,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from .agreement import Fact, agree
+from .agreement import Agreement, Fact
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .facts import TORCH_ONLY_OPTIONS, scan_parameters, state_facts
 from .shard_view import ShardView
@@ -167,8 +167,7 @@ def full_state_dict(
     The ranks first agree on the arguments and on every parameter's step count.
     """
     ranks = opt._ranks
-    failure, facts = None, []
-    try:
+    with Agreement(ranks, "full_state_dict()") as agreement:
         if to is not None and not (isinstance(to, int) and 0 <= to < ranks.world_size):
             raise ValueError(
                 f"to={to!r} is not a rank of a process group of size {ranks.world_size}"
@@ -177,10 +176,7 @@ def full_state_dict(
             raise ValueError(f"chunk_numel must be an integer of at least 1, got {chunk_numel!r}")
         arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
         replaced = scan_parameters(opt).replaced_fact(opt)  # they are saved as they are now
-        facts = [arguments, *state_facts(opt), replaced]
-    except Exception as error:  # noqa: BLE001 - every rank must learn of it
-        failure = error
-    agree(ranks, "full_state_dict()", facts, failure)
+        agreement.facts = [arguments, *state_facts(opt), replaced]
     receiving = to is None or to == ranks.rank
     state: dict[int, dict[str, Tensor]] = {}
     for bucket in opt._buckets:
@@ -240,16 +236,10 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     missing from ``state_dict`` (torch's own format has none) are taken from the parameters
     at the next step, so model weights loaded after the optimizer's state count.
     """
-    failure, loaded, facts = None, None, []
-    try:
+    with Agreement(opt._ranks, "load_state_dict()", translate=_unreadable) as agreement:
         scan = opt._scan()
         loaded = validated(opt, state_dict)
-        facts = [*loaded.facts(), scan.replaced_fact(opt)]
-    except (ValueError, RuntimeError) as error:
-        failure = error
-    except Exception as error:  # noqa: BLE001 - a check that failed in an unforeseen way
-        failure = ValueError(f"the state dict cannot be read: {type(error).__name__}: {error}")
-    agree(opt._ranks, "load_state_dict()", facts, failure)
+        agreement.facts = [*loaded.facts(), scan.replaced_fact(opt)]
     opt._adopt(scan)  # first, so that the master weights loaded below are not taken from them
     for group, saved in zip(opt.param_groups, loaded.groups):
         # torch's rule: the saved group, with the optimizer's parameters (and their names,
@@ -286,6 +276,13 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
             if bucket.steps[position] > 0:
                 opt.state[param] = opt._param_state(bucket, position)
     opt.state.update(loaded.extras)
+
+
+def _unreadable(error: Exception) -> Exception:
+    """A check that failed in an unforeseen way, as the error a bad state dict gets."""
+    if isinstance(error, (ValueError, RuntimeError)):
+        return error
+    return ValueError(f"the state dict cannot be read: {type(error).__name__}: {error}")
 
 
 # -- offline conversion ----------------------------------------------------------------------------

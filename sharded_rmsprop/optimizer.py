@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -15,7 +16,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from . import checkpoint, gradients, joining
-from .agreement import Fact, agree, plain
+from .agreement import Agreement, Fact, plain, shares_failure
 from .arguments import (
     check_grad,
     check_hyperparameters,
@@ -203,7 +204,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         #: The parameters of each param group as laid out in the buckets (checked each step).
         self._group_params: list[tuple[Tensor, ...]] = []
         self._constructed = False
-        try:
+        with shares_failure(self._ranks, "__init__()"):
             check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
             check_torch_implementation(capturable, foreach, differentiable)
             for name, value in (("fused", fused), ("master_weights", master_weights)):
@@ -225,8 +226,6 @@ class ShardedRMSprop(Optimizer, Joinable):
                 differentiable=differentiable,
             )
             super().__init__(params, defaults)
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            agree(self._ranks, "__init__()", failure=error)  # raises it once the others know
         self._shard_new_groups("__init__()")
         self._constructed = True
 
@@ -237,18 +236,19 @@ class ShardedRMSprop(Optimizer, Joinable):
             Collective once the optimizer is constructed: every rank must add the same group.
         """
         count = len(self.param_groups)
+        # (during construction, __init__ shares the failure)
+        sharing = shares_failure(self._ranks, "add_param_group()")
         try:
-            if self._clip is not None:
-                raise RuntimeError(
-                    "add_param_group() between clip_grad_norm_() and step(): the pending clip "
-                    "covers the parameters there were; add the group before clipping"
-                )
-            super().add_param_group(param_group)
-            check_params(self.param_groups[-1]["params"])
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
+            with sharing if self._constructed else contextlib.nullcontext():
+                if self._clip is not None:
+                    raise RuntimeError(
+                        "add_param_group() between clip_grad_norm_() and step(): the pending "
+                        "clip covers the parameters there were; add the group before clipping"
+                    )
+                super().add_param_group(param_group)
+                check_params(self.param_groups[-1]["params"])
+        except Exception:
             del self.param_groups[count:]
-            if self._constructed:
-                agree(self._ranks, "add_param_group()", failure=error)
             raise
         if self._constructed:
             self._shard_new_groups("add_param_group()")
@@ -290,16 +290,12 @@ class ShardedRMSprop(Optimizer, Joinable):
         mismatch is an error on every rank, raised before any parameter is touched.
         """
         first = self._sharded_groups
-        failure, facts, kernels = None, [], {}
         try:
-            specs, params = self._specs(first)
-            plans = plan_buckets(specs, self._ranks.world_size)
-            kernels = self._choose_kernels(plans)
-            facts = construction_facts(self, first)
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            failure = error
-        try:
-            agree(self._ranks, operation, facts, failure)
+            with Agreement(self._ranks, operation) as agreement:
+                specs, params = self._specs(first)
+                plans = plan_buckets(specs, self._ranks.world_size)
+                kernels = self._choose_kernels(plans)
+                agreement.facts = construction_facts(self, first)
         except Exception:
             del self.param_groups[first:]
             raise
@@ -409,12 +405,11 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        failure, facts = None, []
-        try:
+        with Agreement(self._ranks, "clip_grad_norm_()", followable=True) as agreement:
             norm_type = gradients.check_norm_type(norm_type)
             scan = self._scan(check_grad)
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
-            facts = [
+            agreement.facts = [
                 Fact(
                     "the arguments",
                     plain((max_norm, norm_type, error_if_nonfinite)),
@@ -424,9 +419,7 @@ class ShardedRMSprop(Optimizer, Joinable):
                 scan.has_grad_fact(self),
                 scan.replaced_fact(self),
             ]
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            failure = error
-        followers = agree(self._ranks, "clip_grad_norm_()", facts, failure, followable=True)
+        followers = agreement.followers
         self._adopt(scan)  # the norm is of the parameters' gradients where they are now
         owned = self._owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
@@ -476,16 +469,12 @@ class ShardedRMSprop(Optimizer, Joinable):
         what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
         Returns what the scan found (the parameters to adopt among it) and the ranks that
         follow this step (out of data under Join; almost always none)."""
-        failure, facts, scan = None, [], None
-        try:
+        with Agreement(self._ranks, "step()", followable=True) as agreement:
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scan = self._scan(check_grad)
-            facts = step_facts(self, clip, scaler, scan)
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            failure = error
-        followers = agree(self._ranks, "step()", facts, failure, followable=True)
-        return scan, followers  # type: ignore[return-value]
+            agreement.facts = step_facts(self, clip, scaler, scan)
+        return scan, agreement.followers
 
     def _adopt(self, scan: ParameterScan) -> None:
         """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed), and
@@ -727,11 +716,9 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        try:
+        with shares_failure(self._ranks, "full_state_dict()"):
             for pre_hook in self._optimizer_state_dict_pre_hooks.values():
                 pre_hook(self)
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            agree(self._ranks, "full_state_dict()", failure=error)
         state_dict = checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
         return None if state_dict is None else self._after_state_dict_hooks(state_dict)
 
@@ -759,15 +746,13 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        try:
+        with shares_failure(self._ranks, "load_state_dict()"):
             if isinstance(state_dict, Mapping):
                 state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
             for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it
-            agree(self._ranks, "load_state_dict()", failure=error)
         checkpoint.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
