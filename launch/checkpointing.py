@@ -17,10 +17,8 @@ of the restart tests, and the ``--save-final`` parameter file.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -36,11 +34,10 @@ from sharded_rmsprop.checkpoint import SafeLoadPlanner
 from sharded_rmsprop.checksums import block_checksums, first_mismatch
 
 if TYPE_CHECKING:
-    from train import Config
+    from config import Config
 
 __all__ = [
     "checkpoint_due",
-    "fail_if_told",
     "complete_checkpoints",
     "load_checkpoint",
     "resume_from_latest",
@@ -194,19 +191,3 @@ def checkpoint_due(step: int, config: Config) -> bool:
         return False
     every = config.checkpoint_every
     return step == config.max_steps or (every > 0 and step % every == 0)
-
-
-def fail_if_told(config: Config, rank: int, world_size: int, step: int, in_save: bool) -> None:
-    """The fault injection of ``--fail-at-step``: SIGKILL, as an out-of-memory killer would.
-
-    Only on a job's first attempt under torchrun, and only the last rank.
-    """
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if (
-        first_attempt
-        and step == config.fail_at_step
-        and in_save == config.fail_in_save
-        and rank == world_size - 1
-    ):
-        log.warning("fault injection: rank %d kills itself at step %d", rank, step)
-        os.kill(os.getpid(), signal.SIGKILL)

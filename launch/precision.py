@@ -27,7 +27,7 @@ import torch
 from sharded_rmsprop import ShardedRMSprop
 
 if TYPE_CHECKING:
-    from train import Config
+    from config import Config
 
 __all__ = ["DTYPES", "autocast", "backward_and_step", "build_scaler"]
 

@@ -41,50 +41,39 @@ gives a message and a non-zero exit on every rank.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import math
 import os
 import sys
 import time
-import types
-import typing
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-# Run from a checkout without installing: the repository root (for ``sharded_rmsprop``) and
-# this folder (for the job's own modules) go on the path.
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from checkpointing import (  # noqa: E402
+from checkpointing import (
     checkpoint_due,
-    fail_if_told,
     resume_from_latest,
     save_checkpoint,
     save_final_parameters,
 )
-from gpt import GPT, GPTConfig  # noqa: E402
-from precision import DTYPES, autocast, backward_and_step, build_scaler  # noqa: E402
-from rank_stats import mean_over_ranks, report_memory  # noqa: E402
-from sharded_rmsprop import ShardedRMSprop  # noqa: E402
-from sharded_rmsprop.distributed import (  # noqa: E402
+from config import Config, parse_config
+from faults import fail_if_told
+from gpt import GPT, GPTConfig
+from precision import DTYPES, autocast, backward_and_step, build_scaler
+from rank_stats import mean_over_ranks, report_memory
+from sharded_rmsprop import ShardedRMSprop
+from sharded_rmsprop.distributed import (
     DistributedContext,
     detect_launch,
     distributed,
 )
-from text_data import (  # noqa: E402
+from text_data import (
     CharCorpus,
     CorpusError,
     TrainBatches,
@@ -92,7 +81,7 @@ from text_data import (  # noqa: E402
     load_corpus,
     val_batches,
 )
-from train_log import (  # noqa: E402
+from train_log import (
     Progress,
     RunRecord,
     describe_run,
@@ -107,174 +96,6 @@ log = logging.getLogger("train")
 
 class JobError(Exception):
     """A problem the user can fix; reported as one line and a non-zero exit."""
-
-
-@dataclass
-class Config:
-    """Everything the job can be told; each field is a ``--kebab-case`` flag."""
-
-    # model
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
-    n_embd: int = field(default=128, metadata={"help": "model width (a multiple of --n-head)"})
-    block_size: int = field(default=64, metadata={"help": "context length in characters"})
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "parameter dtype; 16-bit ones train with float32 master weights",
-                  "choices": ("float32", "bfloat16", "float16")},
-    )
-    # data
-    corpus: str | None = field(
-        default=None, metadata={"help": "UTF-8 text file to train on (default: pydoc_data.topics)"}
-    )
-    val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per rank per step"})
-    eval_windows: int = field(
-        default=256, metadata={"help": "validation windows (spread over the ranks)"}
-    )
-    eval_every: int = field(
-        default=100, metadata={"help": "validation loss every N steps (0: start and end only)"}
-    )
-    # optimization
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps in all"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=60, metadata={"help": "linear warm-up steps"})
-    final_lr_ratio: float = field(
-        default=0.1, metadata={"help": "cosine decay down to this fraction of --lr"}
-    )
-    alpha: float = field(default=0.99, metadata={"help": "RMSprop smoothing constant"})
-    eps: float = field(default=1e-8, metadata={"help": "RMSprop epsilon"})
-    weight_decay: float = field(default=0.0, metadata={"help": "RMSprop L2 penalty"})
-    momentum: float = field(default=0.0, metadata={"help": "RMSprop momentum factor"})
-    centered: bool = field(default=False, metadata={"help": "centered RMSprop"})
-    fused: str = field(
-        default="auto",
-        metadata={"help": "fused update kernel", "choices": ("auto", "on", "off")},
-    )
-    master_weights: bool = field(
-        default=True,
-        metadata={"help": "float32 master weights for 16-bit parameters (no: update in 16 bits)"},
-    )
-    clip_grad_norm: float = field(
-        default=1.0,
-        metadata={"help": "clip the gradients to this global norm (0: off)",
-                  "aliases": ("--grad-clip",)},
-    )
-    skip_nonfinite: bool = field(
-        default=False, metadata={"help": "skip steps whose gradients hold inf or NaN"}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "init seed; batches come from (seed, rank, step)"}
-    )
-    # run
-    backend: str | None = field(
-        default=None,
-        metadata={"help": "default: nccl with CUDA, else gloo", "choices": ("gloo", "nccl")},
-    )
-    init_timeout: float = field(
-        default=120.0, metadata={"help": "seconds to wait for the other ranks"}
-    )
-    threads: int = field(default=1, metadata={"help": "torch CPU threads per rank (0: torch's)"})
-    log_every: int = field(default=10, metadata={"help": "log a progress line every N steps"})
-    plot: str | None = field(default=None, metadata={"help": "write the loss curve to this PNG"})
-    checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "write sharded checkpoints into this directory"}
-    )
-    checkpoint_every: int = field(
-        default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"}
-    )
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the newest checkpoint in --checkpoint-dir"}
-    )
-    save_final: str | None = field(
-        default=None, metadata={"help": "rank 0 writes the trained parameters to this file"}
-    )
-    # fault injection, for the tests of restarts under torchrun --max-restarts
-    fail_at_step: int = field(
-        default=0,
-        metadata={"help": "testing: on a job's first attempt the last rank SIGKILLs itself "
-                          "as this step begins (0: never)"},
-    )
-    fail_in_save: bool = field(
-        default=False,
-        metadata={"help": "testing: kill inside the checkpoint save of --fail-at-step instead, "
-                          "after the rank's files are written and before the checkpoint is complete"},
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _value_type(hint: Any) -> Any:
-    """``int`` for ``int``, ``str`` for ``str | None``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    return hint
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a character-level GPT with DDP and ShardedRMSprop.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        kind = _value_type(hints[f.name])
-        if kind is bool:
-            parser.add_argument(
-                _flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                help=f.metadata["help"],
-            )
-        else:
-            parser.add_argument(
-                _flag(f.name), *f.metadata.get("aliases", ()), type=kind, default=f.default,
-                help=f.metadata["help"], choices=f.metadata.get("choices"),
-            )
-    return parser
-
-
-def _problems(config: Config) -> list[str]:
-    """What is wrong with ``config``, as messages naming the flags."""
-    problems = []
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_windows",
-                 "max_steps", "log_every"):
-        if getattr(config, name) < 1:
-            problems.append(f"{_flag(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every"):
-        if getattr(config, name) < 0:
-            problems.append(f"{_flag(name)} must be at least 0, got {getattr(config, name)}")
-    for name in ("lr", "eps", "weight_decay", "momentum", "clip_grad_norm"):
-        value = getattr(config, name)
-        if not (math.isfinite(value) and value >= 0):
-            problems.append(f"{_flag(name)} must be a finite number >= 0, got {value}")
-    for name in ("alpha", "final_lr_ratio"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            problems.append(f"{_flag(name)} must be in [0, 1], got {getattr(config, name)}")
-    if not 0.0 < config.val_fraction < 1.0:
-        problems.append(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
-    if config.n_head >= 1 and config.n_embd % config.n_head:
-        problems.append(f"--n-embd {config.n_embd} is not a multiple of --n-head {config.n_head}")
-    if not (math.isfinite(config.init_timeout) and config.init_timeout > 0):
-        problems.append(f"--init-timeout must be a positive number, got {config.init_timeout}")
-    if config.resume and config.checkpoint_dir is None:
-        problems.append("--resume needs --checkpoint-dir")
-    return problems
-
-
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """The config from the command line; usage errors exit with status 2, as argparse does."""
-    parser = build_parser()
-    config = Config(**vars(parser.parse_args(argv)))
-    problems = _problems(config)
-    if problems:
-        parser.error("; ".join(problems))
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +205,7 @@ def train_steps(
     extra = {"scaler": scaler} if scaler is not None else None  # checkpointed beside the model
     start = time.perf_counter()
     for step in range(first_step, config.max_steps + 1):
-        fail_if_told(config, ctx.rank, ctx.world_size, step, in_save=False)
+        fail_if_told(ctx.rank, ctx.world_size, step, in_save=False)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
         inputs, targets = batches(step)
@@ -417,7 +238,7 @@ def train_steps(
             directory = Path(config.checkpoint_dir)  # type: ignore[arg-type]
             path = save_checkpoint(
                 directory, step, model.module, opt,
-                before_commit=lambda: fail_if_told(config, ctx.rank, ctx.world_size, step, True),
+                before_commit=lambda: fail_if_told(ctx.rank, ctx.world_size, step, in_save=True),
                 extra=extra,
             )
             log.info("checkpoint written to %s", path)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sharded_rmsprop import ShardedRMSprop
     from sharded_rmsprop.distributed import DistributedContext
     from text_data import CharCorpus
-    from train import Config
+    from config import Config
 
 __all__ = [
     "ConsoleHandler",

@@ -25,9 +25,10 @@ JOB = [
 ]
 
 
-def torchrun(*args: str, restarts: int = 0) -> subprocess.CompletedProcess:
+def torchrun(*args: str, restarts: int = 0, fault: str = "") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_RANK", "TORCHELASTIC"))}
     env["OMP_NUM_THREADS"] = "1"
+    env["SHARDED_RMSPROP_FAULT"] = fault  # see launch/faults.py
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "--max-restarts", str(restarts), *JOB, *args,
@@ -46,10 +47,10 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("where", ["training", "checkpoint save"])
 def test_killed_rank_restarts_from_the_last_checkpoint_and_ends_bit_for_bit(tmp_path, uninterrupted, where) -> None:
-    fault = ["--fail-at-step", "7"] if where == "training" else ["--fail-at-step", "8", "--fail-in-save"]
+    fault = "step:7" if where == "training" else "step:8:in_save"
     result = torchrun(
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--save-final", str(tmp_path / "final.pt"),
-        *fault, restarts=1,
+        restarts=1, fault=fault,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
