@@ -134,8 +134,8 @@ def _measure_rank(rank: int, world: int, workdir: str, numel: int, repeats: int)
             shard = (100 * 2**20 // 4) // (world * ALIGN) * ALIGN
             big = torch.randn(world * shard)
             benches.update(
-                sync_small=lambda: group.sync_shards([small], [ALIGN], [False]),
-                sync_big=lambda: group.sync_shards([big], [shard], [False]),
+                sync_small=lambda: group.sync_shards([small], [ALIGN]),
+                sync_big=lambda: group.sync_shards([big], [shard]),
                 barrier=group.barrier,
             )
             calls.update(sync_small=20, sync_big=1, barrier=20)
@@ -285,7 +285,9 @@ def check(inputs: dict, measured: dict) -> tuple[list[str], list[float]]:
 class Cluster:
     """Assumed H100 figures (bytes/s, seconds); see the notes printed with the table."""
 
-    hbm: float = 3.0e12  # streaming kernels: about 3 TB/s of an H100's HBM3 in a device-to-device copy
+    hbm: float = (
+        3.0e12  # streaming kernels: about 3 TB/s of an H100's HBM3 in a device-to-device copy
+    )
     nvlink_busbw: float = 360e9  # NCCL all-gather busbw within an 8-GPU node
     network_busbw: float = 400e9 / 8  # 400 Gb/s per GPU between nodes
     gpus_per_node: int = 8

@@ -170,20 +170,17 @@ class DataParallelGroup:
 
     # -- the parameter sync --------------------------------------------------------------------
 
-    def sync_shards(
-        self, flats: Sequence[Tensor], shard_numels: Sequence[int], host_shared: Sequence[bool]
-    ) -> None:
+    def sync_shards(self, flats: Sequence[Tensor], shard_numels: Sequence[int]) -> None:
         """Give every rank the whole of each flat buffer, each rank contributing its shard.
 
         Collective. ``flats[i]`` is split into ``world_size`` shards of ``shard_numels[i]``
-        elements; rank ``r``'s shard is authoritative for that range. Buffers that all ranks
-        map (``host_shared[i]``) need no transfer: a barrier says every shard is written.
+        elements; rank ``r``'s shard is authoritative for that range.
         """
         if not self.is_distributed:
             return
         works = []
-        for flat, shard_numel, shared in zip(flats, shard_numels, host_shared):
-            if shard_numel == 0 or shared:
+        for flat, shard_numel in zip(flats, shard_numels):
+            if shard_numel == 0:
                 continue
             shards = flat.split(shard_numel)
             if self.backend in _BROADCAST_BACKENDS:
@@ -194,8 +191,6 @@ class DataParallelGroup:
                 works.append(_all_gather_into(flat, shards[self.rank], self.group))
         for work in works:
             work.wait()
-        if any(host_shared):
-            self.barrier()
 
     def stream_shards(
         self, shard: Tensor, to: int | None, chunk_numel: int

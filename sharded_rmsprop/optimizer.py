@@ -27,10 +27,10 @@ from .arguments import (
 from .comm import DataParallelGroup
 from .facts import ParameterScan, construction_facts, scan_parameters, step_facts
 from .gradients import PendingClip, ScalerRequest
-from .host_shared import host_shared_zeros
 from .kernels import UpdateFn, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
+from .sync import ShardSync
 from .windows import Span
 
 __all__ = ["ShardedRMSprop"]
@@ -191,10 +191,11 @@ class ShardedRMSprop(Optimizer, Joinable):
     ) -> None:
         Joinable.__init__(self)
         self._ranks = DataParallelGroup.resolve(process_group)
+        #: How the updated shards reach every rank (host_shared: by sharing the buffers).
+        self._shard_sync = ShardSync(self._ranks, host_shared)
         self._fused = fused
         self._master_weights = master_weights is not False
         self._skip_nonfinite = skip_nonfinite
-        self._host_shared = host_shared
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
         self._clip: PendingClip | None = None
@@ -261,9 +262,10 @@ class ShardedRMSprop(Optimizer, Joinable):
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
-            if name not in ("_ranks", "_buckets", "state", "_group_params"):
+            if name not in ("_ranks", "_shard_sync", "_buckets", "state", "_group_params"):
                 setattr(twin, name, copy.deepcopy(value, memo))
         twin._ranks = self._ranks
+        twin._shard_sync = ShardSync(self._ranks, host_shared=False)  # private buffers
         twin._buckets = [
             bucket.copy(self._ranks.rank, [copy.deepcopy(p, memo) for p in bucket.params])
             for bucket in self._buckets
@@ -303,15 +305,11 @@ class ShardedRMSprop(Optimizer, Joinable):
         offset = specs[0].index if specs else 0
         for plan in plans:
             members = [params[slot.index - offset] for slot in plan.slots]
-            shared = None
-            if self._host_shared and plan.device.type == "cpu":
-                shared = host_shared_zeros(self._ranks, plan.padded_numel, plan.dtype)
-                self._host_shared = shared is not None  # after a fallback (one warning), no more
+            shared = self._shard_sync.shared_buffer(plan)
             self._buckets.append(
                 ShardedBucket(plan, self._ranks.rank, members, shared, self._master_weights)
             )
-        if self._shares_host_memory:
-            self._ranks.barrier()  # rank 0 has filled the shared buffers
+        self._shard_sync.written_by_one(self._buckets)  # rank 0 filled the shared buffers
         self._group_params += [tuple(group["params"]) for group in self.param_groups[first:]]
         self._sharded_groups = len(self.param_groups)
 
@@ -360,13 +358,12 @@ class ShardedRMSprop(Optimizer, Joinable):
             return loss
         for bucket in self._buckets:
             self._begin_step(bucket, bucket.positions_with_grad())
-        if self._shares_host_memory:
-            self._ranks.barrier()  # no rank still reads parameters that the update writes
+        self._shard_sync.before_update(self._buckets)
         if leading:  # (after the barrier, which the followers reach before they receive)
             joining.send_gradients(self, followers)
         for bucket in self._buckets:
             self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
-        self._sync()
+        self._shard_sync.after_update(self._buckets)
         return loss
 
     @torch.no_grad()
@@ -453,14 +450,14 @@ class ShardedRMSprop(Optimizer, Joinable):
         return [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
 
     @property
+    def _host_shared(self) -> bool:
+        """Whether flat buffers are shared by the host (asked for, and not fallen back)."""
+        return self._shard_sync.host_shared
+
+    @property
     def _home_device(self) -> torch.device:
         """Where scalars about all gradients live: the first bucket's device."""
         return self._buckets[0].plan.device if self._buckets else torch.device("cpu")
-
-    @property
-    def _shares_host_memory(self) -> bool:
-        """Whether some flat buffer is mapped by every rank of the host."""
-        return any(bucket.host_shared for bucket in self._buckets)
 
     def _agree_on_step(
         self, clip: PendingClip | None, scaler: ScalerRequest | None
@@ -490,8 +487,7 @@ class ShardedRMSprop(Optimizer, Joinable):
             self._buckets[i] = bucket.materialized(self._ranks.rank, device)
             for param in bucket.params:
                 self.state.pop(param, None)  # meta state holds no values: made at next step
-        if self._shares_host_memory:
-            self._ranks.barrier()  # rank 0 has copied the adopted values into the shared copy
+        self._shard_sync.written_by_one(self._buckets)  # rank 0 copied the adopted values
 
     def _scan(self, check_grad: Callable[[Tensor], None] | None = None) -> ParameterScan:
         """:func:`~sharded_rmsprop.facts.scan_parameters`, and the update kernels for the
@@ -655,14 +651,6 @@ class ShardedRMSprop(Optimizer, Joinable):
     def join_process_group(self) -> Any:
         return self._ranks.group
 
-    def _sync(self) -> None:
-        """Give every rank the whole of each flat buffer (each rank's shard from it)."""
-        self._ranks.sync_shards(
-            [bucket.flat for bucket in self._buckets],
-            [bucket.plan.shard_numel for bucket in self._buckets],
-            [bucket.host_shared for bucket in self._buckets],
-        )
-
     def _follow_step(self, record: joining.Record, leader: int) -> None:
         """step() on a rank that ran out of data under Join: the leaders' options, clip and
         loss scale (``record``), and the gradients of the elements it owns from ``leader``
@@ -674,8 +662,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         for bucket in self._buckets:
             stepped = [p for p, slot in enumerate(bucket.plan.slots) if has_grad[slot.index]]
             self._begin_step(bucket, stepped)
-        if self._shares_host_memory:
-            self._ranks.barrier()
+        self._shard_sync.before_update(self._buckets)
         for bucket in self._buckets:
             self._update(
                 bucket,
@@ -683,7 +670,7 @@ class ShardedRMSprop(Optimizer, Joinable):
                 has_grad=lambda position, b=bucket: has_grad[b.plan.slots[position].index],
                 receive=joining.receiver(self, leader),
             )
-        self._sync()
+        self._shard_sync.after_update(self._buckets)
 
     # -- checkpointing ---------------------------------------------------------------------------
 

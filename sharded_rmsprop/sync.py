@@ -1,0 +1,70 @@
+"""How the updated shards reach every rank: the one place that knows about host-shared buffers.
+
+After each rank updates the shard it owns, every rank needs the whole of every flat buffer.
+A private buffer gets the other ranks' shards through collectives
+(:meth:`DataParallelGroup.sync_shards`); a buffer that all ranks of a host map
+(``host_shared=True``) already holds them once every rank has written, so a barrier does. The
+optimizer calls the phases of :class:`ShardSync` and never asks which kind a buffer is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from torch import Tensor
+
+from .comm import DataParallelGroup
+from .host_shared import host_shared_zeros
+
+if TYPE_CHECKING:
+    from .layout import BucketPlan
+    from .shards import ShardedBucket
+
+__all__ = ["ShardSync"]
+
+
+class ShardSync:
+    """The sync of a set of buckets, by collectives and, for host-shared ones, barriers."""
+
+    def __init__(self, ranks: DataParallelGroup, host_shared: bool) -> None:
+        self.ranks = ranks
+        #: Whether buffers are to be shared by the host (``host_shared=True``, until a
+        #: fallback to private buffers).
+        self.host_shared = host_shared
+
+    def shared_buffer(self, plan: BucketPlan) -> Tensor | None:
+        """A flat buffer for ``plan`` that every rank of the host maps, where that was asked
+        for and can be had (CPU buckets, verified); None for a private one. Collective when
+        asked for."""
+        if not (self.host_shared and plan.device.type == "cpu"):
+            return None
+        shared = host_shared_zeros(self.ranks, plan.padded_numel, plan.dtype)
+        self.host_shared = shared is not None  # after a fallback (one warning), no more
+        return shared
+
+    @staticmethod
+    def shares_host_memory(buckets: Sequence[ShardedBucket]) -> bool:
+        """Whether some flat buffer is mapped by every rank of the host."""
+        return any(bucket.host_shared for bucket in buckets)
+
+    def written_by_one(self, buckets: Sequence[ShardedBucket]) -> None:
+        """After one rank wrote whole host-shared buffers (built, or parameters adopted):
+        the others wait for it. Collective where buffers are shared."""
+        if self.shares_host_memory(buckets):
+            self.ranks.barrier()
+
+    def before_update(self, buckets: Sequence[ShardedBucket]) -> None:
+        """Before the update writes the shards: no rank still reads parameters there (a
+        shared buffer is every rank's parameters). Collective where buffers are shared."""
+        if self.shares_host_memory(buckets):
+            self.ranks.barrier()
+
+    def after_update(self, buckets: Sequence[ShardedBucket]) -> None:
+        """Give every rank the whole of each flat buffer, each rank's shard from it.
+        Collective."""
+        private = [bucket for bucket in buckets if not bucket.host_shared]
+        self.ranks.sync_shards(
+            [bucket.flat for bucket in private], [bucket.plan.shard_numel for bucket in private]
+        )
+        if self.shares_host_memory(buckets):
+            self.ranks.barrier()  # every shard of the shared buffers is written
