@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sharded_rmsprop import ShardedRMSprop
 from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,8 +129,6 @@ def build_optimizer(
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.RMSprop, **options)
-    from sharded_rmsprop import ShardedRMSprop
-
     return ShardedRMSprop(params, **options, fused=fused, master_weights=True)
 
 
@@ -171,11 +170,10 @@ def count_bytes(
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 counter.add("master" if key == "master_weight" else "state", value)
-    for bucket in getattr(opt, "_buckets", ()):  # ShardedRMSprop
-        for key, value in bucket.state.items():
-            counter.add("master" if key == "master_weight" else "state", value)
-        counter.add("grad_window", bucket.grad_window)
-        counter.add("state", bucket.steps)
+    if isinstance(opt, ShardedRMSprop):  # its buffers, as it accounts for them
+        for kind, tensors in opt.memory().items():
+            for tensor in tensors:
+                counter.add("state" if kind == "steps" else kind, tensor)
     for ptr, nbytes in live_storages().items():
         if ptr not in before and ptr not in counter.seen:
             counter.seen.add(ptr)
@@ -195,7 +193,7 @@ def measure(
         p.grad = torch.full_like(p, 1e-3)
     opt.step()
     counts = count_bytes(opt, params, before)
-    shared = any(bucket.host_shared for bucket in getattr(opt, "_buckets", ()))
+    shared = isinstance(opt, ShardedRMSprop) and opt.shares_host_memory
     del opt, params
     gc.collect()
     return [counts[column] for column in COLUMNS] + [int(shared)]

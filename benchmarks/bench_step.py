@@ -286,11 +286,7 @@ class Ours(Contender):
         self.opt._agree_on_step = timed_agreement
 
     def optimizer_bytes(self) -> int:
-        total = 0
-        for bucket in self.opt._buckets:
-            total += sum(_tensor_bytes(t) for t in bucket.state.values())
-            total += _tensor_bytes(bucket.grad_window) + _tensor_bytes(bucket.steps)
-        return total
+        return sum(self.opt.memory_bytes().values())
 
 
 def make_contender(name: str, set_name: str, grads, cfg: Config, device: torch.device) -> Contender:

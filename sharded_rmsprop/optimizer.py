@@ -672,6 +672,34 @@ class ShardedRMSprop(Optimizer, Joinable):
             )
         self._shard_sync.after_update(self._buckets)
 
+    # -- accounting ------------------------------------------------------------------------------
+
+    def memory(self) -> dict[str, list[Tensor]]:
+        """This rank's own buffers by kind, the parameters and their gradients aside:
+        ``state`` (the owned shard of square_avg, momentum_buffer and grad_avg), ``master``
+        (float32 master weights of 16-bit shards), ``steps`` (the step counts) and
+        ``grad_window`` (where the owned gradient slices are staged for the update)."""
+        kinds: dict[str, list[Tensor]] = {"state": [], "master": [], "steps": [], "grad_window": []}
+        for bucket in self._buckets:
+            for key, buffer in bucket.state.items():
+                kinds["master" if key == MASTER_KEY else "state"].append(buffer)
+            kinds["steps"].append(bucket.steps)
+            kinds["grad_window"].append(bucket.grad_window)
+        return kinds
+
+    def memory_bytes(self) -> dict[str, int]:
+        """The bytes of :meth:`memory`, by kind."""
+        return {
+            kind: sum(t.numel() * t.element_size() for t in tensors)
+            for kind, tensors in self.memory().items()
+        }
+
+    @property
+    def shares_host_memory(self) -> bool:
+        """Whether some flat buffer (parameters and shards) is mapped by every rank of the
+        host (``host_shared=True``, where it could be had)."""
+        return ShardSync.shares_host_memory(self._buckets)
+
     # -- checkpointing ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

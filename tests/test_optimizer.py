@@ -104,8 +104,10 @@ def test_gradients_staged_in_small_windows_give_the_same_bits(
 ) -> None:
     """Windows that cut parameters, spans and param groups apart: still torch's numbers."""
     monkeypatch.setattr(shards, "GRAD_WINDOW_NUMEL", window)
-    ours = [torch.randn(shape, generator=torch.Generator().manual_seed(i)).requires_grad_()
-            for i, shape in enumerate([(40,), (7, 9), (), (100,), (3,)])]
+    ours = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(i)).requires_grad_()
+        for i, shape in enumerate([(40,), (7, 9), (), (100,), (3,)])
+    ]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
 
     def groups(params: list[torch.Tensor]) -> list[dict]:
@@ -256,3 +258,23 @@ def test_momentum_switched_on_later_starts_from_zero() -> None:
     opt.param_groups[0]["momentum"] = 0.9
     opt.step()
     assert (opt.state[params[0]]["momentum_buffer"] != 0).all()
+
+
+def test_memory_accounts_for_every_buffer_by_kind() -> None:
+    """100 float32 elements lie in 128 (a multiple of 64); bfloat16 ones get float32 masters."""
+    params = [
+        torch.randn(100, requires_grad=True),
+        torch.randn(100, dtype=torch.bfloat16, requires_grad=True),
+    ]
+    opt = ShardedRMSprop(params, momentum=0.9, centered=True)
+    assert opt.memory_bytes()["state"] == 0  # no state before the first step
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.memory_bytes() == {
+        "state": 3 * 128 * 4 * 2,  # three float32 buffers of each bucket (masters' dtype)
+        "master": 128 * 4,  # the bfloat16 bucket's float32 master weights
+        "steps": 2 * opt.memory()["steps"][0].element_size(),
+        "grad_window": 128 * 4 * 2,  # the whole (small) shard, float32 in both buckets
+    }
+    assert not opt.shares_host_memory
