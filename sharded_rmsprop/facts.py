@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ __all__ = [
     "OPTION_KEYS",
     "TORCH_ONLY_OPTIONS",
     "construction_facts",
+    "options_fact",
     "param_labels",
     "ParameterScan",
     "scan_parameters",
@@ -56,13 +57,17 @@ def param_labels(groups: Sequence[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def _options(groups: Sequence[dict[str, Any]], first: int = 0) -> Fact:
+def options_fact(
+    groups: Sequence[Mapping[str, Any]], first: int = 0, subject: str = "the param-group options"
+) -> Fact:
+    """The options of ``groups`` (the first being param group ``first``), compared as numbers."""
+
     def name(index: int) -> str:
         group, key = divmod(index, len(OPTION_KEYS))
         return f"the {OPTION_KEYS[key]} of param group {first + group}"
 
     values = tuple(_number(group[key]) for group in groups for key in OPTION_KEYS)
-    return Fact("the param-group options", values, name)
+    return Fact(subject, values, name)
 
 
 def _number(value: Any) -> Any:
@@ -84,7 +89,7 @@ def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:
         for g, group in enumerate(groups)
         for p in group["params"]
     )
-    options = _options(groups, first)
+    options = options_fact(groups, first)
     return [
         Fact(
             "the optimizer's settings",
@@ -230,7 +235,7 @@ def step_facts(
     parameters and master weights to reload."""
     return [
         scan.has_grad_fact(opt),
-        _options(opt.param_groups),
+        options_fact(opt.param_groups),
         Fact(
             "the clipping to apply",
             (None if clip is None else plain(clip.requests),),

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .agreement import Fact, plain
+from .agreement import Fact
 from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
-from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS
+from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS, options_fact
 from .shard_view import ShardView, from_plain
 from .shards import (
     MASTER_KEY,
@@ -58,16 +58,8 @@ class Validated:
 
     def facts(self) -> list[Fact]:
         """What every rank must have loaded alike."""
-        options = tuple(plain(group[key]) for group in self.groups for key in OPTION_KEYS)
         return [
-            Fact(
-                "the loaded param-group options",
-                options,
-                lambda i: (
-                    f"the {OPTION_KEYS[i % len(OPTION_KEYS)]} of param group "
-                    f"{i // len(OPTION_KEYS)}"
-                ),
-            ),
+            options_fact(self.groups, subject="the loaded param-group options"),
             Fact("the loaded step counts", self.steps, lambda i: f"the step of parameter {i}"),
             Fact("the loaded checksums", (self.checksums_digest,), lambda _: "their digest"),
         ]
