@@ -1,7 +1,10 @@
 """Update kernels: functions of tensors and keyword-only hyperparameters, nothing else.
 
-Every kernel has the signature of :func:`rmsprop_reference_`, updates in place, returns
-``None`` and never touches ``torch.distributed``:
+Every kernel is an :class:`UpdateFn` (:mod:`.contract`: the signature and its rules, in
+place, ``None`` returned, ``grad`` scratch, no ``torch.distributed``) and checks its
+arguments with the one validator there: a call that breaks the contract is refused by all
+three with the same exception (what differs, the dtypes and layouts a fused kernel takes, is
+a :class:`~.contract.KernelRules`, data rather than code):
 
 - :func:`rmsprop_reference_`: torch's own operations, bit for bit ``torch.optim.RMSprop``;
 - :func:`rmsprop_triton_`: one Triton kernel, one pass over memory (CUDA);
@@ -13,14 +16,13 @@ dtypes (float64, complex) always take the reference path.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from .contract import UpdateFn
 from .cpu_fused import SUPPORTED_DTYPES as _CPU_FUSED_DTYPES
 from .cpu_fused import cpu_fused_available, cpu_fused_preferred, rmsprop_cpu_fused_
 from .reference import rmsprop_reference_
-from .triton_rmsprop import _SUPPORTED_DTYPES as _TRITON_DTYPES
+from .triton_rmsprop import SUPPORTED_DTYPES as _TRITON_DTYPES
 from .triton_rmsprop import rmsprop_triton_, triton_available
 
 __all__ = [
@@ -30,8 +32,6 @@ __all__ = [
     "rmsprop_triton_",
     "select_update",
 ]
-
-UpdateFn = Callable[..., None]
 
 
 def _fused_for(device: torch.device, dtype: torch.dtype) -> tuple[UpdateFn | None, str]:

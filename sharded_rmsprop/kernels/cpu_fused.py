@@ -48,9 +48,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.resources
-import itertools
 import logging
-import numbers
 import os
 import platform
 import sys
@@ -61,14 +59,21 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import increment_version
+
+from .contract import KernelRules, check_update_arguments, mark_written
 
 try:
     import fcntl
 except ImportError:  # not POSIX: rely on torch's own lock file alone
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["SUPPORTED_DTYPES", "cpu_fused_available", "cpu_fused_preferred", "rmsprop_cpu_fused_"]
+__all__ = [
+    "RULES",
+    "SUPPORTED_DTYPES",
+    "cpu_fused_available",
+    "cpu_fused_preferred",
+    "rmsprop_cpu_fused_",
+]
 
 #: The kernel's C++ source, next to this module and shipped with it as package data.
 _CPP_FILE = "cpu_fused.cpp"
@@ -79,13 +84,18 @@ _CPP_FILE = "cpu_fused.cpp"
 _CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 
+#: The kernel's code for each storage dtype, and for the dtype of ``low_precision_param``.
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: The dtypes of a low-precision copy of float32 master weights, by the kernel's code.
-_COPY_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 
 #: The storage dtypes the kernel handles; the caller routes others (float64, complex) to the
 #: reference update.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+#: What the kernel takes: 1-D contiguous shards of :data:`SUPPORTED_DTYPES`, and a
+#: ``grad_scale`` tensor of float32 (read once with ``float()``: on the CPU, no sync).
+RULES = KernelRules(
+    "rmsprop_cpu_fused_", dtypes=SUPPORTED_DTYPES, flat=True, scale_dtypes=(torch.float32,)
+)
 
 #: How long a process waits for another one that is building the same library before it
 #: gives up and falls back to the reference update (a build takes about 6 s).
@@ -316,108 +326,6 @@ def _exclusive(path: str, timeout_s: float) -> Iterator[None]:
         os.close(fd)
 
 
-def _check(
-    param: Tensor,
-    grad: Tensor,
-    square_avg: Tensor,
-    momentum_buffer: Tensor | None,
-    grad_avg: Tensor | None,
-    low_precision_param: Tensor | None,
-    momentum: float,
-    centered: bool,
-) -> list[Tensor]:
-    """Validate the tensors; return the ones the kernel reads or writes."""
-    if momentum > 0 and momentum_buffer is None:
-        raise ValueError("momentum_buffer is required when momentum > 0")
-    if centered and grad_avg is None:
-        raise ValueError("grad_avg is required when centered=True")
-    named = [("param", param), ("grad", grad), ("square_avg", square_avg)]
-    if momentum > 0:
-        named.append(("momentum_buffer", momentum_buffer))
-    if centered:
-        named.append(("grad_avg", grad_avg))
-    if low_precision_param is not None:
-        named.append(("low_precision_param", low_precision_param))
-    for label, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
-    if param.dtype not in _DTYPE_CODE:
-        raise TypeError(
-            f"the fused CPU RMSprop kernel supports float32, bfloat16 and float16 "
-            f"parameters, got {param.dtype}"
-        )
-    if low_precision_param is not None:
-        _check_copy_dtype(param.dtype, low_precision_param.dtype)
-    n = param.numel()
-    for label, t in named:
-        if t.device.type != "cpu":
-            raise ValueError(
-                f"the fused CPU RMSprop kernel needs CPU tensors, got {label} on {t.device}"
-            )
-        if t.dtype != param.dtype and t is not low_precision_param:
-            raise TypeError(f"{label} has dtype {t.dtype}, expected the param's {param.dtype}")
-        if t.dim() != 1 or t.numel() != n:
-            raise ValueError(
-                f"{label} has shape {tuple(t.shape)}, expected a 1-D tensor of {n} elements"
-            )
-        if not t.is_contiguous():
-            raise ValueError(f"{label} must be contiguous")
-    if n:  # the kernel reads and writes through restrict pointers: no two may overlap
-        _check_no_overlap(named)
-    return [t for _, t in named]
-
-
-def _check_copy_dtype(param_dtype: torch.dtype, copy_dtype: torch.dtype) -> None:
-    """A low-precision copy is bfloat16 or float16, of float32 master weights."""
-    if param_dtype != torch.float32:
-        raise TypeError(
-            f"low_precision_param needs float32 master weights, got param of dtype {param_dtype}"
-        )
-    if copy_dtype not in _COPY_DTYPE_CODE:
-        raise TypeError(
-            f"low_precision_param has dtype {copy_dtype}, expected torch.bfloat16 or torch.float16"
-        )
-
-
-def _check_no_overlap(named: list[tuple[str, Tensor]]) -> None:
-    """Raise naming the first two tensors (in argument order) whose bytes overlap.
-
-    Every pair, since the copy's elements are narrower than the others'.
-    """
-    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for _, t in named]
-    for (i, (a0, a1)), (j, (b0, b1)) in itertools.combinations(enumerate(spans), 2):
-        if a0 < b1 and b0 < a1:
-            raise ValueError(f"{named[i][0]} and {named[j][0]} overlap in memory")
-
-
-def _scale_value(grad_scale: Tensor | float | None) -> float:
-    """``grad_scale`` as the number the kernel multiplies the gradient by (1 for ``None``).
-
-    The kernel rounds it to float32, as torch's ``grad.mul_(number)`` does on a float32
-    gradient. A 0-d float32 CPU tensor is read with ``float()``: on the CPU, no sync. A bool
-    is refused (as by the Triton kernel): more likely a mix-up than a scale of 0 or 1.
-    """
-    if grad_scale is None:
-        return 1.0
-    if isinstance(grad_scale, Tensor):
-        if grad_scale.dim() != 0:
-            raise ValueError(
-                f"grad_scale must be a 0-d tensor, got shape {tuple(grad_scale.shape)}"
-            )
-        if grad_scale.dtype != torch.float32:
-            raise TypeError(f"grad_scale must be a float32 tensor, got dtype {grad_scale.dtype}")
-        if grad_scale.device.type != "cpu":
-            raise ValueError(
-                f"the fused CPU RMSprop kernel needs CPU tensors, got grad_scale on "
-                f"{grad_scale.device}"
-            )
-    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(
-            f"grad_scale must be a number, a 0-d tensor or None, got {type(grad_scale).__name__}"
-        )
-    return float(grad_scale)
-
-
 def rmsprop_cpu_fused_(
     param: Tensor,
     grad: Tensor,
@@ -437,25 +345,35 @@ def rmsprop_cpu_fused_(
 ) -> None:
     """Update ``param`` and the state in place, in one pass; ``grad`` is read, not written.
 
-    Same signature and semantics as :func:`~sharded_rmsprop.kernels.rmsprop_reference_` on
+    The :class:`~sharded_rmsprop.kernels.contract.UpdateFn` contract under :data:`RULES`:
     1-D contiguous CPU tensors of one dtype from :data:`SUPPORTED_DTYPES`; the arithmetic is
-    float32 whatever the storage dtype, rounded once on store. ``momentum_buffer`` is
-    required when ``momentum > 0`` and ``grad_avg`` when ``centered`` (otherwise they are
-    ignored). ``grad_scale``, a number or a 0-d float32 CPU tensor, multiplies the gradient
-    first. ``low_precision_param``, bfloat16 or float16 and shaped like a float32 ``param``,
-    receives the new ``param`` rounded to nearest even: the bits of
-    ``low_precision_param.copy_(param)``. Bad arguments raise ``TypeError`` or ``ValueError``
-    before anything is written; ``RuntimeError`` when :func:`cpu_fused_available` is ``False``.
+    float32 whatever the storage dtype, rounded once on store. ``grad_scale``, a number or
+    a 0-d float32 tensor, is rounded to float32, as torch's ``grad.mul_(number)`` does on a
+    float32 gradient. ``low_precision_param`` receives the new ``param`` rounded to nearest
+    even: the bits of ``low_precision_param.copy_(param)``. ``RuntimeError`` when
+    :func:`cpu_fused_available` is ``False`` or the tensors are not on the CPU.
     """
     copy = low_precision_param
-    tensors = _check(param, grad, square_avg, momentum_buffer, grad_avg, copy, momentum, centered)
-    scale = _scale_value(grad_scale)
+    written = check_update_arguments(
+        RULES,
+        param,
+        grad,
+        square_avg,
+        momentum_buffer,
+        grad_avg,
+        momentum,
+        centered,
+        grad_scale,
+        copy,
+    )
     kernel = _load_kernel()
     if kernel is None:
         raise RuntimeError(
             f"the fused CPU RMSprop kernel is unavailable ({_unavailable_reason}); "
             f"use rmsprop_reference_"
         )
+    if param.device.type != "cpu":
+        raise RuntimeError(f"rmsprop_cpu_fused_ runs on CPU tensors, got tensors on {param.device}")
     n = param.numel()
     if n == 0:
         return
@@ -465,10 +383,10 @@ def rmsprop_cpu_fused_(
         param.data_ptr(),
         grad.data_ptr(),
         square_avg.data_ptr(),
-        momentum_buffer.data_ptr() if momentum > 0 else None,
-        grad_avg.data_ptr() if centered else None,
+        None if momentum_buffer is None else momentum_buffer.data_ptr(),
+        None if grad_avg is None else grad_avg.data_ptr(),
         None if copy is None else copy.data_ptr(),
-        0 if copy is None else _COPY_DTYPE_CODE[copy.dtype],
+        0 if copy is None else _DTYPE_CODE[copy.dtype],
         n,
         -float(lr),
         float(alpha),
@@ -478,12 +396,9 @@ def rmsprop_cpu_fused_(
         int(weight_decay != 0),
         float(momentum),
         int(bool(maximize)),
-        scale,
+        1.0 if grad_scale is None else float(grad_scale),
         torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"the fused CPU RMSprop kernel failed with code {rc}")
-    # What torch's in-place ops do: autograd sees that these tensors changed.
-    for t in tensors:
-        if t is not grad and not t.is_inference():
-            increment_version(t)
+    mark_written(written)

@@ -13,7 +13,13 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["rmsprop_reference_"]
+from .contract import KernelRules, check_update_arguments
+
+__all__ = ["RULES", "rmsprop_reference_"]
+
+#: What the reference takes: what ``torch.optim.RMSprop`` takes (every floating-point and
+#: complex dtype, any shape and strides), and a scale of any floating-point dtype.
+RULES = KernelRules("rmsprop_reference_", dtypes=None, flat=False, scale_dtypes=None)
 
 #: Elements per pass over a long span. Each of torch's operations streams its operands once;
 #: on a 25 M-element span that is main memory every time, while chunks of 1 M elements (20 to
@@ -42,13 +48,26 @@ def rmsprop_reference_(
 ) -> None:
     """Update ``param`` and the state in place; ``grad`` is scratch and gets overwritten.
 
-    ``momentum_buffer`` is required when ``momentum > 0`` and ``grad_avg`` when ``centered``.
-    ``grad_scale`` (a number or a 0-d tensor) multiplies the gradient first, as
+    The :class:`~sharded_rmsprop.kernels.contract.UpdateFn` contract under :data:`RULES`:
+    tensors of any shape and of any dtype ``torch.optim.RMSprop`` takes. ``grad_scale`` (a
+    number or a 0-d tensor) multiplies the gradient first, as
     ``torch.nn.utils.clip_grad_norm_`` would have. ``low_precision_param``, if given,
     receives the updated ``param`` rounded to its own dtype (the model's bfloat16 or float16
     copy of float32 master weights). 1-D tensors longer than :data:`CHUNK_NUMEL` are updated
     chunk by chunk.
     """
+    check_update_arguments(
+        RULES,
+        param,
+        grad,
+        square_avg,
+        momentum_buffer,
+        grad_avg,
+        momentum,
+        centered,
+        grad_scale,
+        low_precision_param,
+    )
     chunks = _chunks(param, grad, square_avg, momentum_buffer, grad_avg, low_precision_param)
     for param, grad, square_avg, momentum_buffer, grad_avg, low_precision_param in chunks:
         if grad_scale is not None:
@@ -67,16 +86,14 @@ def rmsprop_reference_(
 
         square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 
-        if centered:
-            assert grad_avg is not None
+        if grad_avg is not None:  # centered
             grad_avg.lerp_(grad, 1 - alpha)
             avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
         else:
             avg = square_avg.sqrt()
         avg.add_(eps)
 
-        if momentum > 0:
-            assert momentum_buffer is not None
+        if momentum_buffer is not None:  # momentum > 0
             momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
             param.add_(momentum_buffer, alpha=-lr)
         else:
@@ -86,13 +103,11 @@ def rmsprop_reference_(
             low_precision_param.copy_(param)  # round to nearest even, as .to(bfloat16) does
 
 
-def _chunks(*tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...]]:
+def _chunks(param: Tensor, *others: Tensor | None) -> Iterator[tuple[Tensor | None, ...]]:
     """The tensors whole, or, when 1-D and longer than :data:`CHUNK_NUMEL`, chunk by chunk."""
-    first = tensors[0]
-    assert first is not None
-    if first.dim() != 1 or first.numel() <= CHUNK_NUMEL:
-        yield tensors
+    if param.dim() != 1 or param.numel() <= CHUNK_NUMEL:
+        yield (param, *others)
         return
-    for start in range(0, first.numel(), CHUNK_NUMEL):
+    for start in range(0, param.numel(), CHUNK_NUMEL):
         window = slice(start, start + CHUNK_NUMEL)
-        yield tuple(None if t is None else t[window] for t in tensors)
+        yield tuple(None if t is None else t[window] for t in (param, *others))

@@ -65,12 +65,13 @@ shards of more than 2**31 elements are addressed correctly.
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .contract import KernelRules, check_update_arguments, mark_written
 
 try:  # triton is optional: the package must import on machines without it.
     import triton
@@ -84,16 +85,22 @@ else:
     _HAS_TRITON = True
     _TRITON_IMPORT_ERROR = None
 
-__all__ = ["BLOCK_SIZE", "rmsprop_triton_", "triton_available"]
+__all__ = ["BLOCK_SIZE", "RULES", "SUPPORTED_DTYPES", "rmsprop_triton_", "triton_available"]
 
 #: Elements per Triton program. 1024 elements on 4 warps is 8 per thread: two 16-byte vector
 #: accesses per fp32 stream, one per 16-bit stream; large enough to hide latency on every stream.
 BLOCK_SIZE: int = 1024
 _NUM_WARPS: int = 4
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Dtypes of the rounded copy of float32 master weights (``low_precision_param``).
-_LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+#: The storage dtypes the kernel handles; the caller routes others (float64, complex) to the
+#: reference update.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+#: What the kernel takes: 1-D contiguous shards of :data:`SUPPORTED_DTYPES`, and a
+#: ``grad_scale`` tensor of float32 (read by the kernel through its pointer).
+RULES = KernelRules(
+    "rmsprop_triton_", dtypes=SUPPORTED_DTYPES, flat=True, scale_dtypes=(torch.float32,)
+)
 
 
 def _interpret_mode() -> bool:
@@ -238,97 +245,6 @@ def _get_kernel(interpret: bool | None = None) -> Any:
     return kernel
 
 
-def _check_tensor(
-    name: str, t: Tensor, ref: Tensor, *, dtypes: tuple[torch.dtype, ...] | None = None
-) -> None:
-    """Raise unless ``t`` is a dense, contiguous 1-D tensor with ``ref``'s length and device.
-
-    Its dtype must be ``ref``'s, or one of ``dtypes`` when those are given.
-    """
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if dtypes is None and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but param has dtype {ref.dtype}")
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = " or ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but param is on {ref.device}")
-    if t.numel() != ref.numel():
-        raise ValueError(f"{name} has {t.numel()} elements but param has {ref.numel()}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (got stride {t.stride()})")
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether two contiguous tensors on the same device share any byte of memory."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a_start, b_start = a.data_ptr(), b.data_ptr()
-    a_end = a_start + a.numel() * a.element_size()
-    b_end = b_start + b.numel() * b.element_size()
-    return a_start < b_end and b_start < a_end
-
-
-def _check_low_precision_param(low_precision_param: Tensor, tensors: dict[str, Tensor]) -> None:
-    """Raise unless ``low_precision_param`` can receive the rounded copy of ``param``.
-
-    ``tensors`` are the kernel's other buffers, already checked. The copy is stored while the
-    other buffers are still being read and written, so it must not alias any of them: a
-    ``bfloat16`` view of ``param``'s own storage would corrupt the update.
-    """
-    param = tensors["param"]
-    if param.dtype != torch.float32:
-        raise TypeError(
-            f"low_precision_param needs float32 master weights, got param of dtype {param.dtype}"
-        )
-    _check_tensor("low_precision_param", low_precision_param, param, dtypes=_LOW_PRECISION_DTYPES)
-    for name, t in tensors.items():
-        if _overlaps(low_precision_param, t):
-            raise ValueError(f"low_precision_param overlaps {name} in memory")
-
-
-def _grad_scale_mode(
-    grad_scale: Tensor | float | None, param: Tensor, written: dict[str, Tensor]
-) -> tuple[str, Tensor | None, float]:
-    """How the kernel gets ``grad_scale``: ``(GRAD_SCALE mode, 0-d tensor to read, float)``.
-
-    A number becomes a runtime float32 argument (mode ``"value"``): no device copy per call and,
-    being a float-annotated argument, no recompilation when it changes every step. A tensor is
-    read by the kernel through its pointer (mode ``"pointer"``), on the CPU under the
-    interpreter as well, so the tests exercise the GPU's code path; it is never read on the
-    host, which for a CUDA tensor would wait for the GPU. Every program reads it while others
-    already write their results, so it must not lie in any of the ``written`` buffers (a 0-d
-    view of ``param``, say): the programs would not agree on its value. ``None`` compiles the
-    multiply away.
-    """
-    if grad_scale is None:
-        return "none", None, 1.0
-    if isinstance(grad_scale, Tensor):
-        if grad_scale.dim() != 0:
-            raise ValueError(
-                f"grad_scale must be a 0-d tensor, got shape {tuple(grad_scale.shape)}"
-            )
-        if grad_scale.dtype != torch.float32:
-            raise TypeError(f"grad_scale must be a float32 tensor, got dtype {grad_scale.dtype}")
-        if grad_scale.device != param.device:
-            raise ValueError(f"grad_scale is on {grad_scale.device} but param is on {param.device}")
-        for name, t in written.items():
-            if _overlaps(grad_scale, t):
-                raise ValueError(f"grad_scale lies in {name}, which the kernel writes")
-        return "pointer", grad_scale, 1.0
-    # bool is an int subclass, but grad_scale=True is a mistake, not a scale of 1.
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(
-            f"grad_scale must be a number, a 0-d tensor or None, got {type(grad_scale).__name__}"
-        )
-    return "value", None, float(grad_scale)
-
-
 @torch.no_grad()
 def rmsprop_triton_(
     param: Tensor,
@@ -349,53 +265,33 @@ def rmsprop_triton_(
 ) -> None:
     """Update ``param`` and the state in place with one fused Triton kernel.
 
-    Same signature and semantics as :func:`rmsprop_reference_`. All tensors are 1-D, contiguous,
-    of the same length, device and dtype (float32, bfloat16 or float16). ``momentum_buffer`` is
-    given iff ``momentum > 0`` and ``grad_avg`` iff ``centered``. ``grad`` is only read. The
-    hyperparameters are converted with ``float()`` (a tensor ``lr`` on a GPU would synchronise).
-
-    ``grad_scale`` (a number, or a 0-d float32 tensor on ``param``'s device, read by the kernel
-    without a host synchronisation) multiplies the gradient before anything else, as
-    ``clip_grad_norm_`` would have. ``low_precision_param`` (bfloat16 or float16, for float32
-    ``param`` only, sharing no memory with the other buffers) receives the updated ``param``
-    rounded to nearest even: the bits of ``low_precision_param.copy_(param)``. Every check runs
-    before the launch, so a call that raises has written nothing.
+    The :class:`~sharded_rmsprop.kernels.contract.UpdateFn` contract under :data:`RULES`: 1-D
+    contiguous tensors of one dtype from :data:`SUPPORTED_DTYPES`, on a CUDA device (or the
+    CPU under ``TRITON_INTERPRET=1``). ``grad`` is only read. The hyperparameters are
+    converted with ``float()`` (a tensor ``lr`` on a GPU would synchronise), and a tensor
+    ``grad_scale`` is read by the kernel, never on the host. ``low_precision_param`` is stored
+    while the other
+    buffers are still being read and written: the contract's rule that no two arguments share
+    memory is what keeps a bfloat16 view of ``param``'s own storage from corrupting the update.
+    Every check runs before the launch, so a call that raises has written nothing.
     """
+    written = check_update_arguments(
+        RULES,
+        param,
+        grad,
+        square_avg,
+        momentum_buffer,
+        grad_avg,
+        momentum,
+        centered,
+        grad_scale,
+        low_precision_param,
+    )
     if not _HAS_TRITON:
         raise RuntimeError(
             f"rmsprop_triton_ needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}; "
             f"use rmsprop_reference_ instead"
         )
-    if not isinstance(param, Tensor):
-        raise TypeError(f"param must be a Tensor, got {type(param).__name__}")
-    if param.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"rmsprop_triton_ supports float32, bfloat16 and float16 tensors, got {param.dtype}; "
-            f"use rmsprop_reference_ for other dtypes"
-        )
-    use_momentum = bool(momentum > 0)
-    if use_momentum and momentum_buffer is None:
-        raise ValueError(f"momentum_buffer is required when momentum > 0 (momentum={momentum})")
-    if not use_momentum and momentum_buffer is not None:
-        raise ValueError(f"momentum_buffer must be None when momentum <= 0 (momentum={momentum})")
-    if centered and grad_avg is None:
-        raise ValueError("grad_avg is required when centered=True")
-    if not centered and grad_avg is not None:
-        raise ValueError("grad_avg must be None when centered=False")
-
-    tensors = {"param": param, "grad": grad, "square_avg": square_avg}
-    if momentum_buffer is not None:
-        tensors["momentum_buffer"] = momentum_buffer
-    if grad_avg is not None:
-        tensors["grad_avg"] = grad_avg
-    for name, t in tensors.items():
-        _check_tensor(name, t, param)
-    written = {name: t for name, t in tensors.items() if name != "grad"}
-    if low_precision_param is not None:
-        _check_low_precision_param(low_precision_param, tensors)
-        written["low_precision_param"] = low_precision_param
-    scale_mode, scale_tensor, scale_value = _grad_scale_mode(grad_scale, param, written)
-
     interpret = _interpret_mode()
     device = param.device
     if not (device.type == "cuda" or (device.type == "cpu" and interpret)):
@@ -408,6 +304,7 @@ def rmsprop_triton_(
     if n == 0:
         return
 
+    scale_mode, scale_tensor, scale_value = _grad_scale_args(grad_scale)
     kernel = _get_kernel(interpret)
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     args = (
@@ -430,7 +327,7 @@ def rmsprop_triton_(
     )
     options = dict(
         WEIGHT_DECAY=bool(weight_decay != 0),
-        MOMENTUM=use_momentum,
+        MOMENTUM=momentum_buffer is not None,
         CENTERED=bool(centered),
         MAXIMIZE=bool(maximize),
         GRAD_SCALE=scale_mode,
@@ -449,6 +346,22 @@ def rmsprop_triton_(
     else:
         kernel[grid](*args, **options)
 
-    # The kernel writes through raw pointers, which autograd's version counters cannot see.
-    for t in written.values():
-        torch.autograd.graph.increment_version(t)
+    mark_written(written)
+
+
+def _grad_scale_args(grad_scale: Tensor | float | None) -> tuple[str, Tensor | None, float]:
+    """How the kernel gets a valid ``grad_scale``: ``(GRAD_SCALE, 0-d tensor to read, float)``.
+
+    A number becomes a runtime float32 argument (mode ``"value"``): no device copy per call
+    and, being a float-annotated argument, no recompilation when it changes every step. A
+    tensor is read by the kernel through its pointer (mode ``"pointer"``), on the CPU under
+    the interpreter as well, so the tests exercise the GPU's code path; it is never read on
+    the host, which for a CUDA tensor would wait for the GPU. Every program reads it while
+    others already write their results, which is why the contract keeps it out of every
+    other argument's memory. ``None`` compiles the multiply away.
+    """
+    if grad_scale is None:
+        return "none", None, 1.0
+    if isinstance(grad_scale, Tensor):
+        return "pointer", grad_scale, 1.0
+    return "value", None, float(grad_scale)
