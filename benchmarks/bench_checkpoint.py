@@ -20,26 +20,38 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import MODELS  # noqa: E402
+from harness import Rank, all_gather, run_ranks, timed  # noqa: E402
 
 from sharded_rmsprop import ShardedRMSprop, checkpoint, validation  # noqa: E402
 from sharded_rmsprop.checkpoint import SafeLoadPlanner  # noqa: E402
 from sharded_rmsprop.checksums import block_checksums  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PHASES = ("state_dict", "state_dict checksums", "save", "checksums", "load", "validation", "verify checksums")
+PHASES = (
+    "state_dict",
+    "state_dict checksums",
+    "save",
+    "checksums",
+    "load",
+    "validation",
+    "verify checksums",
+)
 #: Each part, and the phase it is part of.
-PARTS = {"state_dict checksums": "state_dict", "checksums": "save", "validation": "load", "verify checksums": "load"}
+PARTS = {
+    "state_dict checksums": "state_dict",
+    "checksums": "save",
+    "validation": "load",
+    "verify checksums": "load",
+}
 
 
 class Timed:
@@ -56,59 +68,44 @@ class Timed:
             self.totals[self.name] += time.perf_counter() - start
 
 
-def rank_main(rank: int, world: int, model: str, repeats: int, workdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
-    try:
-        params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in MODELS[model].param_shapes()]
-        opt = ShardedRMSprop(params, lr=1e-3, momentum=0.9, centered=True)
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-        rounds = []
-        for round_ in range(repeats):
-            totals = dict.fromkeys(PHASES, 0.0)
-            # the checksum and validation parts, timed inside the real save and load
-            checkpoint.block_checksums = Timed(totals, "checksums", block_checksums)
-            checkpoint.validated = Timed(totals, "validation", validation.validated)
-            validation._verify_checksums = Timed(totals, "verify checksums", _VERIFY)
-            path = os.path.join(workdir, f"ckpt{round_}")
-            totals["state_dict"] = timed_collectively(opt.state_dict)
-            totals["state_dict checksums"], totals["checksums"] = totals["checksums"], 0.0
-            totals["save"] = timed_collectively(lambda: dcp.save({"optim": opt}, checkpoint_id=path))
-            totals["load"] = timed_collectively(
-                lambda: dcp.load({"optim": opt}, checkpoint_id=path, planner=SafeLoadPlanner())
-            )
-            rounds.append([totals[phase] for phase in PHASES])
-            if rank == 0:
-                shutil.rmtree(path)
-        table = torch.tensor(rounds, dtype=torch.float64)
-        gathered = [torch.empty_like(table) for _ in range(world)]
-        dist.all_gather(gathered, table)
-        if rank == 0:
-            torch.save(torch.stack(gathered), os.path.join(workdir, "results.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def rank_main(at: Rank, model: str, repeats: int) -> torch.Tensor:
+    """Seconds of every rank, shaped (rank, round, phase)."""
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in MODELS[model].param_shapes()]
+    opt = ShardedRMSprop(params, lr=1e-3, momentum=0.9, centered=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    rounds = []
+    for round_ in range(repeats):
+        totals = dict.fromkeys(PHASES, 0.0)
+        # the checksum and validation parts, timed inside the real save and load
+        checkpoint.block_checksums = Timed(totals, "checksums", block_checksums)
+        checkpoint.validated = Timed(totals, "validation", validation.validated)
+        validation.verify_checksums = Timed(totals, "verify checksums", _VERIFY)
+        path = os.path.join(at.workdir, f"ckpt{round_}")
+        totals["state_dict"] = timed_collectively(opt.state_dict)
+        totals["state_dict checksums"], totals["checksums"] = totals["checksums"], 0.0
+        totals["save"] = timed_collectively(lambda: dcp.save({"optim": opt}, checkpoint_id=path))
+        totals["load"] = timed_collectively(
+            lambda: dcp.load({"optim": opt}, checkpoint_id=path, planner=SafeLoadPlanner())
+        )
+        rounds.append([totals[phase] for phase in PHASES])
+        if at.rank == 0:
+            shutil.rmtree(path)
+    return all_gather(torch.tensor(rounds, dtype=torch.float64))
 
 
-_VERIFY = validation._verify_checksums
+_VERIFY = validation.verify_checksums
 
 
 def timed_collectively(fn) -> float:
     """Seconds of ``fn()`` between two barriers."""
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
+    return timed(lambda: (fn(), dist.barrier()), barrier=True)
 
 
 def measure(model: str, world: int, repeats: int) -> torch.Tensor:
     """Seconds, shaped (rank, round, phase)."""
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as workdir:
-        mp.start_processes(rank_main, (world, model, repeats, workdir), nprocs=world, start_method="spawn")
-        return torch.load(os.path.join(workdir, "results.pt"), weights_only=True)
+    return run_ranks(rank_main, world, model, repeats, tmp_dir=os.environ.get("BENCH_TMP"))
 
 
 def render(seconds: torch.Tensor, model: str, world: int, command: str) -> str:
@@ -153,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     seconds = measure(args.model, args.world_size, args.repeats)
-    command = "python benchmarks/bench_checkpoint.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_checkpoint.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = render(seconds, args.model, args.world_size, command.strip())
     print(text)
     if args.model == "gpt2":

@@ -40,19 +40,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from sharded_rmsprop import ShardedRMSprop
-from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Rank, all_gather, cores, run_ranks  # noqa: E402
+
+from sharded_rmsprop import ShardedRMSprop  # noqa: E402
+from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
@@ -199,42 +198,29 @@ def measure(
     return [counts[column] for column in COLUMNS] + [int(shared)]
 
 
-def gather(row: list[int]) -> list[list[int]]:
-    tensor = torch.tensor(row, dtype=torch.int64)
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, tensor)
-    return [t.tolist() for t in out]
-
-
-def rank_main(rank: int, world: int, cfg: Config, workdir: str) -> None:
-    torch.set_num_threads(1)
-    store = f"file://{workdir}/store"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
-    try:
-        shapes = MODELS[cfg.model].param_shapes()
-        results: dict[tuple[bool, str], list[list[int]]] = {}
-        for full in cfg.variants:
-            for c in CONTENDERS:
-                start = time.perf_counter()
-                # Replicated: no communication, the same tensors on every rank; rank 0 alone.
-                skip = c.kind == "replicated" and rank != 0
-                row = [-1] * 7 if skip else measure(c, shapes, cfg.options(full), cfg.fused)
-                rows = gather(row)
-                results[full, c.key] = [r for r in rows if r[0] >= 0]  # skipped ranks: -1
-                if rank == 0:
-                    print(f"  N={world} ({c.key}) {'3' if full else '1'} buffers: "
-                          f"{time.perf_counter() - start:.1f} s", flush=True)
-        if rank == 0:
-            torch.save(results, os.path.join(workdir, "results.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def rank_main(at: Rank, cfg: Config) -> dict[tuple[bool, str], list[list[int]]]:
+    """Every contender and variant: each rank's row (the ranks that built it)."""
+    shapes = MODELS[cfg.model].param_shapes()
+    results: dict[tuple[bool, str], list[list[int]]] = {}
+    for full in cfg.variants:
+        for c in CONTENDERS:
+            start = time.perf_counter()
+            # Replicated: no communication, the same tensors on every rank; rank 0 alone.
+            skip = c.kind == "replicated" and at.rank != 0
+            row = [-1] * 7 if skip else measure(c, shapes, cfg.options(full), cfg.fused)
+            rows = all_gather(torch.tensor(row, dtype=torch.int64)).tolist()
+            results[full, c.key] = [r for r in rows if r[0] >= 0]  # skipped ranks: -1
+            if at.rank == 0:
+                print(
+                    f"  N={at.world} ({c.key}) {'3' if full else '1'} buffers: "
+                    f"{time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
+    return results
 
 
 def run_world(world: int, cfg: Config) -> dict:
-    with tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(rank_main, (world, cfg, workdir), nprocs=world, start_method="spawn")
-        return torch.load(os.path.join(workdir, "results.pt"), weights_only=False)
+    return run_ranks(rank_main, world, cfg)
 
 
 # -- formulas and report --------------------------------------------------------------------------
@@ -296,10 +282,14 @@ def ratio(results: dict, world: int, full: bool, key: str) -> float:
 
 def render_variant(results: dict, cfg: Config, full: bool) -> list[str]:
     shapes = MODELS[cfg.model].param_shapes()
-    title = "momentum=0.9, centered=True: 3 state buffers" if full else (
-        "momentum=0, centered=False: 1 state buffer (square_avg)")
+    title = (
+        "momentum=0.9, centered=True: 3 state buffers"
+        if full
+        else ("momentum=0, centered=False: 1 state buffer (square_avg)")
+    )
     lines = [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         "| N | config | params | grads | master | state | grad window | **total / rank** "
         "| x (a) | formula, MiB | measured - formula, B |",
         "| ---: | --- |" + " ---: |" * 7 + " --- | ---: |",
@@ -325,12 +315,17 @@ def render_variant(results: dict, cfg: Config, full: bool) -> list[str]:
 def summary(results: dict, cfg: Config, full: bool) -> list[str]:
     """Totals and ratios to (a) per N; then (e) against (a), (b) and (c) in words."""
     worlds = cfg.world_sizes
-    lines = ["Total per rank, MiB (x (a)):", "",
-             "| config | " + " | ".join(f"N={w}" for w in worlds) + " |",
-             "| --- |" + " ---: |" * len(worlds)]
+    lines = [
+        "Total per rank, MiB (x (a)):",
+        "",
+        "| config | " + " | ".join(f"N={w}" for w in worlds) + " |",
+        "| --- |" + " ---: |" * len(worlds),
+    ]
     for c in CONTENDERS:
-        cells = [f"{total(results, w, full, c.key) / MIB:.0f} "
-                 f"({ratio(results, w, full, c.key):.2f}x)" for w in worlds]
+        cells = [
+            f"{total(results, w, full, c.key) / MIB:.0f} ({ratio(results, w, full, c.key):.2f}x)"
+            for w in worlds
+        ]
         lines.append(f"| ({c.key}) {c.label} | " + " | ".join(cells) + " |")
     listed = lambda key: ", ".join(f"{ratio(results, w, full, key):.2f}" for w in worlds)
 
@@ -341,15 +336,19 @@ def summary(results: dict, cfg: Config, full: bool) -> list[str]:
 
     numel = sum(torch.Size(s).numel() for s in MODELS[cfg.model].param_shapes())
     floor = 4 * numel / total(results, worlds[0], full, "a")
-    return lines + ["", (
-        f"In words: per rank, (e) ShardedRMSprop bf16 + fp32 master holds {listed('e')} times "
-        f"what replicated fp32 RMSprop (a) holds at N = {', '.join(map(str, worlds))}. Its fp32 "
-        "master and state divide by N; its bf16 parameters and gradients and its fixed grad "
-        f"window do not, so it tends to about {floor:.2f} (bf16 params + grads). Against (b), "
-        f"replicated bf16 RMSprop ({listed('b')}), (e) holds {versus('b')}; against (c), ZeRO "
-        f"over bf16 ({listed('c')}, its fullest rank), {versus('c')}. (b) and (c) keep their "
-        "state in bf16 and have no fp32 master: what (e) holds above them pays for an fp32 "
-        "update.")]
+    return lines + [
+        "",
+        (
+            f"In words: per rank, (e) ShardedRMSprop bf16 + fp32 master holds {listed('e')} times "
+            f"what replicated fp32 RMSprop (a) holds at N = {', '.join(map(str, worlds))}. Its fp32 "
+            "master and state divide by N; its bf16 parameters and gradients and its fixed grad "
+            f"window do not, so it tends to about {floor:.2f} (bf16 params + grads). Against (b), "
+            f"replicated bf16 RMSprop ({listed('b')}), (e) holds {versus('b')}; against (c), ZeRO "
+            f"over bf16 ({listed('c')}, its fullest rank), {versus('c')}. (b) and (c) keep their "
+            "state in bf16 and have no fp32 master: what (e) holds above them pays for an fp32 "
+            "update."
+        ),
+    ]
 
 
 def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
@@ -361,15 +360,19 @@ def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
         {w for w in cfg.world_sizes for rows in results[w].values() if any(r[-1] for r in rows)}
     )
     lines = [
-        f"# Memory per rank: bf16 + fp32 master weights ({cfg.model}, CPU, gloo)", "",
-        f"Command: `{command}`  ", f"Date: {datetime.date.today()}, torch {torch.__version__}, "
-        f"{os.cpu_count()} cores, 1 thread per rank; ran in {seconds:.0f} s.", "",
+        f"# Memory per rank: bf16 + fp32 master weights ({cfg.model}, CPU, gloo)",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {datetime.date.today()}, torch {torch.__version__}, "
+        f"{cores()} cores, 1 thread per rank; ran in {seconds:.0f} s.",
+        "",
         f"Model: `{cfg.model}` {MODELS[cfg.model]}, {len(shapes)} tensors, {numel:,} "
         f"parameters (P). MiB = 2^20 bytes. One real `step()` per configuration, then the "
         "bytes of the untyped storages each rank holds (each once): parameters, `.grad`, "
         "`master_weight`, other optimizer state (0-d step counters included), ShardedRMSprop's "
         f"`grad_window`. Live tensors (found through gc) in none of these columns: at most "
-        f"{unaccounted} bytes on any rank in any configuration.", "",
+        f"{unaccounted} bytes on any rank in any configuration.",
+        "",
         "- (a), (b): replicated, no communication, built on rank 0 only (identical on every rank).",
         "- (c): ZeRO assigns whole tensors; the row is the rank holding the most, the others are "
         "listed under the table. Its formula is the even split it cannot reach.",
@@ -383,7 +386,8 @@ def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
         + (
             f": at N = {shared} ShardedRMSprop's ranks shared one flat buffer on this host "
             "(`host_shared=True`), and each rank's mapping is counted in full, as its own copy."
-            if shared else " (ShardedRMSprop's default private buffers)."
+            if shared
+            else " (ShardedRMSprop's default private buffers)."
         ),
         "- Not counted: activations, DDP's gradient buckets, transient buffers during `step()`.",
         "",
@@ -397,10 +401,18 @@ def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="gpt2")
     parser.add_argument("--world-sizes", default="1,2,4,8", help="comma-separated, e.g. 1,2,4")
-    parser.add_argument("--momentum-centered", choices=["on", "off", "both"], default="on",
-                        help="on: momentum and centered (3 state buffers); off: square_avg only")
-    parser.add_argument("--fused", choices=["auto", "off"], default="off",
-                        help="ShardedRMSprop's update kernel (held memory does not depend on it)")
+    parser.add_argument(
+        "--momentum-centered",
+        choices=["on", "off", "both"],
+        default="on",
+        help="on: momentum and centered (3 state buffers); off: square_avg only",
+    )
+    parser.add_argument(
+        "--fused",
+        choices=["auto", "off"],
+        default="off",
+        help="ShardedRMSprop's update kernel (held memory does not depend on it)",
+    )
     args = parser.parse_args(argv)
     variants = {"on": (True,), "off": (False,), "both": (True, False)}[args.momentum_centered]
     worlds = tuple(int(w) for w in args.world_sizes.split(","))

@@ -66,26 +66,42 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    Rank,
+    all_gather,
+    cores,
+    device_name,
+    median_ms,
+    now,
+    quartiles_ms,
+    run_ranks,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
 
 SETS = ("wide", "many-small", "gpt2")
 CONTENDERS = (
-    "replicated", "zero", "zero-bucket", "fsdp2", "ours", "ours host_shared", "ours fused=False"
+    "replicated",
+    "zero",
+    "zero-bucket",
+    "fsdp2",
+    "ours",
+    "ours host_shared",
+    "ours fused=False",
 )
 #: Plot styles: one colour per optimizer, dashed for the variants.
 STYLE = {
@@ -98,6 +114,43 @@ STYLE = {
     "ours host_shared": dict(color="tab:purple", marker="D", linestyle=":"),
     "ours fused=False": dict(color="black", marker="D", linestyle="--", mfc="none"),
 }
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the project's targets: a ratio within one run, at most ``bound`` (NaN: shown
+    for reference, no verdict). ``kind``: "step" (median step time of ``contender`` over
+    ``peer``'s), "memory" (the largest rank's optimizer bytes, ``contender`` over ``peer``)
+    or "balance" (``contender``'s largest rank's bytes over the mean rank's)."""
+
+    kind: str
+    set: str
+    world: int
+    contender: str
+    peer: str = ""
+    bound: float = math.nan
+
+
+TARGETS = (
+    Target("step", "wide", 2, "ours", "zero-bucket", 0.45),
+    Target("step", "wide", 2, "ours", "replicated", 0.8),
+    Target("step", "many-small", 2, "ours", "zero", 0.35),
+    Target("step", "many-small", 2, "ours", "zero-bucket", 0.35),
+    Target("step", "wide", 2, "ours host_shared", "zero-bucket", 0.45),
+    Target("step", "wide", 2, "ours host_shared", "replicated", 0.8),
+    Target("step", "many-small", 2, "ours host_shared", "zero", 0.35),
+    Target("step", "many-small", 2, "ours host_shared", "zero-bucket", 0.35),
+    Target("memory", "wide", 2, "ours", "replicated", 0.7),
+    Target("memory", "wide", 4, "ours", "replicated", 0.4),
+    Target("memory", "many-small", 2, "ours", "replicated", 0.7),
+    Target("memory", "many-small", 4, "ours", "replicated", 0.4),
+    Target("memory", "gpt2", 2, "ours", "replicated", 0.7),
+    Target("memory", "gpt2", 4, "ours", "replicated", 0.4),
+    Target("balance", "gpt2", 4, "ours", bound=1.01),
+    Target("balance", "gpt2", 4, "zero-bucket"),
+    Target("balance", "gpt2", 4, "zero"),
+    Target("balance", "gpt2", 4, "fsdp2"),
+)
 
 
 @dataclass(frozen=True)
@@ -252,13 +305,11 @@ class FSDP2(Contender):
         ]
         super().__init__(module, sharded)
         self.opt = torch.optim.RMSprop(self.params, **cfg.options())
-        self.sync_device = device if device.type == "cuda" else None
+        self.device = device
 
     def step(self) -> float:
         self.opt.step()
-        if self.sync_device is not None:
-            torch.cuda.synchronize(self.sync_device)
-        stepped = time.perf_counter()
+        stepped = now(self.device)
         self.module.unshard()
         return stepped
 
@@ -266,24 +317,57 @@ class FSDP2(Contender):
         self.module.reshard()
 
 
+class StepAgreements:
+    """Times the agreement that starts each ``ShardedRMSprop.step()``: the seconds from
+    entering its ``sharded_rmsprop.agreement.Agreement`` (the one whose ``operation`` is
+    "step()"; its body checks the gradients and builds the facts) to leaving it (after the
+    all-reduce of their digests), through that public class's ``__enter__`` and ``__exit__``,
+    wrapped once per process. Each step's seconds go to the list in ``sink``."""
+
+    sink: list[float] | None = None
+    _starts: list[float] = []  # entered, not yet left (innermost last)
+
+    @classmethod
+    def install(cls) -> None:
+        from sharded_rmsprop.agreement import Agreement
+
+        enter, leave = Agreement.__enter__, Agreement.__exit__
+        if getattr(enter, "timed", False):
+            return
+
+        def timed_enter(agreement):
+            cls._starts.append(time.perf_counter())
+            return enter(agreement)
+
+        def timed_exit(agreement, *exc_info):
+            try:
+                return leave(agreement, *exc_info)
+            finally:
+                start = cls._starts.pop()
+                if agreement.operation == "step()" and cls.sink is not None:
+                    cls.sink.append(time.perf_counter() - start)
+
+        timed_enter.timed = True
+        Agreement.__enter__, Agreement.__exit__ = timed_enter, timed_exit
+
+
 class Ours(Contender):
-    def __init__(self, module, grads, cfg: Config, fused: bool | None, host_shared: bool = False) -> None:
+    def __init__(
+        self, module, grads, cfg: Config, fused: bool | None, host_shared: bool = False
+    ) -> None:
         from sharded_rmsprop import ShardedRMSprop
 
         super().__init__(module, grads)
-        self.opt = ShardedRMSprop(self.params, **cfg.options(), fused=fused, host_shared=host_shared)
+        self.opt = ShardedRMSprop(
+            self.params, **cfg.options(), fused=fused, host_shared=host_shared
+        )
         #: Seconds of each step()'s agreement (facts and their all-reduce), step by step.
         self.agreement_s: list[float] = []
-        agree_on_step = self.opt._agree_on_step
+        StepAgreements.install()
 
-        def timed_agreement(*args):
-            start = time.perf_counter()
-            try:
-                return agree_on_step(*args)
-            finally:
-                self.agreement_s.append(time.perf_counter() - start)
-
-        self.opt._agree_on_step = timed_agreement
+    def step(self) -> None:
+        StepAgreements.sink = self.agreement_s
+        self.opt.step()
 
     def optimizer_bytes(self) -> int:
         return sum(self.opt.memory_bytes().values())
@@ -312,30 +396,15 @@ def make_contender(name: str, set_name: str, grads, cfg: Config, device: torch.d
 # -- one world size ------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(c: Contender, device: torch.device) -> tuple[float, float]:
     """(seconds of the whole step, seconds to the end of its first phase) on this rank."""
     c.set_grads()
     dist.barrier()
-    _synchronize(device)
-    start = time.perf_counter()
+    start = now(device)
     mid = c.step()
-    _synchronize(device)
-    end = time.perf_counter()
+    end = now(device)
     c.after()
     return end - start, (mid if mid is not None else end) - start
-
-
-def _all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``[world, *t.shape]``: every rank's ``t``. Collective; tensors, not objects (numpy-free)."""
-    t = t.to(device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.stack(out).cpu()
 
 
 def measure_set(set_name: str, cfg: Config, device: torch.device) -> dict:
@@ -360,15 +429,15 @@ def measure_set(set_name: str, cfg: Config, device: torch.device) -> dict:
     memory = torch.tensor([contenders[n].optimizer_bytes() for n in names], dtype=torch.int64)
     agreement = torch.tensor(  # this rank's median agreement per step (the timed steps), or -1
         [
-            statistics.median(c.agreement_s[-cfg.repeats:]) if isinstance(c, Ours) else -1.0
+            statistics.median(c.agreement_s[-cfg.repeats :]) if isinstance(c, Ours) else -1.0
             for c in (contenders[n] for n in names)
         ],
         dtype=torch.float64,
     )
-    agreement_all = _all_gather(agreement, device)  # [world, contender]
-    whole_all = _all_gather(whole, device)  # [world, contender, repeat]
-    first_all = _all_gather(first, device)
-    memory_all = _all_gather(memory, device)  # [world, contender]
+    agreement_all = all_gather(agreement, device)  # [world, contender]
+    whole_all = all_gather(whole, device)  # [world, contender, repeat]
+    first_all = all_gather(first, device)
+    memory_all = all_gather(memory, device)  # [world, contender]
     del contenders, grads
     gc.collect()
     out = {}
@@ -389,63 +458,28 @@ def measure_set(set_name: str, cfg: Config, device: torch.device) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, cfg: Config, workdir: str) -> None:
-    if cfg.device == "cpu":
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-        extra = {}
-    else:
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        extra = {"device_id": device}
-    dist.init_process_group(
-        cfg.backend, init_method=f"file://{workdir}/store", rank=rank, world_size=world, **extra
-    )
-    try:
-        results, loads = {}, {}
-        for set_name in cfg.sets:
-            load = loads[set_name] = os.getloadavg()[0]
-            start = time.perf_counter()
-            results[set_name] = measure_set(set_name, cfg, device)
-            if rank == 0:
-                print(
-                    f"  world {world}, {set_name}: {time.perf_counter() - start:.0f} s "
-                    f"(load average {load:.1f} before)",
-                    flush=True,
-                )
-        if rank == 0:
-            torch.save((results, loads), os.path.join(workdir, "results.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank_main(at: Rank, cfg: Config) -> tuple[dict, dict]:
+    """Every set at one world size: (results by set, the load average before each set)."""
+    results, loads = {}, {}
+    for set_name in cfg.sets:
+        load = loads[set_name] = os.getloadavg()[0]
+        start = time.perf_counter()
+        results[set_name] = measure_set(set_name, cfg, at.device)
+        if at.rank == 0:
+            print(
+                f"  world {at.world}, {set_name}: {time.perf_counter() - start:.0f} s "
+                f"(load average {load:.1f} before)",
+                flush=True,
+            )
+    return results, loads
 
 
 def run_world(world: int, cfg: Config) -> tuple[dict, dict]:
     """One launch of ``world`` ranks: (results by set, the load average before each set)."""
-    with tempfile.TemporaryDirectory() as workdir:
-        context = mp.start_processes(
-            _rank_main, args=(world, cfg, workdir), nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + cfg.timeout_s
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"world size {world} ran past {cfg.timeout_s} s")
-        return torch.load(os.path.join(workdir, "results.pt"), weights_only=False)
+    return run_ranks(_rank_main, world, cfg, device=cfg.device, timeout_s=cfg.timeout_s)
 
 
 # -- report --------------------------------------------------------------------------------------
-
-
-def _median_ms(entry: dict) -> float:
-    return statistics.median(entry["times"]) * 1e3
-
-
-def _spread_ms(entry: dict) -> tuple[float, float]:
-    """The quartiles of the repeats, in ms."""
-    q = statistics.quantiles(entry["times"], n=4) if len(entry["times"]) > 1 else entry["times"] * 3
-    return q[0] * 1e3, q[2] * 1e3
 
 
 def _rows(cfg: Config) -> list[str]:
@@ -458,67 +492,28 @@ def _rows(cfg: Config) -> list[str]:
 
 
 def targets(results: dict) -> list[tuple[str, float, float, str]]:
-    """(what, measured ratio, bound, met?) for the project's targets that the run covers."""
+    """(what, measured ratio, bound, met?) for the targets in ``TARGETS`` that the run covers."""
     out = []
-
-    def ms(world, s, name):
-        try:
-            return _median_ms(results[world][s][name])
-        except KeyError:
-            return None
-
-    def mem(world, s, name, fn=max):
-        try:
-            return fn(results[world][s][name]["bytes"])
-        except KeyError:
-            return None
-
-    def add(what, num, den, bound):
-        if num is not None and den is not None and den > 0:
-            ratio = num / den
-            out.append((what, ratio, bound, "met" if ratio <= bound else "MISSED"))
-
-    for ours in ("ours", "ours host_shared"):
-        for set_name, peer, bound in (
-            ("wide", "zero-bucket", 0.45),
-            ("wide", "replicated", 0.8),
-            ("many-small", "zero", 0.35),
-            ("many-small", "zero-bucket", 0.35),
-        ):
-            add(
-                f"{set_name}, 2 ranks: step, {ours} / {peer}",
-                ms(2, set_name, ours),
-                ms(2, set_name, peer),
-                bound,
-            )
-    for s in SETS:
-        add(
-            f"{s}, 2 ranks: memory, ours / replicated",
-            mem(2, s, "ours"),
-            mem(2, s, "replicated"),
-            0.7,
-        )
-        add(
-            f"{s}, 4 ranks: memory, ours / replicated",
-            mem(4, s, "ours"),
-            mem(4, s, "replicated"),
-            0.4,
-        )
-    for name in ("ours", "zero-bucket", "zero", "fsdp2"):
-        try:
-            b = results[4]["gpt2"][name]["bytes"]
-        except KeyError:
+    for t in TARGETS:
+        run = results.get(t.world, {}).get(t.set, {})
+        if t.contender not in run or (t.kind != "balance" and t.peer not in run):
             continue
-        bound = 1.01 if name == "ours" else float("nan")
-        ratio = max(b) / (sum(b) / len(b))
-        out.append(
-            (
-                f"gpt2, 4 ranks: memory max/mean, {name}",
-                ratio,
-                bound,
-                ("met" if ratio <= bound else "MISSED") if name == "ours" else "(reference)",
-            )
-        )
+        entry, peer = run[t.contender], run.get(t.peer)
+        if t.kind == "step":
+            what = f"step, {t.contender} / {t.peer}"
+            num, den = median_ms(entry["times"]), median_ms(peer["times"])
+        elif t.kind == "memory":
+            what = f"memory, {t.contender} / {t.peer}"
+            num, den = max(entry["bytes"]), max(peer["bytes"])
+        else:
+            what = f"memory max/mean, {t.contender}"
+            num, den = max(entry["bytes"]), sum(entry["bytes"]) / len(entry["bytes"])
+        if den > 0:
+            ratio = num / den
+            verdict = "met" if ratio <= t.bound else "MISSED"
+            if math.isnan(t.bound):
+                verdict = "(reference)"
+            out.append((f"{t.set}, {t.world} ranks: {what}", ratio, t.bound, verdict))
     return out
 
 
@@ -541,9 +536,9 @@ def render(results: dict, cfg: Config, meta: dict) -> str:
         "counted (ZeRO's bucket views are the parameters themselves; FSDP2 also shards the "
         "parameters and gradients, 1/N per rank, not shown).",
     ]
-    if cfg.device == "cpu" and max(worlds) > (os.cpu_count() or 1):
+    if cfg.device == "cpu" and max(worlds) > (cores() or 1):
         lines.append(
-            f"\nThis machine has {os.cpu_count()} cores; world sizes above {os.cpu_count()} "
+            f"\nThis machine has {cores()} cores; world sizes above {cores()} "
             f"oversubscribe them (1 thread per rank), so their times include waiting for a core."
         )
     for s in cfg.sets:
@@ -559,7 +554,7 @@ def render(results: dict, cfg: Config, meta: dict) -> str:
                 for w in worlds
                 if s in meta.get("load_per_run", {}).get(str(w), {})
             )
-            + f" (the machine has {os.cpu_count()} cores).",
+            + f" (the machine has {cores()} cores).",
             "",
             "Step time, ms (median; [quartiles]):",
             "",
@@ -573,8 +568,8 @@ def render(results: dict, cfg: Config, meta: dict) -> str:
                 if e is None:
                     cells.append("")
                 else:
-                    lo, hi = _spread_ms(e)
-                    cells.append(f"{_median_ms(e):.1f} [{lo:.0f}-{hi:.0f}]")
+                    lo, hi = quartiles_ms(e["times"])
+                    cells.append(f"{median_ms(e['times']):.1f} [{lo:.0f}-{hi:.0f}]")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", *_agreement_lines(results, s, worlds, cfg)]
         lines += [
@@ -621,7 +616,7 @@ def _agreement_lines(results: dict, s: str, worlds: list[int], cfg: Config) -> l
             if e is not None and "agreement_s" in e:
                 ms = e["agreement_s"] * 1e3
                 cells.setdefault(name, []).append(
-                    f"{w} rank{'s' if w > 1 else ''} {ms:.3f} ms ({ms / _median_ms(e):.1%})"
+                    f"{w} rank{'s' if w > 1 else ''} {ms:.3f} ms ({ms / median_ms(e['times']):.1%})"
                 )
     if not cells:
         return []
@@ -650,7 +645,7 @@ def plot(results: dict, cfg: Config, stem: Path) -> list[Path]:
                     continue
                 style = STYLE.get(name, {})
                 if kind == "time":
-                    ys = [_median_ms(results[w][s][name]) for w in ws]
+                    ys = [median_ms(results[w][s][name]["times"]) for w in ws]
                     ax.plot(ws, ys, label=name, **style)
                 else:
                     hi = [max(results[w][s][name]["bytes"]) / MIB for w in ws]
@@ -676,18 +671,6 @@ def plot(results: dict, cfg: Config, stem: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
-
-
-def device_name(cfg: Config) -> str:
-    if cfg.device == "cuda":
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
@@ -745,7 +728,7 @@ def measure(cfg: Config) -> tuple[dict, dict]:
         print(f"world size {world} ...", flush=True)
         results[world], loads[world] = run_world(world, cfg)
     meta = dict(
-        device_name=device_name(cfg),
+        device_name=device_name(cfg.device),
         torch=torch.__version__,
         threads="1 thread per rank" if cfg.device == "cpu" else "1 GPU per rank",
         load_before=load_before,

@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import timed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,8 +49,7 @@ def sync_all_gather(flat: torch.Tensor, world: int, rank: int, chunks: int = 1) 
 
 def sync_broadcasts(flat: torch.Tensor, world: int, rank: int) -> None:
     works = [
-        dist.broadcast(shard, owner, async_op=True)
-        for owner, shard in enumerate(flat.chunk(world))
+        dist.broadcast(shard, owner, async_op=True) for owner, shard in enumerate(flat.chunk(world))
     ]
     for work in works:
         work.wait()
@@ -55,17 +57,8 @@ def sync_broadcasts(flat: torch.Tensor, world: int, rank: int) -> None:
 
 def time_it(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs, ranks barriered before each."""
-    times = []
-    for _ in range(repeats + 2):  # two warm-up runs
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    times = [timed(fn, device, barrier=True) for _ in range(repeats + 2)]
+    return statistics.median(times[2:])  # after two warm-up runs
 
 
 def main() -> None:

@@ -38,17 +38,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Rank, cores, run_ranks, slowest, timed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INPUTS = RESULTS / "model_inputs_cpu.json"
@@ -71,17 +69,6 @@ ALIGN = 64  # the layout aligns each parameter's start to 64 elements (layout.AL
 # -- measuring the inputs ------------------------------------------------------------------------
 
 
-def _slowest(fn, calls: int = 1) -> float:
-    """The slowest rank's seconds per call of ``fn`` (``calls`` calls back to back); barriered."""
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = torch.tensor([(time.perf_counter() - start) / calls], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return elapsed.item()
-
-
 def _tiny_params(count: int) -> list[torch.nn.Parameter]:
     params = [torch.nn.Parameter(torch.randn(16)) for _ in range(count)]
     for p in params:
@@ -89,94 +76,79 @@ def _tiny_params(count: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def _measure_rank(rank: int, world: int, workdir: str, numel: int, repeats: int) -> None:
+def _measure_rank(at: Rank, numel: int, repeats: int) -> dict:
     """Every micro-benchmark once per round, ``repeats`` rounds (interleaved, as in
     bench_step.py, so that a burst of load from elsewhere hits them all), medians."""
     from sharded_rmsprop import ShardedRMSprop
     from sharded_rmsprop.comm import DataParallelGroup
     from sharded_rmsprop.kernels import select_update
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world
+    world = at.world
+    # Memory bandwidths: every rank at once on its own arrays of `numel` elements.
+    update = select_update(None, torch.device("cpu"), torch.float32)
+    # Values as in training: square_avg above grad_avg**2, so no NaN from the square root
+    # (NaN arithmetic is much slower on some CPUs and would understate the bandwidth).
+    param, grad, momentum_buffer = (torch.randn(numel) for _ in range(3))
+    square_avg, grad_avg = torch.rand(numel) + 1, torch.rand(numel) * 0.1
+    opts = dict(
+        lr=1e-6,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.9,
+        centered=True,
+        maximize=False,
     )
-    try:
-        # Memory bandwidths: every rank at once on its own arrays of `numel` elements.
-        update = select_update(None, torch.device("cpu"), torch.float32)
-        # Values as in training: square_avg above grad_avg**2, so no NaN from the square root
-        # (NaN arithmetic is much slower on some CPUs and would understate the bandwidth).
-        param, grad, momentum_buffer = (torch.randn(numel) for _ in range(3))
-        square_avg, grad_avg = torch.rand(numel) + 1, torch.rand(numel) * 0.1
-        opts = dict(
-            lr=1e-6,
-            alpha=0.99,
-            eps=1e-8,
-            weight_decay=0.0,
-            momentum=0.9,
-            centered=True,
-            maximize=False,
+    targets, sources = list(param.split(numel // 16)), list(grad.split(numel // 16))
+    benches = {
+        "update": lambda: update(param, grad, square_avg, momentum_buffer, grad_avg, **opts),
+        "copy": lambda: torch._foreach_copy_(targets, sources),
+    }
+    calls = {"update": 1, "copy": 1}
+    if world == 1:
+        # Host work: whole steps on tiny parameters (the bandwidth terms are negligible).
+        one = ShardedRMSprop(_tiny_params(1), lr=1e-6, momentum=0.9, centered=True)
+        many = ShardedRMSprop(_tiny_params(2000), lr=1e-6, momentum=0.9, centered=True)
+        benches.update(step1=one.step, step2000=many.step)
+        calls.update(step1=50, step2000=3)
+    else:
+        group = DataParallelGroup.resolve(None)
+        small = torch.randn(world * ALIGN)
+        shard = (100 * 2**20 // 4) // (world * ALIGN) * ALIGN
+        big = torch.randn(world * shard)
+        benches.update(
+            sync_small=lambda: group.sync_shards([small], [ALIGN]),
+            sync_big=lambda: group.sync_shards([big], [shard]),
+            barrier=group.barrier,
         )
-        targets, sources = list(param.split(numel // 16)), list(grad.split(numel // 16))
-        benches = {
-            "update": lambda: update(param, grad, square_avg, momentum_buffer, grad_avg, **opts),
-            "copy": lambda: torch._foreach_copy_(targets, sources),
-        }
-        calls = {"update": 1, "copy": 1}
-        if world == 1:
-            # Host work: whole steps on tiny parameters (the bandwidth terms are negligible).
-            one = ShardedRMSprop(_tiny_params(1), lr=1e-6, momentum=0.9, centered=True)
-            many = ShardedRMSprop(_tiny_params(2000), lr=1e-6, momentum=0.9, centered=True)
-            benches.update(step1=one.step, step2000=many.step)
-            calls.update(step1=50, step2000=3)
-        else:
-            group = DataParallelGroup.resolve(None)
-            small = torch.randn(world * ALIGN)
-            shard = (100 * 2**20 // 4) // (world * ALIGN) * ALIGN
-            big = torch.randn(world * shard)
-            benches.update(
-                sync_small=lambda: group.sync_shards([small], [ALIGN]),
-                sync_big=lambda: group.sync_shards([big], [shard]),
-                barrier=group.barrier,
-            )
-            calls.update(sync_small=20, sync_big=1, barrier=20)
-        samples: dict[str, list[float]] = {name: [] for name in benches}
-        for round_ in range(repeats + 1):
-            for name, fn in benches.items():
-                seconds = _slowest(fn, calls[name])
-                if round_:  # the first round is warm-up
-                    samples[name].append(seconds)
-        t = {name: statistics.median(v) for name, v in samples.items()}
-        out: dict[str, object] = dict(
-            update_kernel=update.__name__,
-            B_update=UPDATE_BYTES * numel / t["update"],
-            B_copy=GATHER_BYTES * numel / t["copy"],
-        )
-        if world == 1:
-            out["h_param"] = (t["step2000"] - t["step1"]) / 1999
-            out["h_step"] = t["step1"]
-        else:
-            out["L"] = t["sync_small"]
-            out["L_barrier"] = t["barrier"]
-            moved = (world - 1) / world * big.numel() * 4
-            out["B_bus"] = moved / max(t["sync_big"] - t["sync_small"], 1e-9)
-        if rank == 0:
-            torch.save(out, os.path.join(workdir, "out.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        calls.update(sync_small=20, sync_big=1, barrier=20)
+    samples: dict[str, list[float]] = {name: [] for name in benches}
+    for round_ in range(repeats + 1):
+        for name, fn in benches.items():
+            seconds = slowest(timed(fn, barrier=True, calls=calls[name]))
+            if round_:  # the first round is warm-up
+                samples[name].append(seconds)
+    t = {name: statistics.median(v) for name, v in samples.items()}
+    out: dict[str, object] = dict(
+        update_kernel=update.__name__,
+        B_update=UPDATE_BYTES * numel / t["update"],
+        B_copy=GATHER_BYTES * numel / t["copy"],
+    )
+    if world == 1:
+        out["h_param"] = (t["step2000"] - t["step1"]) / 1999
+        out["h_step"] = t["step1"]
+    else:
+        out["L"] = t["sync_small"]
+        out["L_barrier"] = t["barrier"]
+        moved = (world - 1) / world * big.numel() * 4
+        out["B_bus"] = moved / max(t["sync_big"] - t["sync_small"], 1e-9)
+    return out
 
 
 def measure_inputs(worlds: list[int], numel: int, repeats: int) -> dict:
-    inputs = {"cores": os.cpu_count(), "numel": numel, "per_world": {}}
+    inputs = {"cores": cores(), "numel": numel, "per_world": {}}
     for world in worlds:
-        with tempfile.TemporaryDirectory() as workdir:
-            mp.start_processes(
-                _measure_rank,
-                args=(world, workdir, numel, repeats),
-                nprocs=world,
-                start_method="spawn",
-            )
-            inputs["per_world"][str(world)] = torch.load(os.path.join(workdir, "out.pt"))
+        inputs["per_world"][str(world)] = run_ranks(_measure_rank, world, numel, repeats)
         print(f"  measured {world} rank(s): {inputs['per_world'][str(world)]}", flush=True)
     return inputs
 

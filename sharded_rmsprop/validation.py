@@ -35,7 +35,7 @@ from .shards import (
 if TYPE_CHECKING:
     from .optimizer import ShardedRMSprop
 
-__all__ = ["Validated", "validated"]
+__all__ = ["Validated", "validated", "verify_checksums"]
 
 #: Options that older torch versions did not write, with the defaults torch fills in.
 _OPTION_DEFAULTS = {"momentum": 0, "centered": False, "maximize": False}
@@ -99,7 +99,7 @@ def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
         by_index[slot.index] = entry
     checksums = state_dict.get("checksums")
     if checksums is not None:
-        _verify_checksums(checksums, state, places)
+        verify_checksums(checksums, state, places)
     steps = [0.0] * len(places)
     for index, entry in by_index.items():
         steps[index] = _number(entry["step"])
@@ -323,7 +323,7 @@ def _number(step: Any) -> float:
 # -- checksums ----------------------------------------------------------------------------------
 
 
-def _verify_checksums(
+def verify_checksums(
     checksums: Any, state: Mapping[Any, Any], places: Mapping[Any, tuple]
 ) -> None:
     """Every tensor of ``state`` has its checksums, and the blocks this rank loads match them
