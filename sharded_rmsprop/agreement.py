@@ -80,7 +80,7 @@ def plain(value: Any) -> Any:
 
 
 def agree(
-    ranks: DataParallelGroup,
+    data_parallel: DataParallelGroup,
     operation: str,
     facts: Sequence[Fact] = (),
     failure: BaseException | None = None,
@@ -100,10 +100,10 @@ def agree(
     if failure is not None:
         facts = ()  # what a failed rank found is moot; its failure is what the others learn
     followers: tuple[int, ...] = ()
-    if ranks.is_distributed:
+    if data_parallel.is_distributed:
         texts = [operation, _describe(failure), *(repr(fact.values) for fact in facts)]
         digests = [_digest(text) for text in texts] + [0] * (_SLOTS - len(texts))
-        followers, error, _ = _exchange(ranks, digests, texts, facts)
+        followers, error, _ = _exchange(data_parallel, digests, texts, facts)
         if error is None and followers and not followable:
             error = cannot_follow(followers, operation)
         if error is not None and failure is None:
@@ -114,20 +114,21 @@ def agree(
 
 
 class Agreement:
-    """``with Agreement(ranks, operation) as agreement:`` runs this rank's checks (the body,
-    which sets ``agreement.facts``), then :func:`agree`; collective. A body that raises still
-    takes part, with its error (``translate`` may turn an unforeseen one into the error to
-    report), so every rank raises. ``followers`` holds what :func:`agree` returned."""
+    """``with Agreement(data_parallel, operation) as agreement:`` runs this rank's checks
+    (the body, which sets ``agreement.facts``), then :func:`agree`; collective. A body that
+    raises still takes part, with its error (``translate`` may turn an unforeseen one into
+    the error to report), so every rank raises. ``followers`` holds what :func:`agree`
+    returned."""
 
     def __init__(
         self,
-        ranks: DataParallelGroup,
+        data_parallel: DataParallelGroup,
         operation: str,
         *,
         followable: bool = False,
         translate: Callable[[Exception], Exception] | None = None,
     ) -> None:
-        self.ranks, self.operation = ranks, operation
+        self.data_parallel, self.operation = data_parallel, operation
         self.followable, self.translate = followable, translate
         self.facts: Sequence[Fact] = ()
         self.followers: tuple[int, ...] = ()
@@ -147,29 +148,29 @@ class Agreement:
         if isinstance(error, Exception) and self.translate is not None:
             failure = self.translate(error)
         self.followers = agree(
-            self.ranks, self.operation, self.facts, failure, followable=self.followable
+            self.data_parallel, self.operation, self.facts, failure, followable=self.followable
         )
         return False
 
 
 @contextmanager
-def shares_failure(ranks: DataParallelGroup, operation: str) -> Iterator[None]:
+def shares_failure(data_parallel: DataParallelGroup, operation: str) -> Iterator[None]:
     """A preparation for ``operation`` whose failure the other ranks must learn of: if the
     body raises, this rank joins the agreement on ``operation`` that the others reach
     afterwards, with its error, and raises it once they know. Collective only on failure."""
     try:
         yield
     except Exception as error:
-        agree(ranks, operation, failure=error)  # raises ``error``
+        agree(data_parallel, operation, failure=error)  # raises ``error``
         raise
 
 
-def follow(ranks: DataParallelGroup) -> tuple[int, tuple[int, ...]]:
+def follow(data_parallel: DataParallelGroup) -> tuple[int, tuple[int, ...]]:
     """Take part in the other ranks' next agreement without a say (a rank that ran out of
     data follows the others' collectives): the digest of the operation they agreed on (see
     :func:`digest_of`) and the ranks that follow, or their error if they disagree.
     Collective."""
-    followers, error, operation = _exchange(ranks, None, [], ())
+    followers, error, operation = _exchange(data_parallel, None, [], ())
     if error is not None:
         raise error
     return operation, followers
@@ -191,7 +192,10 @@ def digest_of(operation: str) -> int:
 
 
 def _exchange(
-    ranks: DataParallelGroup, digests: list[int] | None, texts: list[str], facts: Sequence[Fact]
+    data_parallel: DataParallelGroup,
+    digests: list[int] | None,
+    texts: list[str],
+    facts: Sequence[Fact],
 ) -> tuple[tuple[int, ...], Exception | None, int]:
     """One agreement's collectives: ``(followers, the error if the others disagree, the
     operation's digest)``. A follower (``digests`` None) gives the least int64 for every
@@ -200,29 +204,29 @@ def _exchange(
         mine = [_FOLLOWER] * (2 * _SLOTS) + [1]
     else:
         mine = [*digests, *(-digest for digest in digests), 0]
-    reduced = ranks.host_all_reduce_max(mine)
+    reduced = data_parallel.host_all_reduce_max(mine)
     followers: tuple[int, ...] = ()
     if reduced[-1] > 0:  # someone follows: who (every rank takes part, so all know)
-        flags = ranks.host_all_gather([mine[-1]])
+        flags = data_parallel.host_all_gather([mine[-1]])
         followers = tuple(rank for rank, (flag,) in enumerate(flags) if flag)
     high, minus_low = reduced[:_SLOTS], reduced[_SLOTS : 2 * _SLOTS]
     error = None
     leaders_failed = bool(followers) and high[1] != _NO_FAILURE  # (followers must learn it)
     if leaders_failed or any(h != -m for h, m in zip(high, minus_low)):
-        table = ranks.host_all_gather(mine[:_SLOTS])
-        leading = [rank for rank in range(ranks.world_size) if rank not in followers]
-        error = _explain(ranks, [table[rank] for rank in leading], leading, texts, facts)
+        table = data_parallel.host_all_gather(mine[:_SLOTS])
+        leading = [rank for rank in range(data_parallel.world_size) if rank not in followers]
+        error = _explain(data_parallel, [table[rank] for rank in leading], leading, texts, facts)
     return followers, error, high[0]
 
 
-def first_problem(ranks: DataParallelGroup, problem: str | None) -> str | None:
+def first_problem(data_parallel: DataParallelGroup, problem: str | None) -> str | None:
     """The first rank's problem, as ``"rank R: problem"``, or None if no rank has one.
     Collective: one all-reduce when there is none."""
-    if not ranks.is_distributed:
-        return None if problem is None else f"rank {ranks.rank}: {problem}"
-    if ranks.all_true(problem is None):
+    if not data_parallel.is_distributed:
+        return None if problem is None else f"rank {data_parallel.rank}: {problem}"
+    if data_parallel.all_true(problem is None):
         return None
-    problems = ranks.host_all_gather_text(problem or "")
+    problems = data_parallel.host_all_gather_text(problem or "")
     rank = next(r for r, text in enumerate(problems) if text)
     return f"rank {rank}: {problems[rank]}"
 
@@ -241,7 +245,7 @@ _NO_FAILURE = _digest(_describe(None))
 
 
 def _explain(
-    ranks: DataParallelGroup,
+    data_parallel: DataParallelGroup,
     table: list[list[int]],
     leading: list[int],
     texts: list[str],
@@ -252,7 +256,8 @@ def _explain(
     texts, and gets the same error."""
     differing = [slot for slot in range(_SLOTS) if len({row[slot] for row in table}) > 1]
     differing = differing or [1]  # they agree, but on a failure
-    said = lambda slot: ranks.host_all_gather_text(texts[slot] if slot < len(texts) else "")  # noqa: E731
+    gather_text = data_parallel.host_all_gather_text
+    said = lambda slot: gather_text(texts[slot] if slot < len(texts) else "")  # noqa: E731
     operations = said(0)
     if differing[0] == 0:
         return RuntimeError(

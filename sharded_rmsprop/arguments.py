@@ -12,6 +12,7 @@ __all__ = [
     "check_numeric_options",
     "check_params",
     "check_torch_implementation",
+    "checked_settings",
     "is_real",
 ]
 
@@ -50,6 +51,25 @@ def check_torch_implementation(capturable: Any, foreach: Any, differentiable: An
             "ShardedRMSprop does not support differentiable=True: its update runs outside "
             "autograd, on a shard of the parameters"
         )
+
+
+def checked_settings(
+    fused: Any, master_weights: Any, skip_nonfinite: Any, host_shared: Any
+) -> dict[str, bool | None]:
+    """ShardedRMSprop's own settings by name, checked, ``master_weights=None`` resolved (it
+    means True)."""
+    for name, value in (("fused", fused), ("master_weights", master_weights)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None, True or False, got {value!r}")
+    for name, value in (("skip_nonfinite", skip_nonfinite), ("host_shared", host_shared)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return dict(
+        fused=fused,
+        master_weights=master_weights is not False,
+        skip_nonfinite=skip_nonfinite,
+        host_shared=host_shared,
+    )
 
 
 def is_real(value: Any) -> bool:

@@ -43,13 +43,13 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from .agreement import Agreement, Fact
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
-from .facts import TORCH_ONLY_OPTIONS, scan_parameters, state_facts
+from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView
-from .shards import MASTER_KEY, ShardedBucket, param_shapes, positions_by_index
+from .shards import MASTER_KEY, ShardedBucket
 from .validation import validated
 
 if TYPE_CHECKING:
-    from .optimizer import ShardedRMSprop
+    from .sharding import ShardedOptimizer
 
 __all__ = [
     "SafeLoadPlanner",
@@ -81,13 +81,13 @@ def _saved_buffers(bucket: ShardedBucket, keys: Sequence[str]) -> dict[str, Tens
     return saved
 
 
-def user_entries(opt: ShardedRMSprop) -> dict[Any, Any]:
+def user_entries(opt: ShardedOptimizer) -> dict[Any, Any]:
     """The entries of ``optimizer.state`` under keys that are not parameters (a state-dict
     hook's, say): saved and loaded as they are, as torch does, in both formats."""
     return {key: value for key, value in opt.state.items() if not isinstance(key, Tensor)}
 
 
-def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
+def _packed_groups(opt: ShardedOptimizer) -> list[dict[str, Any]]:
     """``param_groups`` as torch.optim.RMSprop.state_dict() writes them."""
     packed: list[dict[str, Any]] = []
     ids: dict[int, int] = {}  # a parameter listed again (groups repeated) keeps its id, as in torch
@@ -106,7 +106,7 @@ def _packed_groups(opt: ShardedRMSprop) -> list[dict[str, Any]]:
 # -- sharded format (DCP) ------------------------------------------------------------------------
 
 
-def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
+def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     """This rank's state in the sharded format (see the module docstring); no collectives.
 
     Every parameter gets an entry, with ``step`` 0 where torch would have no state yet, so
@@ -117,16 +117,12 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
     """
     state: dict[int, dict[str, Tensor]] = {}
     checksums: dict[int, dict[str, Tensor]] = {}
+    sharding = opt.sharding
     buffers = {
-        id(bucket): _saved_buffers(
-            bucket,
-            sorted(
-                {key for g in bucket.group_indices for key in bucket.keys_for(opt.param_groups[g])}
-            ),
-        )
-        for bucket in opt._buckets
+        id(bucket): _saved_buffers(bucket, bucket.needed_keys(opt.param_groups))
+        for bucket in sharding.buckets
     }
-    for bucket, position in positions_by_index(opt._buckets):
+    for bucket, position in sharding.positions_by_index():
         slot = bucket.plan.slots[position]
         step = bucket.steps[position].clone()
         entry, sums = {"step": step}, {"step": block_checksums(step)}
@@ -147,7 +143,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
     return {
         "state": {**state, **user_entries(opt)},
         "param_groups": _packed_groups(opt),
-        "param_shapes": param_shapes(opt._buckets),
+        "param_shapes": sharding.param_shapes(),
         "checksums": checksums,
     }
 
@@ -156,7 +152,7 @@ def sharded_state_dict(opt: ShardedRMSprop) -> dict[str, Any]:
 
 
 def full_state_dict(
-    opt: ShardedRMSprop, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    opt: ShardedOptimizer, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
 ) -> dict[str, Any] | None:
     """torch.optim.RMSprop's state dict on rank ``to`` (every rank if None); collective.
 
@@ -166,31 +162,34 @@ def full_state_dict(
     the checksums of every tensor under ``checksums`` (torch.optim.RMSprop ignores the key).
     The ranks first agree on the arguments and on every parameter's step count.
     """
-    ranks = opt._ranks
-    with Agreement(ranks, "full_state_dict()") as agreement:
-        if to is not None and not (isinstance(to, int) and 0 <= to < ranks.world_size):
+    data_parallel = opt.sharding.data_parallel
+    with Agreement(data_parallel, "full_state_dict()") as agreement:
+        if to is not None and not (isinstance(to, int) and 0 <= to < data_parallel.world_size):
             raise ValueError(
-                f"to={to!r} is not a rank of a process group of size {ranks.world_size}"
+                f"to={to!r} is not a rank of a process group of size {data_parallel.world_size}"
             )
         if not (isinstance(chunk_numel, int) and chunk_numel >= 1):
             raise ValueError(f"chunk_numel must be an integer of at least 1, got {chunk_numel!r}")
         arguments = Fact("the arguments", (to, chunk_numel), lambda i: ("to", "chunk_numel")[i])
-        replaced = scan_parameters(opt).replaced_fact(opt)  # they are saved as they are now
-        agreement.facts = [arguments, *state_facts(opt), replaced]
-    receiving = to is None or to == ranks.rank
+        # (replaced parameters are saved as they are now)
+        replaced = opt.sharding.scan(opt.param_groups).replaced_fact(opt.param_groups)
+        agreement.facts = [
+            arguments,
+            *state_facts(opt.param_groups, opt.sharding.buckets),
+            replaced,
+        ]
+    receiving = to is None or to == data_parallel.rank
     state: dict[int, dict[str, Tensor]] = {}
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         stateful = [pos for pos in range(len(bucket.params)) if bucket.steps[pos] > 0]
         outputs = {pos: {"step": bucket.steps[pos].clone()} for pos in stateful}
-        for key, buffer in _saved_buffers(
-            bucket, list(bucket.state)
-        ).items():  # one order on all ranks
+        for key, buffer in _saved_buffers(bucket, list(bucket.state)).items():  # (alike on all)
             targets = [
                 (bucket.plan.slots[pos], _cpu_zeros(bucket, pos, outputs[pos], key, buffer.dtype))
                 for pos in stateful
                 if key in bucket.keys_for(opt.param_groups[bucket.plan.slots[pos].group])
             ]
-            for flat_start, chunk in ranks.stream_shards(buffer, to, chunk_numel):
+            for flat_start, chunk in data_parallel.stream_shards(buffer, to, chunk_numel):
                 _scatter_chunk(chunk, flat_start, targets)
         if receiving:
             for pos in stateful:
@@ -228,7 +227,7 @@ def _scatter_chunk(chunk: Tensor, flat_start: int, targets: list) -> None:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
+def load_state_dict(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     """Load either format (see the module docstring); collective.
 
     Group options come from ``state_dict`` (as in torch); each rank copies the ranges it owns.
@@ -236,11 +235,12 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
     missing from ``state_dict`` (torch's own format has none) are taken from the parameters
     at the next step, so model weights loaded after the optimizer's state count.
     """
-    with Agreement(opt._ranks, "load_state_dict()", translate=_unreadable) as agreement:
-        scan = opt._scan()
+    sharding = opt.sharding
+    with Agreement(sharding.data_parallel, "load_state_dict()", translate=_unreadable) as agreement:
+        scan = sharding.scan(opt.param_groups)
         loaded = validated(opt, state_dict)
-        agreement.facts = [*loaded.facts(), scan.replaced_fact(opt)]
-    opt._adopt(scan)  # first, so that the master weights loaded below are not taken from them
+        agreement.facts = [*loaded.facts(), scan.replaced_fact(opt.param_groups)]
+    sharding.adopt(scan, opt.state)  # first: the master weights loaded below are not theirs
     for group, saved in zip(opt.param_groups, loaded.groups):
         # torch's rule: the saved group, with the optimizer's parameters (and their names,
         # unless the saved group names them)
@@ -250,11 +250,11 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
         if names is not None and "param_names" not in saved:
             group["param_names"] = names
     opt.state.clear()
-    for bucket, position in positions_by_index(opt._buckets):
+    for bucket, position in sharding.positions_by_index():
         bucket.steps[position] = loaded.steps[bucket.plan.slots[position].index]
-    for bucket in opt._buckets:
+    for bucket in sharding.buckets:
         if bucket.steps.gt(0).any():
-            opt._allocate_state(bucket)
+            bucket.allocate_state(opt.param_groups)
         if bucket.master_weights:  # those the state dict lacks come from the parameters
             for position, slot in enumerate(bucket.plan.slots):  # (alike on every rank)
                 if MASTER_KEY in loaded.state.get(slot.index, {}):
@@ -272,9 +272,7 @@ def load_state_dict(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
                     owned.copy_(source.local)
                 else:
                     owned.copy_(source.reshape(-1)[piece.param_start : piece.param_end])
-        for position, param in enumerate(bucket.params):
-            if bucket.steps[position] > 0:
-                opt.state[param] = opt._param_state(bucket, position)
+    sharding.refresh_state(opt.state, opt.param_groups)
     opt.state.update(loaded.extras)
 
 

@@ -7,19 +7,19 @@ reads no tensor data and costs no host synchronisation on a GPU.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from .agreement import Fact, plain
 
 if TYPE_CHECKING:
     from .gradients import PendingClip, ScalerRequest
-    from .optimizer import ShardedRMSprop
     from .shards import ShardedBucket
+
+#: Param groups as torch.optim.Optimizer keeps them.
+Groups = Sequence[Mapping[str, Any]]
 
 __all__ = [
     "OPTION_KEYS",
@@ -27,8 +27,8 @@ __all__ = [
     "construction_facts",
     "options_fact",
     "param_labels",
+    "Groups",
     "ParameterScan",
-    "scan_parameters",
     "state_facts",
     "step_facts",
 ]
@@ -45,7 +45,7 @@ _SAME_PARAMETERS = (
 )
 
 
-def param_labels(groups: Sequence[dict[str, Any]]) -> list[str]:
+def param_labels(groups: Groups) -> list[str]:
     """Words for every parameter of ``groups``, in the optimizer's order: its index, its name
     when the groups have ``param_names``, and its shape."""
     labels = []
@@ -57,9 +57,7 @@ def param_labels(groups: Sequence[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def options_fact(
-    groups: Sequence[Mapping[str, Any]], first: int = 0, subject: str = "the param-group options"
-) -> Fact:
+def options_fact(groups: Groups, first: int = 0, subject: str = "the param-group options") -> Fact:
     """The options of ``groups`` (the first being param group ``first``), compared as numbers."""
 
     def name(index: int) -> str:
@@ -78,11 +76,12 @@ def _number(value: Any) -> Any:
     return int(value) if whole else value
 
 
-def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:
-    """For building the flat buffers of the param groups ``first:``."""
-    settings = ("fused", "master_weights", "skip_nonfinite", "host_shared")
-    groups = opt.param_groups[first:]
-    offset = sum(len(group["params"]) for group in opt.param_groups[:first])
+def construction_facts(all_groups: Groups, first: int, settings: Mapping[str, Any]) -> list[Fact]:
+    """For building the flat buffers of the param groups ``first:`` of ``all_groups`` with
+    the optimizer's ``settings`` (name: value)."""
+    names = tuple(settings)
+    groups = all_groups[first:]
+    offset = sum(len(group["params"]) for group in all_groups[:first])
     params = tuple(
         f"{str(p.dtype).removeprefix('torch.')} {tuple(p.shape)} on {p.device.type}, "
         f"param group {first + g}"
@@ -93,8 +92,8 @@ def construction_facts(opt: ShardedRMSprop, first: int) -> list[Fact]:
     return [
         Fact(
             "the optimizer's settings",
-            tuple(getattr(opt, f"_{name}") for name in settings),
-            lambda index: settings[index],
+            tuple(settings.values()),
+            lambda index: names[index],
             _SAME_PARAMETERS,
         ),
         Fact(
@@ -113,9 +112,9 @@ class ParameterScan:
     adoptable: list[list[int]]  # the same, as positions by bucket
     materialize: list[torch.device | None]  # by bucket: where a meta bucket's parameters went
 
-    def has_grad_fact(self, opt: ShardedRMSprop) -> Fact:
+    def has_grad_fact(self, groups: Groups) -> Fact:
         return _per_parameter(
-            opt,
+            groups,
             "which parameters have a gradient",
             self.has_grad,
             "whether {} has a gradient",
@@ -123,9 +122,9 @@ class ParameterScan:
             "gradient (zero_grad(set_to_none=True) and frozen parameters alike on all ranks).",
         )
 
-    def replaced_fact(self, opt: ShardedRMSprop) -> Fact:
+    def replaced_fact(self, groups: Groups) -> Fact:
         return _per_parameter(
-            opt,
+            groups,
             "the parameters replaced since the last step",
             self.replaced,
             "whether {} was replaced (p.data = ...)",
@@ -134,108 +133,25 @@ class ParameterScan:
 
 
 def _per_parameter(
-    opt: ShardedRMSprop, subject: str, flags: tuple[bool, ...], question: str, advice: str
+    groups: Groups, subject: str, flags: tuple[bool, ...], question: str, advice: str
 ) -> Fact:
     """A fact of one flag per parameter; ``question`` puts a parameter's label in words."""
-    label = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+    label = lambda index: param_labels(groups)[index]  # noqa: E731 (errors only)
     return Fact(subject, flags, lambda index: question.format(label(index)), advice)
 
 
-def scan_parameters(
-    opt: ShardedRMSprop, check_grad: Callable[[Tensor], None] | None = None
-) -> ParameterScan:
-    """Check that the param groups still hold the parameters the optimizer laid out, give
-    every gradient to ``check_grad``, and find the parameters replaced since the last step.
-
-    ``RuntimeError`` for a param group changed in place, or a parameter replaced by a tensor
-    of another dtype, device or shape (which cannot be adopted).
-    """
-    _check_param_groups(opt)
-    count = sum(len(group["params"]) for group in opt.param_groups)
-    has_grad, replaced = [False] * count, [False] * count
-    adoptable = []
-    materialize = []
-    for bucket in opt._buckets:
-        found = bucket.scan(check_grad)
-        materialize.append(_materialized_on(opt, bucket, found.adoptable))
-        if found.foreign:
-            position, change = found.foreign[0]
-            label = param_labels(opt.param_groups)[bucket.plan.slots[position].index]
-            raise RuntimeError(
-                f"{label} was replaced after ShardedRMSprop was built, by a tensor with "
-                f"{change}: the optimizer keeps it in a flat buffer it can no longer "
-                "update. Build the optimizer after moving or casting the model "
-                "(model.to(...), .half(), .to_empty(...))."
-            )
-        for slot, grad in zip(bucket.plan.slots, found.has_grad):
-            has_grad[slot.index] = grad
-        for position in found.adoptable:
-            replaced[bucket.plan.slots[position].index] = True
-        adoptable.append(found.adoptable)
-    return ParameterScan(tuple(has_grad), tuple(replaced), adoptable, materialize)
-
-
-def _materialized_on(
-    opt: ShardedRMSprop, bucket: ShardedBucket, moved: Sequence[int]
-) -> torch.device | None:
-    """The one device all parameters of a meta bucket moved to (``module.to_empty(...)``
-    after building on ``meta``, swapping tensors), None for a bucket that is not on meta;
-    ``RuntimeError`` if none or only some moved."""
-    if not bucket.on_meta:
-        return None
-    if not moved:
-        raise RuntimeError(
-            "ShardedRMSprop was built on parameters on the meta device, and they are still "
-            "there: module.to_empty(...) gives the module new Parameter objects, which the "
-            "optimizer does not hold (as no torch optimizer would). Build the optimizer after "
-            "to_empty(), or call torch.__future__.set_swap_module_params_on_conversion(True) "
-            "before it, so that the parameters keep their identity and move"
-        )
-    staying = sorted(set(range(len(bucket.params))) - set(moved))
-    devices = sorted({str(bucket.params[position].device) for position in moved})
-    if staying:
-        label = param_labels(opt.param_groups)[bucket.plan.slots[staying[0]].index]
-        raise RuntimeError(
-            f"parameters built on the meta device moved to {devices[0]}, but {label} is still "
-            "on meta: move every parameter (module.to_empty(device=...)) before the step"
-        )
-    if len(devices) > 1:
-        raise RuntimeError(
-            f"parameters built on the meta device (one flat buffer) moved to several devices, "
-            f"{devices}: move them to one"
-        )
-    return bucket.params[moved[0]].device
-
-
-def _check_param_groups(opt: ShardedRMSprop) -> None:
-    """The param groups hold the very parameters the optimizer laid out, in their order."""
-    if len(opt.param_groups) != len(opt._group_params):
-        raise RuntimeError(
-            f"the optimizer has {len(opt.param_groups)} param groups, but laid out "
-            f"{len(opt._group_params)}: add groups with add_param_group()"
-        )
-    for g, (group, laid_out) in enumerate(zip(opt.param_groups, opt._group_params)):
-        params = group["params"]
-        if len(params) != len(laid_out) or not all(map(operator.is_, params, laid_out)):
-            raise RuntimeError(
-                f"the parameters of param group {g} are not those the optimizer laid out "
-                f"({len(params)} now, {len(laid_out)} then): add parameters with "
-                "add_param_group(), and give a parameter new values with p.data = ... rather "
-                "than replacing the parameter"
-            )
-
-
 def step_facts(
-    opt: ShardedRMSprop,
+    groups: Groups,
+    buckets: Sequence[ShardedBucket],
     clip: PendingClip | None,
     scaler: ScalerRequest | None,
     scan: ParameterScan,
 ) -> list[Fact]:
-    """For one step: who has gradients, the options, the clip, the scaler, replaced
-    parameters and master weights to reload."""
+    """For one step of the optimizer with ``groups`` and ``buckets``: who has gradients, the
+    options, the clip, the scaler, replaced parameters and master weights to reload."""
     return [
-        scan.has_grad_fact(opt),
-        options_fact(opt.param_groups),
+        scan.has_grad_fact(groups),
+        options_fact(groups),
         Fact(
             "the clipping to apply",
             (None if clip is None else plain(clip.requests),),
@@ -250,19 +166,19 @@ def step_facts(
             ],
             "Use a GradScaler on every rank or on none, and unscale_() on all or none.",
         ),
-        scan.replaced_fact(opt),
-        _reloads(opt),
+        scan.replaced_fact(groups),
+        _reloads(groups, buckets),
     ]
 
 
-def _reloads(opt: ShardedRMSprop) -> Fact:
+def _reloads(groups: Groups, buckets: Sequence[ShardedBucket]) -> Fact:
     """Which parameters' master weights are to be taken from the parameters."""
-    reloading = [False] * sum(len(bucket.params) for bucket in opt._buckets)
-    for bucket in opt._buckets:
+    reloading = [False] * sum(len(bucket.params) for bucket in buckets)
+    for bucket in buckets:
         for position in bucket.master_pending:
             reloading[bucket.plan.slots[position].index] = True
     return _per_parameter(
-        opt,
+        groups,
         "the master weights to take from the parameters",
         tuple(reloading),
         "whether the master weights of {} are to be reloaded",
@@ -270,15 +186,16 @@ def _reloads(opt: ShardedRMSprop) -> Fact:
     )
 
 
-def state_facts(opt: ShardedRMSprop) -> list[Fact]:
-    """For assembling state: every parameter's step count, the buffers each bucket holds and
-    the master weights to take from the parameters."""
-    labels = lambda index: param_labels(opt.param_groups)[index]  # noqa: E731 (errors only)
+def state_facts(groups: Groups, buckets: Sequence[ShardedBucket]) -> list[Fact]:
+    """For assembling the state of the optimizer with ``groups`` and ``buckets``: every
+    parameter's step count, the buffers each bucket holds and the master weights to take
+    from the parameters."""
+    labels = lambda index: param_labels(groups)[index]  # noqa: E731 (errors only)
     steps: dict[int, float] = {}
-    for bucket in opt._buckets:
+    for bucket in buckets:
         for slot, step in zip(bucket.plan.slots, bucket.steps.tolist()):
             steps[slot.index] = step
-    buffers = tuple(tuple(sorted(bucket.state)) for bucket in opt._buckets)
+    buffers = tuple(tuple(sorted(bucket.state)) for bucket in buckets)
     return [
         Fact(
             "the step counts",
@@ -286,5 +203,5 @@ def state_facts(opt: ShardedRMSprop) -> list[Fact]:
             lambda index: f"the step of {labels(index)}",
         ),
         Fact("the state buffers", buffers, lambda index: f"the buffers of flat buffer {index}"),
-        _reloads(opt),
+        _reloads(groups, buckets),
     ]

@@ -195,17 +195,17 @@ def finish_norm(reduced: Tensor, norm_type: float) -> Tensor:
 def global_norm(
     owned_grads: Sequence[Tensor],
     norm_type: float,
-    ranks: DataParallelGroup,
+    data_parallel: DataParallelGroup,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
     """The ``norm_type`` norm of all ranks' gradients from the slices each owns; collective."""
     part = norm_part(owned_grads, norm_type, device, dtype)
-    return finish_norm(ranks.all_reduce_tensor(part, reduce_op(norm_type)), norm_type)
+    return finish_norm(data_parallel.all_reduce_tensor(part, reduce_op(norm_type)), norm_type)
 
 
 def nonfinite_on_some_rank(
-    ranks: DataParallelGroup,
+    data_parallel: DataParallelGroup,
     device: torch.device,
     *,
     scaler: ScalerRequest | None,
@@ -232,7 +232,7 @@ def nonfinite_on_some_rank(
     mine = torch.stack([found.to(torch.float64), inverse, -inverse])
     if following:
         mine = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64, device=device)
-    any_found, highest, minus_lowest = ranks.all_reduce_tensor(mine, "max").tolist()
+    any_found, highest, minus_lowest = data_parallel.all_reduce_tensor(mine, "max").tolist()
     if highest != -minus_lowest:
         raise RuntimeError(
             "ShardedRMSprop.step(): the ranks' GradScalers have different scales (inverse "

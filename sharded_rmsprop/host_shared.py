@@ -41,41 +41,43 @@ _SHM_DIR = "/dev/shm"
 _TOKEN_BYTES = 8
 
 
-def host_shared_zeros(ranks: DataParallelGroup, numel: int, dtype: torch.dtype) -> Tensor | None:
+def host_shared_zeros(
+    data_parallel: DataParallelGroup, numel: int, dtype: torch.dtype
+) -> Tensor | None:
     """A zero CPU tensor of ``numel`` elements that every rank of ``ranks`` maps, or None on
     every rank (rank 0 warns why); collective. None at once for a single rank."""
-    if not ranks.is_distributed or numel == 0:
+    if not data_parallel.is_distributed or numel == 0:
         return None
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     problem, mapping, fd = None, None, -1
     token = secrets.randbits(62)
-    if ranks.rank == 0:
+    if data_parallel.rank == 0:
         try:
             fd = _reserve(nbytes)
             mapping = mmap.mmap(fd, nbytes)
             mapping[:_TOKEN_BYTES] = token.to_bytes(_TOKEN_BYTES, "little")
         except OSError as error:
             problem = f"could not reserve {nbytes} bytes in {_SHM_DIR}: {error.strerror or error}"
-    pid, fd_of_rank0, token = ranks.host_broadcast([os.getpid(), fd, token])
-    if ranks.rank != 0 and fd_of_rank0 >= 0:
+    pid, fd_of_rank0, token = data_parallel.host_broadcast([os.getpid(), fd, token])
+    if data_parallel.rank != 0 and fd_of_rank0 >= 0:
         try:
             mapping = _map_rank0(pid, fd_of_rank0, nbytes)
             if int.from_bytes(mapping[:_TOKEN_BYTES], "little") != token:
                 problem = "its mapping does not show what rank 0 wrote (not the same host memory)"
         except OSError as error:
             problem = f"could not map rank 0's memory: {error.strerror or error}"
-    problem = first_problem(ranks, problem)
+    problem = first_problem(data_parallel, problem)
     if fd >= 0:
         os.close(fd)  # every rank has mapped it or given up; the mappings keep the memory
     if problem is not None:
-        if ranks.rank == 0:
+        if data_parallel.rank == 0:
             warnings.warn(
                 f"ShardedRMSprop(host_shared=True): the ranks keep private buffers, because on "
                 f"{problem}",
                 stacklevel=4,
             )
         return None
-    if ranks.rank == 0:
+    if data_parallel.rank == 0:
         mapping[:_TOKEN_BYTES] = bytes(_TOKEN_BYTES)  # zeros again, before anyone reads them
     return torch.frombuffer(mapping, dtype=dtype, count=numel)  # keeps the mapping alive
 

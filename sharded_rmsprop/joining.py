@@ -36,7 +36,7 @@ from .windows import pack
 
 if TYPE_CHECKING:
     from .gradients import ScalerRequest
-    from .optimizer import ShardedRMSprop
+    from .sharding import ShardedOptimizer
 
 __all__ = [
     "FollowHook",
@@ -68,20 +68,24 @@ _DTYPES = (None, torch.float32, torch.float64)
 
 
 class FollowHook(JoinHook):
-    """The join hook of a ShardedRMSprop: once per iteration of the others, follow them."""
+    """The join hook of a ShardedRMSprop: once per iteration of the others, follow them;
+    ``follow_step(record, leader)`` is the optimizer's step on a follower."""
 
-    def __init__(self, opt: ShardedRMSprop) -> None:
+    def __init__(self, opt: ShardedOptimizer, follow_step: Callable[[Record, int], None]) -> None:
         self.opt = opt
+        self.follow_step = follow_step
 
     def main_hook(self) -> None:
-        ranks = self.opt._ranks
+        data_parallel = self.opt.sharding.data_parallel
         while True:  # the others' clip_grad_norm_() calls, then their step()
-            operation, followers = follow(ranks)
-            leader = dist.get_global_rank(ranks.host_group, leader_of(followers, ranks.world_size))
+            operation, followers = follow(data_parallel)
+            leader = dist.get_global_rank(
+                data_parallel.host_group, leader_of(followers, data_parallel.world_size)
+            )
             if operation == _CLIP:
                 _follow_clip(self.opt, leader)
             elif operation == _STEP:
-                self.opt._follow_step(Record.receive(self.opt, leader), leader)
+                self.follow_step(Record.receive(self.opt, leader), leader)
                 return
             else:  # the others raise too (agree)
                 raise cannot_follow(followers, None)
@@ -92,13 +96,15 @@ def leader_of(followers: tuple[int, ...], world_size: int) -> int:
     return next(rank for rank in range(world_size) if rank not in followers)
 
 
-def leads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> bool:
+def leads(opt: ShardedOptimizer, followers: tuple[int, ...]) -> bool:
     """Whether this rank leads ``followers`` (there are some, and it is their leader)."""
-    return bool(followers) and opt._ranks.rank == leader_of(followers, opt._ranks.world_size)
+    return bool(followers) and opt.sharding.data_parallel.rank == leader_of(
+        followers, opt.sharding.data_parallel.world_size
+    )
 
 
 def send_records(
-    opt: ShardedRMSprop,
+    opt: ShardedOptimizer,
     followers: tuple[int, ...],
     clip: PendingClip | None,
     scaler: ScalerRequest | None,
@@ -106,29 +112,35 @@ def send_records(
     """The leader sends each follower its step's :class:`Record`."""
     values = Record.of(opt, clip, scaler).to_tensor()
     for follower in followers:
-        dist.send(values, _global(opt, follower, host=True), group=opt._ranks.host_group)
+        dist.send(
+            values, _global(opt, follower, host=True), group=opt.sharding.data_parallel.host_group
+        )
 
 
-def send_gradients(opt: ShardedRMSprop, followers: tuple[int, ...]) -> None:
+def send_gradients(opt: ShardedOptimizer, followers: tuple[int, ...]) -> None:
     """The leader sends each follower the gradients of the elements it owns, window by
     window, as the follower's update stages them."""
     for follower in followers:
-        for bucket in opt._buckets:
+        for bucket in opt.sharding.buckets:
             has_grad = lambda position, b=bucket: b.params[position].grad is not None  # noqa: E731
             for window in bucket.windows_of(follower):
                 parts, _ = window.present(has_grad)
                 if parts:
                     pack(parts, bucket.params)
                     window_values = bucket.grad_window[: window.length]
-                    dist.send(window_values, _global(opt, follower), group=opt._ranks.group)
+                    dist.send(
+                        window_values,
+                        _global(opt, follower),
+                        group=opt.sharding.data_parallel.group,
+                    )
 
 
-def followers_grads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> list[Tensor]:
+def followers_grads(opt: ShardedOptimizer, followers: tuple[int, ...]) -> list[Tensor]:
     """For their leader: the slices of its gradients that the followers own (their part of
     a gradient norm)."""
     owned = []
     for follower in followers:
-        for bucket in opt._buckets:
+        for bucket in opt.sharding.buckets:
             for piece in bucket.plan.pieces(follower):
                 grad = bucket.params[bucket.position_of(piece)].grad
                 if grad is not None:
@@ -137,7 +149,7 @@ def followers_grads(opt: ShardedRMSprop, followers: tuple[int, ...]) -> list[Ten
 
 
 def send_clip_request(
-    opt: ShardedRMSprop,
+    opt: ShardedOptimizer,
     followers: tuple[int, ...],
     max_norm: float,
     norm_type: float,
@@ -146,19 +158,24 @@ def send_clip_request(
     """The leader tells the followers the arguments of its ``clip_grad_norm_()``."""
     message = torch.tensor([max_norm, norm_type, float(error_if_nonfinite)], dtype=torch.float64)
     for follower in followers:
-        dist.send(message, _global(opt, follower, host=True), group=opt._ranks.host_group)
+        dist.send(
+            message, _global(opt, follower, host=True), group=opt.sharding.data_parallel.host_group
+        )
 
 
-def _follow_clip(opt: ShardedRMSprop, leader: int) -> None:
+def _follow_clip(opt: ShardedOptimizer, leader: int) -> None:
     """clip_grad_norm_() on a follower: the identity of the norm's reduction (the leader
     adds the follower's part), then the leaders' check of the norm, so that a non-finite one
     with ``error_if_nonfinite`` raises here too; the clip itself reaches the follower in the
     step's record."""
     message = torch.zeros(3, dtype=torch.float64)
-    dist.recv(message, leader, group=opt._ranks.host_group)
+    dist.recv(message, leader, group=opt.sharding.data_parallel.host_group)
     max_norm, norm_type, error_if_nonfinite = message.tolist()
-    dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in opt._buckets])
-    total = gradients.global_norm([], norm_type, opt._ranks, opt._home_device, dtype)
+    sharding = opt.sharding
+    dtype = gradients.norm_dtype(sharding.dtypes)
+    total = gradients.global_norm(
+        [], norm_type, sharding.data_parallel, sharding.home_device, dtype
+    )
     PendingClip.after(None, total, max_norm, norm_type, bool(error_if_nonfinite))
 
 
@@ -175,9 +192,9 @@ class Record:
 
     @classmethod
     def of(
-        cls, opt: ShardedRMSprop, clip: PendingClip | None, scaler: ScalerRequest | None
+        cls, opt: ShardedOptimizer, clip: PendingClip | None, scaler: ScalerRequest | None
     ) -> Record:
-        scale = gradients.combined_scale(opt._home_device, clip, scaler)
+        scale = gradients.combined_scale(opt.sharding.home_device, clip, scaler)
         values = [group[key] for group in opt.param_groups for key in OPTION_KEYS]
         return cls(
             options=[float(value) for value in values],
@@ -194,18 +211,18 @@ class Record:
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
-    def receive(cls, opt: ShardedRMSprop, leader: int) -> Record:
+    def receive(cls, opt: ShardedOptimizer, leader: int) -> Record:
         options = len(opt.param_groups) * len(OPTION_KEYS)
         count = sum(len(group["params"]) for group in opt.param_groups)
         values = torch.zeros(2 * options + 3 + count, dtype=torch.float64)
-        dist.recv(values, leader, group=opt._ranks.host_group)
+        dist.recv(values, leader, group=opt.sharding.data_parallel.host_group)
         values = values.tolist()
         kinds = [int(kind) for kind in values[options : 2 * options]]
         scale, scale_dtype, scaled = values[2 * options : 2 * options + 3]
         has_grad = [value > 0 for value in values[2 * options + 3 :]]
         return cls(values[:options], kinds, scale, int(scale_dtype), scaled > 0, has_grad)
 
-    def apply_options(self, opt: ShardedRMSprop) -> None:
+    def apply_options(self, opt: ShardedOptimizer) -> None:
         """The leaders' options, into the follower's param groups, each of the kind the
         leaders' is (an int stays an int: the ranks compare their options)."""
         values = zip(self.options, self.kinds)
@@ -226,12 +243,12 @@ class Record:
         return torch.tensor(self.scale, dtype=_DTYPES[self.scale_dtype], device=device)
 
 
-def receiver(opt: ShardedRMSprop, leader: int) -> Callable[[Tensor], None]:
+def receiver(opt: ShardedOptimizer, leader: int) -> Callable[[Tensor], None]:
     """For a follower's update: fill a gradient window with what ``leader`` (a global rank)
     sends for it."""
-    return lambda window: dist.recv(window, leader, group=opt._ranks.group)
+    return lambda window: dist.recv(window, leader, group=opt.sharding.data_parallel.group)
 
 
-def _global(opt: ShardedRMSprop, rank: int, host: bool = False) -> int:
-    group = opt._ranks.host_group if host else opt._ranks.group
+def _global(opt: ShardedOptimizer, rank: int, host: bool = False) -> int:
+    group = opt.sharding.data_parallel.host_group if host else opt.sharding.data_parallel.group
     return dist.get_global_rank(group, rank)

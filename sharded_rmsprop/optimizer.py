@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -17,29 +16,23 @@ from torch.optim import Optimizer
 
 from . import checkpoint, gradients, joining
 from .agreement import Agreement, Fact, plain, shares_failure
+from .comm import DataParallelGroup
 from .arguments import (
     check_grad,
     check_hyperparameters,
     check_numeric_options,
     check_params,
     check_torch_implementation,
+    checked_settings,
 )
-from .comm import DataParallelGroup
-from .facts import ParameterScan, construction_facts, scan_parameters, step_facts
+from .facts import ParameterScan, construction_facts, step_facts
 from .gradients import PendingClip, ScalerRequest
-from .kernels import UpdateFn, select_update
-from .layout import BucketPlan, ParamSpec, plan_buckets
-from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
-from .sync import ShardSync
-from .windows import Span
+from .sharding import Sharding
+from .shards import ShardedBucket
 
 __all__ = ["ShardedRMSprop"]
 
 _log = logging.getLogger("sharded_rmsprop")
-
-
-def _as_float(value: float | Tensor) -> float:
-    return value.item() if isinstance(value, Tensor) else value
 
 
 class ShardedRMSprop(Optimizer, Joinable):
@@ -190,30 +183,23 @@ class ShardedRMSprop(Optimizer, Joinable):
         host_shared: bool = False,
     ) -> None:
         Joinable.__init__(self)
-        self._ranks = DataParallelGroup.resolve(process_group)
-        #: How the updated shards reach every rank (host_shared: by sharing the buffers).
-        self._shard_sync = ShardSync(self._ranks, host_shared)
-        self._fused = fused
-        self._master_weights = master_weights is not False
-        self._skip_nonfinite = skip_nonfinite
+        #: This rank's flat buckets and the ranks they are sharded over (read them; the
+        #: optimizer changes them).
+        self.sharding = Sharding(
+            process_group,
+            fused=fused,
+            master_weights=master_weights is not False,
+            host_shared=host_shared,
+        )
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
         self._clip: PendingClip | None = None
-        self._buckets: list[ShardedBucket] = []
-        self._kernels: dict[tuple[torch.device, torch.dtype], UpdateFn] = {}  # chosen once
-        self._sharded_groups = 0
-        #: The parameters of each param group as laid out in the buckets (checked each step).
-        self._group_params: list[tuple[Tensor, ...]] = []
         self._constructed = False
-        with shares_failure(self._ranks, "__init__()"):
+        with shares_failure(self._data_parallel, "__init__()"):
             check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
             check_torch_implementation(capturable, foreach, differentiable)
-            for name, value in (("fused", fused), ("master_weights", master_weights)):
-                if value is not None and not isinstance(value, bool):
-                    raise TypeError(f"{name} must be None, True or False, got {value!r}")
-            for name, value in (("skip_nonfinite", skip_nonfinite), ("host_shared", host_shared)):
-                if not isinstance(value, bool):
-                    raise TypeError(f"{name} must be True or False, got {value!r}")
+            #: The settings every rank must share (compared at construction).
+            self._settings = checked_settings(fused, master_weights, skip_nonfinite, host_shared)
             defaults = dict(
                 lr=lr,
                 alpha=alpha,
@@ -238,7 +224,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         """
         count = len(self.param_groups)
         # (during construction, __init__ shares the failure)
-        sharing = shares_failure(self._ranks, "add_param_group()")
+        sharing = shares_failure(self._data_parallel, "add_param_group()")
         try:
             with sharing if self._constructed else contextlib.nullcontext():
                 if self._clip is not None:
@@ -262,18 +248,11 @@ class ShardedRMSprop(Optimizer, Joinable):
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
-            if name not in ("_ranks", "_shard_sync", "_buckets", "state", "_group_params"):
+            if name not in ("sharding", "state"):
                 setattr(twin, name, copy.deepcopy(value, memo))
-        twin._ranks = self._ranks
-        twin._shard_sync = ShardSync(self._ranks, host_shared=False)  # private buffers
-        twin._buckets = [
-            bucket.copy(self._ranks.rank, [copy.deepcopy(p, memo) for p in bucket.params])
-            for bucket in self._buckets
-        ]
-        twin._group_params = [tuple(group["params"]) for group in twin.param_groups]
+        twin.sharding = self.sharding.copy(memo)
         twin.state = defaultdict(dict)
-        for bucket in twin._buckets:
-            twin._refresh_state_views(bucket, every=False)
+        twin.sharding.refresh_state(twin.state, twin.param_groups)
         return twin
 
     def __reduce_ex__(self, protocol: int) -> Any:
@@ -291,38 +270,15 @@ class ShardedRMSprop(Optimizer, Joinable):
         The ranks first agree that they were given the same parameters and options, so a
         mismatch is an error on every rank, raised before any parameter is touched.
         """
-        first = self._sharded_groups
+        first = len(self.sharding.laid_out)
         try:
-            with Agreement(self._ranks, operation) as agreement:
-                specs, params = self._specs(first)
-                plans = plan_buckets(specs, self._ranks.world_size)
-                kernels = self._choose_kernels(plans)
-                agreement.facts = construction_facts(self, first)
+            with Agreement(self._data_parallel, operation) as agreement:
+                planned = self.sharding.plan(self.param_groups)
+                agreement.facts = construction_facts(self.param_groups, first, self._settings)
         except Exception:
             del self.param_groups[first:]
             raise
-        self._kernels.update(kernels)
-        offset = specs[0].index if specs else 0
-        for plan in plans:
-            members = [params[slot.index - offset] for slot in plan.slots]
-            shared = self._shard_sync.shared_buffer(plan)
-            self._buckets.append(
-                ShardedBucket(plan, self._ranks.rank, members, shared, self._master_weights)
-            )
-        self._shard_sync.written_by_one(self._buckets)  # rank 0 filled the shared buffers
-        self._group_params += [tuple(group["params"]) for group in self.param_groups[first:]]
-        self._sharded_groups = len(self.param_groups)
-
-    def _specs(self, first: int) -> tuple[list[ParamSpec], list[Tensor]]:
-        """Specs and tensors of the parameters in groups ``first:``."""
-        index = sum(len(group["params"]) for group in self.param_groups[:first])
-        specs, params = [], []
-        for g in range(first, len(self.param_groups)):
-            for param in self.param_groups[g]["params"]:
-                specs.append(ParamSpec(index, g, tuple(param.shape), param.dtype, param.device))
-                params.append(param)
-                index += 1
-        return specs, params
+        self.sharding.lay_out(planned, self.param_groups)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -353,17 +309,17 @@ class ShardedRMSprop(Optimizer, Joinable):
             ScalerRequest.forget(self)  # or the scaler multiplies its next scale by this one
             raise
         self._clip = None
-        self._adopt(scan)
+        self.sharding.adopt(scan, self.state)
         if skip:
             return loss
-        for bucket in self._buckets:
-            self._begin_step(bucket, bucket.positions_with_grad())
-        self._shard_sync.before_update(self._buckets)
+        self.sharding.begin_step(self.param_groups, self.state)
+        self.sharding.sync.before_update()
         if leading:  # (after the barrier, which the followers reach before they receive)
             joining.send_gradients(self, followers)
-        for bucket in self._buckets:
-            self._update(bucket, gradients.combined_scale(bucket.plan.device, clip, scaler))
-        self._shard_sync.after_update(self._buckets)
+        self.sharding.update(
+            self.param_groups, lambda device: gradients.combined_scale(device, clip, scaler)
+        )
+        self.sharding.sync.after_update()
         return loss
 
     @torch.no_grad()
@@ -402,9 +358,9 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        with Agreement(self._ranks, "clip_grad_norm_()", followable=True) as agreement:
+        with Agreement(self._data_parallel, "clip_grad_norm_()", followable=True) as agreement:
             norm_type = gradients.check_norm_type(norm_type)
-            scan = self._scan(check_grad)
+            scan = self.sharding.scan(self.param_groups, check_grad)
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
             agreement.facts = [
                 Fact(
@@ -413,17 +369,22 @@ class ShardedRMSprop(Optimizer, Joinable):
                     lambda index: arguments[index],
                     "clip_grad_norm_() must be called on every rank, with the same arguments.",
                 ),
-                scan.has_grad_fact(self),
-                scan.replaced_fact(self),
+                scan.has_grad_fact(self.param_groups),
+                scan.replaced_fact(self.param_groups),
             ]
         followers = agreement.followers
-        self._adopt(scan)  # the norm is of the parameters' gradients where they are now
-        owned = self._owned_grads()
+        self.sharding.adopt(scan, self.state)  # the norm of the gradients where they are now
+        owned = self.sharding.owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
             joining.send_clip_request(self, followers, max_norm, norm_type, error_if_nonfinite)
             owned += joining.followers_grads(self, followers)
-        dtype = gradients.norm_dtype([bucket.plan.dtype for bucket in self._buckets])
-        total_norm = gradients.global_norm(owned, norm_type, self._ranks, self._home_device, dtype)
+        total_norm = gradients.global_norm(
+            owned,
+            norm_type,
+            self._data_parallel,
+            self.sharding.home_device,
+            gradients.norm_dtype(self.sharding.dtypes),
+        )
         self._clip = PendingClip.after(
             self._clip, total_norm, max_norm, norm_type, error_if_nonfinite
         )
@@ -436,8 +397,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         weights into the model, say): otherwise the next step overwrites them with the
         rounded master weights. No collectives; a no-op without master weights.
         """
-        for bucket in self._buckets:
-            bucket.master_pending.update(range(len(bucket.params)))
+        self.sharding.reload_master_weights()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (see :meth:`torch.optim.Optimizer.zero_grad`) and forget a
@@ -445,19 +405,10 @@ class ShardedRMSprop(Optimizer, Joinable):
         self._clip = None
         super().zero_grad(set_to_none)
 
-    def _owned_grads(self) -> list[Tensor]:
-        """This rank's slices of the gradients, every bucket's."""
-        return [grad for bucket in self._buckets for _, grad in bucket.owned_grads()]
-
     @property
-    def _host_shared(self) -> bool:
-        """Whether flat buffers are shared by the host (asked for, and not fallen back)."""
-        return self._shard_sync.host_shared
-
-    @property
-    def _home_device(self) -> torch.device:
-        """Where scalars about all gradients live: the first bucket's device."""
-        return self._buckets[0].plan.device if self._buckets else torch.device("cpu")
+    def _data_parallel(self) -> DataParallelGroup:
+        """The ranks that share the state (``process_group``, or this process alone)."""
+        return self.sharding.data_parallel
 
     def _agree_on_step(
         self, clip: PendingClip | None, scaler: ScalerRequest | None
@@ -466,54 +417,14 @@ class ShardedRMSprop(Optimizer, Joinable):
         what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
         Returns what the scan found (the parameters to adopt among it) and the ranks that
         follow this step (out of data under Join; almost always none)."""
-        with Agreement(self._ranks, "step()", followable=True) as agreement:
+        with Agreement(self._data_parallel, "step()", followable=True) as agreement:
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
-            scan = self._scan(check_grad)
-            agreement.facts = step_facts(self, clip, scaler, scan)
+            scan = self.sharding.scan(self.param_groups, check_grad)
+            agreement.facts = step_facts(
+                self.param_groups, self.sharding.buckets, clip, scaler, scan
+            )
         return scan, agreement.followers
-
-    def _adopt(self, scan: ParameterScan) -> None:
-        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed), and
-        make anew on their device the buckets whose parameters all left the meta device."""
-        if not any(scan.replaced):
-            return
-        for i, (bucket, positions, device) in enumerate(
-            zip(self._buckets, scan.adoptable, scan.materialize)
-        ):
-            if device is None:
-                bucket.adopt(positions)
-                continue
-            self._buckets[i] = bucket.materialized(self._ranks.rank, device)
-            for param in bucket.params:
-                self.state.pop(param, None)  # meta state holds no values: made at next step
-        self._shard_sync.written_by_one(self._buckets)  # rank 0 copied the adopted values
-
-    def _scan(self, check_grad: Callable[[Tensor], None] | None = None) -> ParameterScan:
-        """:func:`~sharded_rmsprop.facts.scan_parameters`, and the update kernels for the
-        meta buckets it finds on a real device (``RuntimeError`` if there is none)."""
-        scan = scan_parameters(self, check_grad)
-        self._kernels.update(
-            self._choose_kernels(
-                dataclasses.replace(bucket.plan, device=device)
-                for bucket, device in zip(self._buckets, scan.materialize)
-                if device is not None
-            )
-        )
-        return scan
-
-    def _choose_kernels(
-        self, plans: Iterable[BucketPlan]
-    ) -> dict[tuple[torch.device, torch.dtype], UpdateFn]:
-        """The update for each plan's device and dtype; meta plans get theirs once their
-        parameters are on a real device."""
-        return {
-            (plan.device, plan.dtype): select_update(
-                self._fused, plan.device, update_dtype_for(plan.dtype, self._master_weights)
-            )
-            for plan in plans
-            if plan.device.type != "meta"
-        }
 
     def _all_grads(self) -> list[Tensor]:
         """This rank's gradients, whole."""
@@ -528,111 +439,26 @@ class ShardedRMSprop(Optimizer, Joinable):
         with ``skip_nonfinite`` (each rank reads all its gradients), or when a GradScaler
         reports its own finding. A rank ``following`` the others takes part without a say."""
         scaled = scaler is not None or (following is not None and following.scaled)
-        if not (self._skip_nonfinite or scaled):
+        if not (self._settings["skip_nonfinite"] or scaled):
             return False
         if not gradients.nonfinite_on_some_rank(
-            self._ranks,
-            self._home_device,
+            self._data_parallel,
+            self.sharding.home_device,
             scaler=scaler,
-            grads=self._all_grads() if self._skip_nonfinite and following is None else None,
+            grads=self._all_grads()
+            if self._settings["skip_nonfinite"] and following is None
+            else None,
             following=following is not None,
         ):
             return False
         self.skipped_steps += 1
-        report = _log.info if scaled and not self._skip_nonfinite else _log.warning
-        if self._ranks.rank == 0:
+        report = _log.info if scaled and not self._settings["skip_nonfinite"] else _log.warning
+        if self._data_parallel.rank == 0:
             report(
                 "ShardedRMSprop skipped a step: inf or NaN gradients (%d skipped so far)",
                 self.skipped_steps,
             )
         return True
-
-    def _begin_step(self, bucket: ShardedBucket, stepped: list[int]) -> None:
-        """Count the step of the parameters at positions ``stepped`` (those with a gradient);
-        create state on first use.
-
-        Every rank sees the same gradients (DDP), so every rank allocates the same state
-        buffers at the same step, whatever it owns.
-        """
-        if not stepped:
-            return
-        bucket.steps[stepped] += 1
-        keys = [bucket.keys_for(self.param_groups[g]) for g in bucket.group_indices]
-        if self._allocate_state(bucket) or keys != bucket.viewed_keys:
-            self._refresh_state_views(bucket)  # new buffers, or groups' options changed
-            bucket.viewed_keys = keys
-        bucket.take_pending_master_weights()
-        for position in stepped:
-            param = bucket.params[position]
-            if param not in self.state:
-                self.state[param] = self._param_state(bucket, position)
-
-    def _allocate_state(self, bucket: ShardedBucket) -> bool:
-        """Create the buffers the bucket's param groups need; True if any was new."""
-        groups = [self.param_groups[g] for g in bucket.group_indices]
-        needed = {
-            MASTER_KEY: bucket.master_weights,
-            "square_avg": True,
-            "momentum_buffer": any(group["momentum"] > 0 for group in groups),
-            "grad_avg": any(group["centered"] for group in groups),
-        }
-        created = False
-        for key, need in needed.items():
-            if need and key not in bucket.state:
-                bucket.ensure_state(key)
-                created = True
-        return created
-
-    def _update(
-        self,
-        bucket: ShardedBucket,
-        grad_scale: Tensor | None,
-        has_grad: Callable[[int], bool] | None = None,
-        receive: Callable[[Tensor], None] | None = None,
-    ) -> None:
-        """Stage the owned gradients window by window and run the update kernel on each
-        span with its param group's current options (``has_grad`` and ``receive``: see
-        ``ShardedBucket.staged_grads``)."""
-        for window_start, spans in bucket.staged_grads(has_grad, receive):
-            for span in spans:
-                self._update_span(bucket, span, window_start, grad_scale)
-
-    def _update_span(
-        self, bucket: ShardedBucket, span: Span, window_start: int, grad_scale: Tensor | None
-    ) -> None:
-        """One kernel call: the span's state, its staged gradients, its group's options."""
-        group = self.param_groups[span.group]
-        owned = slice(span.start, span.end)
-        momentum_buffer = bucket.state["momentum_buffer"] if group["momentum"] > 0 else None
-        grad_avg = bucket.state["grad_avg"] if group["centered"] else None
-        update = self._kernels[bucket.plan.device, bucket.plan.dtype]
-        update(
-            bucket.update_target[owned],
-            bucket.grad_window[span.start - window_start : span.end - window_start],
-            bucket.state["square_avg"][owned],
-            None if momentum_buffer is None else momentum_buffer[owned],
-            None if grad_avg is None else grad_avg[owned],
-            lr=_as_float(group["lr"]),
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=group["centered"],
-            maximize=group["maximize"],
-            grad_scale=grad_scale,
-            low_precision_param=bucket.shard[owned] if bucket.master_weights else None,
-        )
-
-    def _refresh_state_views(self, bucket: ShardedBucket, every: bool = True) -> None:
-        """Rebuild ``state[p]`` of the bucket's parameters that have state (``every``), or
-        of those that have stepped."""
-        for position, param in enumerate(bucket.params):
-            if param in self.state if every else bucket.steps[position] > 0:
-                self.state[param] = self._param_state(bucket, position)
-
-    def _param_state(self, bucket: ShardedBucket, position: int) -> dict[str, Tensor]:
-        """``state[p]`` of the parameter at ``position`` (see ShardedBucket.param_state)."""
-        return bucket.param_state(position, self.param_groups[bucket.plan.slots[position].group])
 
     # -- uneven inputs (Join) -------------------------------------------------------------------
 
@@ -641,15 +467,15 @@ class ShardedRMSprop(Optimizer, Joinable):
         ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
         the shard it owns, with the others' options and gradients (see
         :mod:`sharded_rmsprop.joining`). No keyword arguments."""
-        return joining.FollowHook(self)
+        return joining.FollowHook(self, self._follow_step)
 
     @property
     def join_device(self) -> torch.device:
-        return self._ranks.control_device()
+        return self._data_parallel.control_device()
 
     @property
     def join_process_group(self) -> Any:
-        return self._ranks.group
+        return self._data_parallel.group
 
     def _follow_step(self, record: joining.Record, leader: int) -> None:
         """step() on a rank that ran out of data under Join: the leaders' options, clip and
@@ -658,19 +484,16 @@ class ShardedRMSprop(Optimizer, Joinable):
         record.apply_options(self)
         if self._skip_this_step(None, following=record):
             return
-        has_grad = record.has_grad
-        for bucket in self._buckets:
-            stepped = [p for p, slot in enumerate(bucket.plan.slots) if has_grad[slot.index]]
-            self._begin_step(bucket, stepped)
-        self._shard_sync.before_update(self._buckets)
-        for bucket in self._buckets:
-            self._update(
-                bucket,
-                record.grad_scale(bucket.plan.device),
-                has_grad=lambda position, b=bucket: has_grad[b.plan.slots[position].index],
-                receive=joining.receiver(self, leader),
-            )
-        self._shard_sync.after_update(self._buckets)
+
+        def has_grad(bucket: ShardedBucket, position: int) -> bool:
+            return record.has_grad[bucket.plan.slots[position].index]
+
+        self.sharding.begin_step(self.param_groups, self.state, has_grad)
+        self.sharding.sync.before_update()
+        self.sharding.update(
+            self.param_groups, record.grad_scale, has_grad, joining.receiver(self, leader)
+        )
+        self.sharding.sync.after_update()
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -679,13 +502,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         ``state`` (the owned shard of square_avg, momentum_buffer and grad_avg), ``master``
         (float32 master weights of 16-bit shards), ``steps`` (the step counts) and
         ``grad_window`` (where the owned gradient slices are staged for the update)."""
-        kinds: dict[str, list[Tensor]] = {"state": [], "master": [], "steps": [], "grad_window": []}
-        for bucket in self._buckets:
-            for key, buffer in bucket.state.items():
-                kinds["master" if key == MASTER_KEY else "state"].append(buffer)
-            kinds["steps"].append(bucket.steps)
-            kinds["grad_window"].append(bucket.grad_window)
-        return kinds
+        return self.sharding.memory()
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of :meth:`memory`, by kind."""
@@ -698,7 +515,7 @@ class ShardedRMSprop(Optimizer, Joinable):
     def shares_host_memory(self) -> bool:
         """Whether some flat buffer (parameters and shards) is mapped by every rank of the
         host (``host_shared=True``, where it could be had)."""
-        return ShardSync.shares_host_memory(self._buckets)
+        return self.sharding.sync.shares_host_memory
 
     # -- checkpointing ---------------------------------------------------------------------------
 
@@ -731,7 +548,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        with shares_failure(self._ranks, "full_state_dict()"):
+        with shares_failure(self._data_parallel, "full_state_dict()"):
             for pre_hook in self._optimizer_state_dict_pre_hooks.values():
                 pre_hook(self)
         state_dict = checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
@@ -761,7 +578,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         .. warning::
             Collective: every rank of the process group must call it.
         """
-        with shares_failure(self._ranks, "load_state_dict()"):
+        with shares_failure(self._data_parallel, "load_state_dict()"):
             if isinstance(state_dict, Mapping):
                 state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
             for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -14,8 +14,13 @@ A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` int
   the shard, taken from the parameters when it is allocated.
 - With master weights (16-bit parameters), the update runs in float32 on ``master_weight``
   with float32 state and gradient window, and writes the rounded result into ``shard``.
-- ``steps``: torch's per-parameter ``step`` counters (CPU, torch's dtype for them) for every parameter of
-  the bucket, owned or not, so every rank can report them.
+- ``steps``: torch's per-parameter ``step`` counters (CPU, torch's dtype for them) for every
+  parameter of the bucket, owned or not, so every rank can report them.
+- ``kernel``: the update it runs on its shard, span by span, with each span's param-group
+  options (chosen for its device and update dtype; None on the meta device).
+
+Which state buffers exist is one rule, :meth:`ShardedBucket.keys_for`, a function of a
+param group's options: allocation, ``optimizer.state[p]`` and checkpoints all follow it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .kernels import UpdateFn
 from .layout import BucketPlan, Piece
 from .windows import Span, Window, pack, plan_windows
 
@@ -37,8 +43,6 @@ __all__ = [
     "MASTER_KEY",
     "STATE_KEYS",
     "ShardedBucket",
-    "param_shapes",
-    "positions_by_index",
     "state_keys_for",
     "update_dtype_for",
 ]
@@ -70,20 +74,6 @@ def state_keys_for(options: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(key for key, want in zip(STATE_KEYS, wanted) if want)
 
 
-def positions_by_index(buckets: Sequence[ShardedBucket]) -> list[tuple[ShardedBucket, int]]:
-    """``(bucket, position)`` of every parameter, in the optimizer's parameter order."""
-    found = [(bucket, position) for bucket in buckets for position in range(len(bucket.params))]
-    found.sort(key=lambda home: home[0].plan.slots[home[1]].index)
-    return found
-
-
-def param_shapes(buckets: Sequence[ShardedBucket]) -> list[list[int]]:
-    """Every parameter's shape, in the optimizer's parameter order."""
-    return [
-        list(bucket.plan.slots[position].shape) for bucket, position in positions_by_index(buckets)
-    ]
-
-
 def _step_dtype() -> torch.dtype:
     """The dtype torch.optim.RMSprop gives its ``step`` tensors."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -99,12 +89,15 @@ class ShardedBucket:
         params: Sequence[Tensor],
         host_shared_flat: Tensor | None = None,
         master_weights: bool = False,
+        kernel: UpdateFn | None = None,
     ) -> None:
         """``host_shared_flat``: a zero buffer that all ranks map (rank 0 fills it).
-        ``master_weights``: keep float32 master weights (for 16-bit parameters only)."""
+        ``master_weights``: keep float32 master weights (for 16-bit parameters only).
+        ``kernel``: the update (None while on the meta device)."""
         if len(params) != len(plan.slots):
             raise ValueError(f"the plan has {len(plan.slots)} slots, got {len(params)} params")
         self.plan = plan
+        self.kernel = kernel
         self.params = list(params)
         self.pieces = plan.pieces(rank)
         self._owned_piece = {piece.slot.index: piece for piece in self.pieces}
@@ -150,7 +143,7 @@ class ShardedBucket:
         """A bucket of its own for ``params`` (copies of this one's parameters, with their
         values), holding copies of this one's state, step counts and pending reloads; its flat
         buffer is private even where this one's is shared by the host."""
-        twin = ShardedBucket(self.plan, rank, params, None, self.master_weights)
+        twin = ShardedBucket(self.plan, rank, params, None, self.master_weights, self.kernel)
         twin.state = {key: buffer.clone() for key, buffer in self.state.items()}
         twin.steps = self.steps.clone()
         twin.master_pending = set(self.master_pending)
@@ -207,12 +200,13 @@ class ShardedBucket:
         """Whether the bucket was laid out on the meta device (to be made on a real one)."""
         return self.plan.device.type == "meta"
 
-    def materialized(self, rank: int, device: torch.device) -> ShardedBucket:
-        """This meta bucket made on ``device``, where all its parameters now are: a flat
-        buffer there holding their values, their step counts and pending reloads (a meta
-        bucket's state holds no values: buffers are made anew at the next step)."""
+    def materialized(self, rank: int, device: torch.device, kernel: UpdateFn) -> ShardedBucket:
+        """This meta bucket made on ``device``, where all its parameters now are, running
+        ``kernel``: a flat buffer there holding their values, their step counts and pending
+        reloads (a meta bucket's state holds no values: buffers are made anew at the next
+        step)."""
         plan = dataclasses.replace(self.plan, device=device)
-        real = ShardedBucket(plan, rank, self.params, None, self.master_weights)
+        real = ShardedBucket(plan, rank, self.params, None, self.master_weights, kernel)
         real.steps = self.steps.clone()
         real.master_pending = set(self.master_pending)
         return real
@@ -236,13 +230,13 @@ class ShardedBucket:
                 view.copy_(values)
             param.data = view
 
-    def ensure_state(self, key: str) -> Tensor:
-        """The shard-sized state buffer ``key``, created on first use: zeros, or for
-        ``master_weight`` the parameters' current values."""
-        buffer = self.state.get(key)
-        if buffer is None:
-            buffer = self.state[key] = self.new_state(key, 0, self.shard.numel())
-        return buffer
+    def allocate_state(self, groups: Sequence[Mapping[str, Any]]) -> bool:
+        """Create the shard-sized buffers that the param groups of this bucket (in
+        ``groups``, the optimizer's) need and do not have yet; True if any was new."""
+        new = [key for key in self.needed_keys(groups) if key not in self.state]
+        for key in new:
+            self.state[key] = self.new_state(key, 0, self.shard.numel())
+        return bool(new)
 
     def new_state(self, key: str, start: int, end: int) -> Tensor:
         """What buffer ``key`` holds when it is created, for shard elements ``[start, end)``
@@ -313,9 +307,15 @@ class ShardedBucket:
         master weights if the bucket keeps them."""
         return state_keys_for(options) + ((MASTER_KEY,) if self.master_weights else ())
 
-    def param_state(self, position: int, options: Mapping[str, Any]) -> dict[str, Tensor]:
-        """torch-style state of the parameter at ``position`` on this rank, whose group has
-        ``options``.
+    def needed_keys(self, groups: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The buffers that the param groups of this bucket (in ``groups``, the optimizer's)
+        need, in one order on every rank."""
+        needed = {key for g in self.group_indices for key in self.keys_for(groups[g])}
+        return [key for key in (MASTER_KEY, *STATE_KEYS) if key in needed]
+
+    def param_state(self, position: int, groups: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        """torch-style state of the parameter at ``position`` on this rank (its group's
+        options are in ``groups``, the optimizer's).
 
         ``step`` is a 0-d view of its counter; each buffer its group uses (and that is
         allocated) contributes the owned slice (1-D, empty where this rank owns none of the
@@ -324,10 +324,67 @@ class ShardedBucket:
         piece = self.owned_piece(position)
         start, end = (piece.shard_start, piece.shard_end) if piece else (0, 0)
         state = {"step": self.steps[position]}
-        for key in self.keys_for(options):
+        for key in self.keys_for(groups[self.plan.slots[position].group]):
             if key in self.state:
                 state[key] = self.state[key][start:end]
         return state
+
+    def begin_step(self, stepped: Sequence[int], groups: Sequence[Mapping[str, Any]]) -> bool:
+        """Count the step of the parameters at positions ``stepped``, create the state their
+        groups need on first use and take pending master weights; True if the buffers, or
+        the groups' choice of them, changed (the ``state[p]`` views are then stale).
+
+        Every rank sees the same gradients (DDP), so every rank allocates the same state
+        buffers at the same step, whatever it owns.
+        """
+        if not stepped:
+            return False
+        self.steps[list(stepped)] += 1
+        keys = [self.keys_for(groups[g]) for g in self.group_indices]
+        changed = self.allocate_state(groups) or keys != self.viewed_keys
+        self.viewed_keys = keys
+        self.take_pending_master_weights()
+        return changed
+
+    def update(
+        self,
+        groups: Sequence[Mapping[str, Any]],
+        grad_scale: Tensor | None,
+        has_grad: Callable[[int], bool] | None = None,
+        receive: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """Stage the owned gradients window by window and run :attr:`kernel` on each span
+        with its param group's current options (from ``groups``, the optimizer's), the
+        gradients multiplied by ``grad_scale`` (``has_grad`` and ``receive``: see
+        :meth:`staged_grads`)."""
+        assert self.kernel is not None, "a meta bucket is made on a real device before a step"
+        for window_start, spans in self.staged_grads(has_grad, receive):
+            for span in spans:
+                self._update_span(span, window_start, groups[span.group], grad_scale)
+
+    def _update_span(
+        self, span: Span, window_start: int, options: Mapping[str, Any], grad_scale: Tensor | None
+    ) -> None:
+        """One kernel call: the span's state, its staged gradients, its group's ``options``."""
+        owned = slice(span.start, span.end)
+        momentum_buffer = self.state["momentum_buffer"][owned] if options["momentum"] > 0 else None
+        grad_avg = self.state["grad_avg"][owned] if options["centered"] else None
+        self.kernel(
+            self.update_target[owned],
+            self.grad_window[span.start - window_start : span.end - window_start],
+            self.state["square_avg"][owned],
+            momentum_buffer,
+            grad_avg,
+            lr=_as_float(options["lr"]),
+            alpha=options["alpha"],
+            eps=options["eps"],
+            weight_decay=options["weight_decay"],
+            momentum=options["momentum"],
+            centered=options["centered"],
+            maximize=options["maximize"],
+            grad_scale=grad_scale,
+            low_precision_param=self.shard[owned] if self.master_weights else None,
+        )
 
     def positions_with_grad(self) -> list[int]:
         """Positions of the parameters that have a gradient this step."""
@@ -377,6 +434,10 @@ class ShardedBucket:
             pieces = self.plan.pieces(rank)
             self._windows_of[rank] = plan_windows(pieces, self.position_of, self.grad_window)
         return self._windows_of[rank]
+
+
+def _as_float(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else value
 
 
 def _is_view(

@@ -24,10 +24,14 @@ __all__ = ["ShardSync"]
 
 
 class ShardSync:
-    """The sync of a set of buckets, by collectives and, for host-shared ones, barriers."""
+    """The sync of a list of buckets (``buckets``, the list itself: buckets added to it later
+    are synced too), by collectives and, for host-shared ones, barriers."""
 
-    def __init__(self, ranks: DataParallelGroup, host_shared: bool) -> None:
-        self.ranks = ranks
+    def __init__(
+        self, data_parallel: DataParallelGroup, host_shared: bool, buckets: Sequence[ShardedBucket]
+    ) -> None:
+        self.data_parallel = data_parallel
+        self.buckets = buckets
         #: Whether buffers are to be shared by the host (``host_shared=True``, until a
         #: fallback to private buffers).
         self.host_shared = host_shared
@@ -38,33 +42,33 @@ class ShardSync:
         asked for."""
         if not (self.host_shared and plan.device.type == "cpu"):
             return None
-        shared = host_shared_zeros(self.ranks, plan.padded_numel, plan.dtype)
+        shared = host_shared_zeros(self.data_parallel, plan.padded_numel, plan.dtype)
         self.host_shared = shared is not None  # after a fallback (one warning), no more
         return shared
 
-    @staticmethod
-    def shares_host_memory(buckets: Sequence[ShardedBucket]) -> bool:
+    @property
+    def shares_host_memory(self) -> bool:
         """Whether some flat buffer is mapped by every rank of the host."""
-        return any(bucket.host_shared for bucket in buckets)
+        return any(bucket.host_shared for bucket in self.buckets)
 
-    def written_by_one(self, buckets: Sequence[ShardedBucket]) -> None:
+    def written_by_one(self) -> None:
         """After one rank wrote whole host-shared buffers (built, or parameters adopted):
         the others wait for it. Collective where buffers are shared."""
-        if self.shares_host_memory(buckets):
-            self.ranks.barrier()
+        if self.shares_host_memory:
+            self.data_parallel.barrier()
 
-    def before_update(self, buckets: Sequence[ShardedBucket]) -> None:
+    def before_update(self) -> None:
         """Before the update writes the shards: no rank still reads parameters there (a
         shared buffer is every rank's parameters). Collective where buffers are shared."""
-        if self.shares_host_memory(buckets):
-            self.ranks.barrier()
+        if self.shares_host_memory:
+            self.data_parallel.barrier()
 
-    def after_update(self, buckets: Sequence[ShardedBucket]) -> None:
+    def after_update(self) -> None:
         """Give every rank the whole of each flat buffer, each rank's shard from it.
         Collective."""
-        private = [bucket for bucket in buckets if not bucket.host_shared]
-        self.ranks.sync_shards(
+        private = [bucket for bucket in self.buckets if not bucket.host_shared]
+        self.data_parallel.sync_shards(
             [bucket.flat for bucket in private], [bucket.plan.shard_numel for bucket in private]
         )
-        if self.shares_host_memory(buckets):
-            self.ranks.barrier()  # every shard of the shared buffers is written
+        if self.shares_host_memory:
+            self.data_parallel.barrier()  # every shard of the shared buffers is written

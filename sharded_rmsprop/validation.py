@@ -23,17 +23,10 @@ from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS, options_fact
 from .shard_view import ShardView, from_plain
-from .shards import (
-    MASTER_KEY,
-    STATE_KEYS,
-    ShardedBucket,
-    param_shapes,
-    positions_by_index,
-    state_keys_for,
-)
+from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, state_keys_for
 
 if TYPE_CHECKING:
-    from .optimizer import ShardedRMSprop
+    from .sharding import ShardedOptimizer
 
 __all__ = ["Validated", "validated", "verify_checksums"]
 
@@ -65,7 +58,7 @@ class Validated:
         ]
 
 
-def validated(opt: ShardedRMSprop, state_dict: Any) -> Validated:
+def validated(opt: ShardedOptimizer, state_dict: Any) -> Validated:
     """``state_dict`` checked against ``opt`` (see the module docstring); ``ValueError`` if
     anything is wrong."""
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
@@ -126,7 +119,7 @@ def _with_shard_views(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 # -- param groups ---------------------------------------------------------------------------------
 
 
-def _checked_groups(opt: ShardedRMSprop, saved_groups: Any) -> list[dict[str, Any]]:
+def _checked_groups(opt: ShardedOptimizer, saved_groups: Any) -> list[dict[str, Any]]:
     """The entries to set on each of ``opt``'s groups, checked."""
     if not isinstance(saved_groups, Sequence) or isinstance(saved_groups, (str, bytes)):
         raise ValueError(
@@ -202,9 +195,9 @@ def _check_options(where: str, options: Mapping[str, Any]) -> None:
         raise ValueError(f"{where}: {error}") from None
 
 
-def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
+def _check_shapes(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     """The sharded format says which shapes it was saved for; they must be ours."""
-    shapes = param_shapes(opt._buckets)
+    shapes = opt.sharding.param_shapes()
     saved = state_dict.get("param_shapes", shapes)
     try:
         saved_shapes = [[int(size) for size in shape] for shape in saved]
@@ -224,11 +217,11 @@ def _check_shapes(opt: ShardedRMSprop, state_dict: Mapping[str, Any]) -> None:
 
 
 def _places_by_saved_id(
-    opt: ShardedRMSprop, saved_groups: Sequence[Mapping[str, Any]]
+    opt: ShardedOptimizer, saved_groups: Sequence[Mapping[str, Any]]
 ) -> dict[Any, tuple[ShardedBucket, int]]:
     """Saved parameter id -> (bucket, position), by order as torch matches them."""
     saved_ids = [saved_id for saved in saved_groups for saved_id in saved["params"]]
-    return dict(zip(saved_ids, positions_by_index(opt._buckets)))
+    return dict(zip(saved_ids, opt.sharding.positions_by_index()))
 
 
 # -- per-parameter state ------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_dcp_checkpoint_converts_offline_to_torch_format(tmp_path) -> None:
 
 def snapshot(opt: ShardedRMSprop) -> list[torch.Tensor]:
     tensors = []
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         tensors += [bucket.steps.clone(), *(b.clone() for b in bucket.state.values())]
     return tensors + [torch.tensor([g["lr"] for g in opt.param_groups])]
 

@@ -58,7 +58,7 @@ def flip_a_bit_of(directory_or_file: str, values: torch.Tensor) -> str:
 
 def snapshot(opt: ShardedRMSprop) -> list[torch.Tensor]:
     found = []
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         found += [bucket.steps.clone(), *(bucket.state[k].clone() for k in sorted(bucket.state))]
     return found
 

@@ -64,7 +64,7 @@ def compare(
 
 def owned_range(opt: ShardedRMSprop, param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The elements of ``values`` (shaped like ``param``) that this rank owns, flattened."""
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         for position, member in enumerate(bucket.params):
             if member is param:
                 piece = bucket.owned_piece(position)

@@ -47,7 +47,7 @@ def ddp_on_rank(rank: int, world_size: int, host_shared: bool) -> dict:
         equal &= all(torch.equal(p, r) for p, r in zip(model.parameters(), reference))
         losses.append(loss.item())
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    shared = [bucket.host_shared for bucket in opt._buckets]
+    shared = [bucket.host_shared for bucket in opt.sharding.buckets]
     return {"equal": equal, "losses": losses, "flat": flat, "host_shared": shared}
 
 
@@ -115,7 +115,7 @@ def test_gradients_staged_in_small_windows_give_the_same_bits(
 
     opt = ShardedRMSprop(groups(ours), fused=False, centered=True)
     ref = torch.optim.RMSprop(groups(theirs), centered=True)
-    (bucket,) = opt._buckets
+    (bucket,) = opt.sharding.buckets
     assert bucket.grad_window.numel() == min(window, bucket.plan.shard_numel)
     for step in range(3):
         for i, (p, q) in enumerate(zip(ours, theirs)):
@@ -133,7 +133,7 @@ def memory_on_rank(rank: int, world_size: int) -> dict:
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    (bucket,) = opt._buckets
+    (bucket,) = opt.sharding.buckets
     return {
         "param_numel": sum(p.numel() for p in params),
         "shard_numel": bucket.plan.shard_numel,

@@ -41,7 +41,7 @@ def set_grads(params: list[torch.Tensor], step: int) -> None:
 
 def snapshot(opt: ShardedRMSprop, params: list[torch.Tensor]) -> list[torch.Tensor]:
     tensors = [p.detach().clone() for p in params]
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         tensors.append(bucket.steps.clone())
         tensors += [bucket.state[key].clone() for key in sorted(bucket.state)]
     return tensors
@@ -384,8 +384,8 @@ def through_a_gloo_twin(rank: int, world_size: int) -> dict:
     except RuntimeError as exc:
         error = str(exc)
     return {
-        "twin": opt._ranks.host_group is not opt._ranks.group,
-        "shared_twin": opt._ranks.host_group is again._ranks.host_group,
+        "twin": opt.sharding.data_parallel.host_group is not opt.sharding.data_parallel.group,
+        "shared_twin": opt.sharding.data_parallel.host_group is again.sharding.data_parallel.host_group,
         "error": error,
     }
 

@@ -60,7 +60,7 @@ def replace_on_rank(rank: int, world_size: int) -> dict:
         m[2].bias.data = torch.full_like(m[2].bias, 0.5)
     train([model, twin], [opt, ref], range(2, 4))
     outcome["data_assignment"] = same(model, twin)
-    outcome["views_flat_again"] = model[0].weight.data_ptr() == opt._buckets[0].views[0].data_ptr()
+    outcome["views_flat_again"] = model[0].weight.data_ptr() == opt.sharding.buckets[0].views[0].data_ptr()
 
     # 2. to_empty() then initialisation, the meta-device habit
     for m in (model, twin):

@@ -37,7 +37,7 @@ def stepped() -> tuple[ShardedRMSprop, list[torch.Tensor]]:
 def everything(opt: ShardedRMSprop, params: list[torch.Tensor]) -> list:
     """All that loading could change: options, step counts, buffers, parameters."""
     found = [copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])]
-    for bucket in opt._buckets:
+    for bucket in opt.sharding.buckets:
         found += [bucket.steps.clone(), *(bucket.state[k].clone() for k in sorted(bucket.state))]
     return found + [p.detach().clone() for p in params] + [sorted(id(p) for p in opt.state)]
 
