@@ -291,13 +291,18 @@ def predictions(cluster: Cluster) -> list[str]:
             t = step_time(m, params, 0, world)
             bf16 = step_time(m, params, 0, world, sync_bytes_per_elem=2)
             replicated = REPLICATED_BYTES * params / cluster.hbm
+            # hybrid: sharded within a node (node_local_group()), replicated across nodes
+            node = min(world, cluster.gpus_per_node)
+            hybrid = step_time(cluster.machine(node), params, 0, node)
             ours_mem = 3 * 4 * params / world + GRAD_WINDOW_BYTES  # 3 fp32 state buffers + window
+            hybrid_mem = 3 * 4 * params / node + GRAD_WINDOW_BYTES
             total_mem = 4 * params * 2 + ours_mem  # + params and grads, fp32, unsharded
             rows.append(
                 f"| {billions} B | {world} | {world // cluster.gpus_per_node} | "
                 f"{t['update'] * 1e3 + t['gather'] * 1e3:.2f} | {t['sync'] * 1e3:.1f} | "
-                f"{t['total'] * 1e3:.1f} | {bf16['total'] * 1e3:.1f} | {replicated * 1e3:.1f} | "
-                f"{ours_mem / 1e9:.2f} | {12 * params / 1e9:.0f} | "
+                f"{t['total'] * 1e3:.1f} | {bf16['total'] * 1e3:.1f} | "
+                f"{hybrid['total'] * 1e3:.1f} | {replicated * 1e3:.1f} | "
+                f"{ours_mem / 1e9:.2f} | {hybrid_mem / 1e9:.2f} | {12 * params / 1e9:.0f} | "
                 f"{total_mem / 1e9:.1f}{'' if total_mem < cluster.memory else ' (> 80)'} |"
             )
     return rows
@@ -376,9 +381,10 @@ def render(
         f"of host work per step. No overlap of the sync with anything.",
         "",
         "| model | GPUs | nodes | update+gather ms | sync ms | step ms | step, bf16 sync ms | "
-        "replicated RMSprop update ms | optimizer GB/GPU | replicated optimizer GB/GPU | "
+        "hybrid step ms | replicated RMSprop update ms | optimizer GB/GPU | "
+        "hybrid optimizer GB/GPU | replicated optimizer GB/GPU | "
         "params+grads+optimizer GB/GPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *predictions(cluster),
         "",
         "- The update shrinks as 1/N, the sync does not: each GPU receives (N−1)/N of the "
@@ -390,6 +396,11 @@ def render(
         "library does not do this yet). Overlapping the all-gather with the next forward, or "
         "replacing DDP's all-reduce with a reduce-scatter (so that gradients plus parameters "
         "cost one all-reduce's worth of traffic), are the other ways to hide it.",
+        '- "hybrid" shards within each node only (`process_group=node_local_group()`, DDP '
+        "over every GPU): the update is that of 8 GPUs and the sync stays on NVLink, so the "
+        "step no longer grows with the number of nodes, at the cost of the state of 1/8 of "
+        "the parameters per GPU instead of 1/N. Beyond one node it is the faster choice "
+        "whenever that memory fits.",
         "- 10 B float32 parameters do not fit on an 80 GB GPU under ZeRO-1 at any N (params and "
         "gradients alone are 80 GB); they need bf16 weights or gradient/parameter sharding.",
         '- "replicated" is torch.optim.RMSprop\'s foreach update over all parameters at '

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from .distributed import DistributedContext, destroy_distributed, distributed, init_distributed
+from .distributed import (
+    DistributedContext,
+    destroy_distributed,
+    distributed,
+    init_distributed,
+    node_local_group,
+)
 from .optimizer import ShardedRMSprop
 
 __all__ = [
@@ -11,6 +17,7 @@ __all__ = [
     "destroy_distributed",
     "distributed",
     "init_distributed",
+    "node_local_group",
 ]
 
 __version__ = "0.2.0"

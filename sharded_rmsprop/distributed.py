@@ -15,7 +15,7 @@
 
 It picks NCCL when CUDA is available and gloo otherwise, and binds each rank to the GPU of its
 local rank. :func:`destroy_distributed` (or the :func:`distributed` context manager) tears it
-down.
+down. :func:`node_local_group` gives the ranks of this rank's node, for hybrid sharding.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "destroy_distributed",
     "detect_launch",
     "distributed",
+    "node_local_group",
     "init_distributed",
 ]
 
@@ -272,3 +273,52 @@ def distributed(backend: str | None = None, **kwargs) -> Iterator[DistributedCon
         yield context
     finally:
         destroy_distributed()
+
+
+def node_local_group(ranks_per_node: int | None = None) -> dist.ProcessGroup:
+    """The ranks of this rank's node, as a process group: for hybrid sharding.
+
+    ``ShardedRMSprop(params, process_group=node_local_group())`` shards the optimizer state
+    among the ranks of each node and keeps one copy of it per node, while DDP (on the
+    default group) averages the gradients over every node: each node's ranks then update
+    alike, and the parameter sync stays within the node, on its fast links.
+
+    Nodes are told apart by host name, gathered from every rank, whatever launched them
+    (torchrun, mpirun, srun) and however their ranks are numbered. ``ranks_per_node``
+    instead takes consecutive blocks of that many ranks (torchrun numbers a node's ranks
+    so; a single host can then stand in for several nodes). The groups use the default
+    group's backend.
+
+    Collective over the default group: every rank calls it, and each call creates a new
+    set of groups (call it once and keep the group).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("node_local_group() needs torch.distributed to be initialized")
+    world_size = dist.get_world_size()
+    said: list[tuple[str, str] | None] = [None] * world_size  # (host, ranks_per_node), by rank
+    dist.all_gather_object(said, (socket.gethostname(), repr(ranks_per_node)))
+    asked = sorted({wanted for _, wanted in said})
+    if len(asked) > 1:  # every rank sees it, before any group is made
+        raise ValueError(f"the ranks passed different ranks_per_node: {', '.join(asked)}")
+    if ranks_per_node is None:
+        nodes: dict[str, list[int]] = {}
+        for rank, (host, _) in enumerate(said):
+            nodes.setdefault(host, []).append(rank)
+        blocks = list(nodes.values())
+    elif (
+        isinstance(ranks_per_node, int)
+        and not isinstance(ranks_per_node, bool)
+        and ranks_per_node >= 1
+        and world_size % ranks_per_node == 0
+    ):
+        blocks = [
+            list(range(first, first + ranks_per_node))
+            for first in range(0, world_size, ranks_per_node)
+        ]
+    else:
+        raise ValueError(
+            f"ranks_per_node must be a positive integer that divides the world size "
+            f"{world_size}, got {ranks_per_node!r}"
+        )
+    group, _ = dist.new_subgroups_by_enumeration(blocks)
+    return group
