@@ -64,6 +64,11 @@ class Config:
         default=True,
         metadata={"help": "float32 master weights for 16-bit parameters (no: update in 16 bits)"},
     )
+    bucket_numel: int = field(
+        default=0,
+        metadata={"help": "parameter elements per flat buffer, each synced while the next is "
+                  "updated (0: one buffer per dtype)"},
+    )
     clip_grad_norm: float = field(
         default=1.0,
         metadata={"help": "clip the gradients to this global norm (0: off)",

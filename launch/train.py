@@ -126,6 +126,7 @@ def build_optimizer(model: nn.Module, config: Config) -> ShardedRMSprop:
         fused={"auto": None, "on": True, "off": False}[config.fused],
         master_weights=config.master_weights,  # applies to bfloat16 / float16 parameters only
         skip_nonfinite=config.skip_nonfinite,
+        bucket_numel=config.bucket_numel or None,
     )
 
 

@@ -54,10 +54,10 @@ def check_torch_implementation(capturable: Any, foreach: Any, differentiable: An
 
 
 def checked_settings(
-    fused: Any, master_weights: Any, skip_nonfinite: Any, host_shared: Any
-) -> dict[str, bool | None]:
+    fused: Any, master_weights: Any, skip_nonfinite: Any, host_shared: Any, bucket_numel: Any
+) -> dict[str, bool | int | None]:
     """ShardedRMSprop's own settings by name, checked, ``master_weights=None`` resolved (it
-    means True)."""
+    means True; ``bucket_numel`` is checked where the buckets are planned)."""
     for name, value in (("fused", fused), ("master_weights", master_weights)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be None, True or False, got {value!r}")
@@ -69,6 +69,7 @@ def checked_settings(
         master_weights=master_weights is not False,
         skip_nonfinite=skip_nonfinite,
         host_shared=host_shared,
+        bucket_numel=bucket_numel,
     )
 
 

@@ -5,7 +5,7 @@ Two formats:
 - **torch format**, ``{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...],
   "checksums": {...}}``: what ``torch.optim.RMSprop.state_dict()`` returns (full tensors shaped
   like the parameters), plus the checksums of its tensors, which torch ignores.
-  :func:`full_state_dict` assembles it on one rank (or all) chunk by chunk, so the receiving
+  :func:`assembled_full_state_dict` assembles it on one rank (or all) chunk by chunk, so the receiving
   rank's extra memory is the output plus one chunk. It holds only tensors and plain
   containers: ``torch.load(..., weights_only=True)`` reads it.
 - **sharded format**, what ``optimizer.state_dict()`` returns for
@@ -15,7 +15,7 @@ Two formats:
   size reads whatever saved ranges overlap the new owned ones. ``param_shapes`` says which
   parameters it was saved for.
 
-Every tensor written carries checksums (:mod:`sharded_rmsprop.checksums`). :func:`load_state_dict`
+Every tensor written carries checksums (:mod:`sharded_rmsprop.checksums`). :func:`load_into`
 accepts both formats: it checks everything (:mod:`sharded_rmsprop.validation`), checksums of
 what this rank loads included, then the ranks agree, and only then does it copy, so a bad or
 damaged state dict is an error on every rank that leaves the optimizer as it was.
@@ -41,7 +41,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from .agreement import Agreement, Fact
+from .agreement import Agreement, Fact, shares_failure
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView
@@ -53,9 +53,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SafeLoadPlanner",
+    "StateDicts",
+    "assembled_full_state_dict",
     "dcp_to_torch_format",
-    "full_state_dict",
-    "load_state_dict",
+    "load_into",
     "sharded_state_dict",
 ]
 
@@ -151,7 +152,7 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
 # -- torch format ------------------------------------------------------------------------------
 
 
-def full_state_dict(
+def assembled_full_state_dict(
     opt: ShardedOptimizer, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
 ) -> dict[str, Any] | None:
     """torch.optim.RMSprop's state dict on rank ``to`` (every rank if None); collective.
@@ -227,7 +228,7 @@ def _scatter_chunk(chunk: Tensor, flat_start: int, targets: list) -> None:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def load_state_dict(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
+def load_into(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     """Load either format (see the module docstring); collective.
 
     Group options come from ``state_dict`` (as in torch); each rank copies the ranges it owns.
@@ -281,6 +282,84 @@ def _unreadable(error: Exception) -> Exception:
     if isinstance(error, (ValueError, RuntimeError)):
         return error
     return ValueError(f"the state dict cannot be read: {type(error).__name__}: {error}")
+
+
+# -- the optimizer's methods --------------------------------------------------------------------
+
+
+class StateDicts:
+    """``ShardedRMSprop``'s state-dict methods, on top of the functions above; torch's
+    state-dict and load-state-dict hooks run as torch runs them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``.
+
+        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use it (the optimizer is
+        a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
+        reads the ranges it now owns. Every tensor comes with checksums (``checksums``), which
+        a load verifies. For torch's own single-file format use :meth:`full_state_dict`. No
+        collectives. The hooks of :meth:`register_state_dict_pre_hook` and
+        :meth:`register_state_dict_post_hook` run as torch runs them.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        return self._after_state_dict_hooks(sharded_state_dict(self))
+
+    def full_state_dict(
+        self, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    ) -> dict[str, Any] | None:
+        """``torch.optim.RMSprop``'s state dict, assembled on rank ``to`` (all ranks if None).
+
+        Its tensors are on the CPU, shaped like the parameters; other ranks get None.
+        ``torch.optim.RMSprop.load_state_dict`` and :meth:`load_state_dict` accept it, and
+        ``torch.load(..., weights_only=True)`` reads it back. It carries the checksums of its
+        tensors (``checksums``, which torch ignores and :meth:`load_state_dict` verifies). The
+        receiving rank needs memory for the output plus one chunk of ``chunk_numel`` elements.
+        State-dict pre-hooks run on every rank, post-hooks on the receiving ranks.
+
+        .. warning::
+            Collective: every rank of the process group must call it.
+        """
+        with shares_failure(self.sharding.data_parallel, "full_state_dict()"):
+            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+                pre_hook(self)
+        state_dict = assembled_full_state_dict(self, to, chunk_numel=chunk_numel)
+        return None if state_dict is None else self._after_state_dict_hooks(state_dict)
+
+    def _after_state_dict_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's format (from ``torch.optim.RMSprop`` or :meth:`full_state_dict`) or
+        the sharded one (from :meth:`state_dict` through DCP).
+
+        Every rank passes the same state dict and keeps the ranges it owns; the group
+        options come from ``state_dict``, as in torch. Everything is checked before anything
+        is changed (every entry's type, shape and dtype, and the checksums of the elements
+        this rank loads), then the ranks agree: a bad or damaged state dict on any rank
+        raises ``ValueError`` on every rank and leaves the optimizer as it was.
+
+        The hooks of :meth:`register_load_state_dict_pre_hook` (given a shallow copy of
+        ``state_dict``, as torch gives them) and :meth:`register_load_state_dict_post_hook`
+        run as torch runs them.
+
+        .. warning::
+            Collective: every rank of the process group must call it.
+        """
+        with shares_failure(self.sharding.data_parallel, "load_state_dict()"):
+            if isinstance(state_dict, Mapping):
+                state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        load_into(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 # -- offline conversion ----------------------------------------------------------------------------

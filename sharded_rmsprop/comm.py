@@ -170,27 +170,34 @@ class DataParallelGroup:
 
     # -- the parameter sync --------------------------------------------------------------------
 
-    def sync_shards(self, flats: Sequence[Tensor], shard_numels: Sequence[int]) -> None:
+    def sync_shards(
+        self, flats: Sequence[Tensor], shard_numels: Sequence[int], wait: bool = True
+    ) -> list[list[dist.Work]]:
         """Give every rank the whole of each flat buffer, each rank contributing its shard.
 
         Collective. ``flats[i]`` is split into ``world_size`` shards of ``shard_numels[i]``
-        elements; rank ``r``'s shard is authoritative for that range.
+        elements; rank ``r``'s shard is authoritative for that range. With ``wait=False``
+        the collectives are only started: it returns, flat by flat, the work to wait for
+        before the flat is read (on a GPU, waiting orders the current stream after it).
         """
+        works: list[list[dist.Work]] = [[] for _ in flats]
         if not self.is_distributed:
-            return
-        works = []
-        for flat, shard_numel in zip(flats, shard_numels):
+            return works
+        for flat, shard_numel, started in zip(flats, shard_numels, works):
             if shard_numel == 0:
                 continue
             shards = flat.split(shard_numel)
             if self.backend in _BROADCAST_BACKENDS:
                 for owner, shard in enumerate(shards):
                     src = dist.get_global_rank(self.group, owner)
-                    works.append(dist.broadcast(shard, src, group=self.group, async_op=True))
+                    started.append(dist.broadcast(shard, src, group=self.group, async_op=True))
             else:
-                works.append(_all_gather_into(flat, shards[self.rank], self.group))
-        for work in works:
-            work.wait()
+                started.append(_all_gather_into(flat, shards[self.rank], self.group))
+        if wait:
+            for work in (work for started in works for work in started):
+                work.wait()
+            works = [[] for _ in flats]
+        return works
 
     def stream_shards(
         self, shard: Tensor, to: int | None, chunk_numel: int

@@ -21,12 +21,12 @@ between steps cannot be followed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.algorithms.join import JoinHook
+from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from . import gradients
 from .agreement import cannot_follow, digest_of, follow
@@ -35,11 +35,13 @@ from .gradients import PendingClip
 from .windows import pack
 
 if TYPE_CHECKING:
+    from .shards import ShardedBucket
     from .gradients import ScalerRequest
     from .sharding import ShardedOptimizer
 
 __all__ = [
     "FollowHook",
+    "Following",
     "Record",
     "followers_grads",
     "leader_of",
@@ -89,6 +91,42 @@ class FollowHook(JoinHook):
                 return
             else:  # the others raise too (agree)
                 raise cannot_follow(followers, None)
+
+
+class Following(Joinable):
+    """``ShardedRMSprop`` as a :class:`~torch.distributed.algorithms.join.Joinable`: its join
+    hook, and the step of a rank that follows the others."""
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """The hook that lets a rank out of data follow the others' steps under
+        ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
+        the shard it owns, with the others' options and gradients (see
+        :mod:`sharded_rmsprop.joining`). No keyword arguments."""
+        return FollowHook(self, self._follow_step)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.sharding.data_parallel.control_device()
+
+    @property
+    def join_process_group(self) -> Any:
+        return self.sharding.data_parallel.group
+
+    def _follow_step(self, record: Record, leader: int) -> None:
+        """step() on a rank that ran out of data under Join: the leaders' options, clip and
+        loss scale (``record``), and the gradients of the elements it owns from ``leader``
+        (a global rank), window by window; then the skip decision and the sync with all."""
+        record.apply_options(self)
+        if self._skip_this_step(None, following=record):
+            return
+
+        def has_grad(bucket: ShardedBucket, position: int) -> bool:
+            return record.has_grad[bucket.plan.slots[position].index]
+
+        self.sharding.begin_step(self.param_groups, self.state, has_grad)
+        self.sharding.sync.before_update()
+        self.sharding.update(self.param_groups, record.grad_scale, has_grad, receiver(self, leader))
+        self.sharding.sync.after_update()
 
 
 def leader_of(followers: tuple[int, ...], world_size: int) -> int:

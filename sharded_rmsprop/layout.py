@@ -1,9 +1,10 @@
 """The sharding plan: where each parameter lives in its flat buffer and which rank owns what.
 
-Parameters of one (dtype, device) are laid end to end in one flat buffer, each start aligned
-to ``ALIGNMENT`` elements and the end padded so that the buffer splits into ``world_size``
-equal, aligned shards. Rank ``r`` owns the contiguous range ``[r * S, (r + 1) * S)``: element
-granularity, exact balance, whatever the parameter sizes.
+Parameters of one (dtype, device) are laid end to end in one flat buffer (or in consecutive
+buffers of a bounded size, each its own bucket), each start aligned to ``ALIGNMENT`` elements
+and the end padded so that the buffer splits into ``world_size`` equal, aligned shards. Rank
+``r`` owns the contiguous range ``[r * S, (r + 1) * S)``: element granularity, exact balance,
+whatever the parameter sizes.
 
 Everything here is pure: no ``torch.distributed`` calls and no tensors, so the plan can be
 unit-tested without processes.
@@ -136,18 +137,42 @@ def _plan_one_bucket(specs: Sequence[ParamSpec], world_size: int, alignment: int
 
 
 def plan_buckets(
-    specs: Iterable[ParamSpec], world_size: int, *, alignment: int = ALIGNMENT
+    specs: Iterable[ParamSpec],
+    world_size: int,
+    *,
+    alignment: int = ALIGNMENT,
+    bucket_numel: int | None = None,
 ) -> tuple[BucketPlan, ...]:
-    """Lay ``specs`` out in one bucket per (dtype, device), in order of first appearance.
+    """Lay ``specs`` out in one bucket per (dtype, device), in order of first appearance, or,
+    with ``bucket_numel``, in consecutive buckets of at most that many parameter elements
+    each (a larger parameter gets a bucket of its own).
 
     Within a bucket, parameters keep their given order, so the parameters of one param group
-    stay next to each other and an update can cover several of them in one operation.
+    stay next to each other and an update can cover several of them in one operation. Each
+    bucket is split evenly across the ranks on its own, so its parameters can be gathered
+    apart from the others' (before the forward of the modules that hold them).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     if alignment < 1:
         raise ValueError(f"alignment must be at least 1, got {alignment}")
-    by_kind: dict[tuple[torch.dtype, torch.device], list[ParamSpec]] = {}
+    if bucket_numel is not None and (
+        isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1
+    ):
+        raise ValueError(f"bucket_numel must be None or a positive integer, got {bucket_numel!r}")
+    by_kind: dict[tuple[torch.dtype, torch.device], list[list[ParamSpec]]] = {}
+    filled: dict[tuple[torch.dtype, torch.device], int] = {}  # in each kind's last bucket
     for spec in specs:
-        by_kind.setdefault((spec.dtype, spec.device), []).append(spec)
-    return tuple(_plan_one_bucket(members, world_size, alignment) for members in by_kind.values())
+        kind = (spec.dtype, spec.device)
+        buckets = by_kind.setdefault(kind, [[]])
+        full = bucket_numel is not None and filled.get(kind, 0) + spec.numel > bucket_numel
+        if full and buckets[-1]:
+            buckets.append([])
+            filled[kind] = 0
+        buckets[-1].append(spec)
+        filled[kind] = filled.get(kind, 0) + spec.numel
+    return tuple(
+        _plan_one_bucket(members, world_size, alignment)
+        for buckets in by_kind.values()
+        for members in buckets
+    )

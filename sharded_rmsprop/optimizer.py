@@ -6,12 +6,11 @@ import contextlib
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
 from . import checkpoint, gradients, joining
@@ -28,14 +27,13 @@ from .arguments import (
 from .facts import ParameterScan, construction_facts, step_facts
 from .gradients import PendingClip, ScalerRequest
 from .sharding import Sharding
-from .shards import ShardedBucket
 
 __all__ = ["ShardedRMSprop"]
 
 _log = logging.getLogger("sharded_rmsprop")
 
 
-class ShardedRMSprop(Optimizer, Joinable):
+class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
     r"""RMSprop whose state is partitioned across data-parallel ranks (ZeRO stage 1).
 
     It computes exactly what :class:`torch.optim.RMSprop` computes:
@@ -99,6 +97,12 @@ class ShardedRMSprop(Optimizer, Joinable):
             noise) is applied once per rank; make such changes on one rank, between
             barriers. Sharing is verified first; where it cannot be had, every rank keeps
             private buffers and rank 0 warns once, saying why (default: False)
+        bucket_numel (int, optional): lay parameters of one dtype and device out in
+            consecutive flat buffers of at most this many elements (a larger parameter gets
+            one of its own), each sharded across the ranks on its own, instead of one: each
+            buffer's sync then starts while the next one is updated. Each buffer stages its
+            gradients in a window of its own (up to 16 MiB). ``None``: one buffer
+            (default: None)
 
     Example::
 
@@ -181,8 +185,9 @@ class ShardedRMSprop(Optimizer, Joinable):
         master_weights: bool | None = None,
         skip_nonfinite: bool = False,
         host_shared: bool = False,
+        bucket_numel: int | None = None,
     ) -> None:
-        Joinable.__init__(self)
+        joining.Following.__init__(self)
         #: This rank's flat buckets and the ranks they are sharded over (read them; the
         #: optimizer changes them).
         self.sharding = Sharding(
@@ -190,6 +195,7 @@ class ShardedRMSprop(Optimizer, Joinable):
             fused=fused,
             master_weights=master_weights is not False,
             host_shared=host_shared,
+            bucket_numel=bucket_numel,
         )
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
@@ -199,7 +205,9 @@ class ShardedRMSprop(Optimizer, Joinable):
             check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
             check_torch_implementation(capturable, foreach, differentiable)
             #: The settings every rank must share (compared at construction).
-            self._settings = checked_settings(fused, master_weights, skip_nonfinite, host_shared)
+            self._settings = checked_settings(
+                fused, master_weights, skip_nonfinite, host_shared, bucket_numel
+            )
             defaults = dict(
                 lr=lr,
                 alpha=alpha,
@@ -316,10 +324,12 @@ class ShardedRMSprop(Optimizer, Joinable):
         self.sharding.sync.before_update()
         if leading:  # (after the barrier, which the followers reach before they receive)
             joining.send_gradients(self, followers)
-        self.sharding.update(
-            self.param_groups, lambda device: gradients.combined_scale(device, clip, scaler)
+        self.sharding.update(  # each bucket's sync starts while the next one is updated
+            self.param_groups,
+            lambda device: gradients.combined_scale(device, clip, scaler),
+            after_each=self.sharding.sync.start,
         )
-        self.sharding.sync.after_update()
+        self.sharding.sync.finish()
         return loss
 
     @torch.no_grad()
@@ -460,41 +470,6 @@ class ShardedRMSprop(Optimizer, Joinable):
             )
         return True
 
-    # -- uneven inputs (Join) -------------------------------------------------------------------
-
-    def join_hook(self, **kwargs: Any) -> JoinHook:
-        """The hook that lets a rank out of data follow the others' steps under
-        ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
-        the shard it owns, with the others' options and gradients (see
-        :mod:`sharded_rmsprop.joining`). No keyword arguments."""
-        return joining.FollowHook(self, self._follow_step)
-
-    @property
-    def join_device(self) -> torch.device:
-        return self._data_parallel.control_device()
-
-    @property
-    def join_process_group(self) -> Any:
-        return self._data_parallel.group
-
-    def _follow_step(self, record: joining.Record, leader: int) -> None:
-        """step() on a rank that ran out of data under Join: the leaders' options, clip and
-        loss scale (``record``), and the gradients of the elements it owns from ``leader``
-        (a global rank), window by window; then the skip decision and the sync with all."""
-        record.apply_options(self)
-        if self._skip_this_step(None, following=record):
-            return
-
-        def has_grad(bucket: ShardedBucket, position: int) -> bool:
-            return record.has_grad[bucket.plan.slots[position].index]
-
-        self.sharding.begin_step(self.param_groups, self.state, has_grad)
-        self.sharding.sync.before_update()
-        self.sharding.update(
-            self.param_groups, record.grad_scale, has_grad, joining.receiver(self, leader)
-        )
-        self.sharding.sync.after_update()
-
     # -- accounting ------------------------------------------------------------------------------
 
     def memory(self) -> dict[str, list[Tensor]]:
@@ -516,75 +491,3 @@ class ShardedRMSprop(Optimizer, Joinable):
         """Whether some flat buffer (parameters and shards) is mapped by every rank of the
         host (``host_shared=True``, where it could be had)."""
         return self.sharding.sync.shares_host_memory
-
-    # -- checkpointing ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``.
-
-        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use it (the optimizer is
-        a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
-        reads the ranges it now owns. Every tensor comes with checksums (``checksums``), which
-        a load verifies. For torch's own single-file format use :meth:`full_state_dict`. No
-        collectives. The hooks of :meth:`register_state_dict_pre_hook` and
-        :meth:`register_state_dict_post_hook` run as torch runs them.
-        """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        return self._after_state_dict_hooks(checkpoint.sharded_state_dict(self))
-
-    def full_state_dict(
-        self, to: int | None = 0, *, chunk_numel: int = checkpoint.DEFAULT_CHUNK_NUMEL
-    ) -> dict[str, Any] | None:
-        """``torch.optim.RMSprop``'s state dict, assembled on rank ``to`` (all ranks if None).
-
-        Its tensors are on the CPU, shaped like the parameters; other ranks get None.
-        ``torch.optim.RMSprop.load_state_dict`` and :meth:`load_state_dict` accept it, and
-        ``torch.load(..., weights_only=True)`` reads it back. It carries the checksums of its
-        tensors (``checksums``, which torch ignores and :meth:`load_state_dict` verifies). The
-        receiving rank needs memory for the output plus one chunk of ``chunk_numel`` elements.
-        State-dict pre-hooks run on every rank, post-hooks on the receiving ranks.
-
-        .. warning::
-            Collective: every rank of the process group must call it.
-        """
-        with shares_failure(self._data_parallel, "full_state_dict()"):
-            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-                pre_hook(self)
-        state_dict = checkpoint.full_state_dict(self, to, chunk_numel=chunk_numel)
-        return None if state_dict is None else self._after_state_dict_hooks(state_dict)
-
-    def _after_state_dict_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's format (from ``torch.optim.RMSprop`` or :meth:`full_state_dict`) or
-        the sharded one (from :meth:`state_dict` through DCP).
-
-        Every rank passes the same state dict and keeps the ranges it owns; the group
-        options come from ``state_dict``, as in torch. Everything is checked before anything
-        is changed (every entry's type, shape and dtype, and the checksums of the elements
-        this rank loads), then the ranks agree: a bad or damaged state dict on any rank
-        raises ``ValueError`` on every rank and leaves the optimizer as it was.
-
-        The hooks of :meth:`register_load_state_dict_pre_hook` (given a shallow copy of
-        ``state_dict``, as torch gives them) and :meth:`register_load_state_dict_post_hook`
-        run as torch runs them.
-
-        .. warning::
-            Collective: every rank of the process group must call it.
-        """
-        with shares_failure(self._data_parallel, "load_state_dict()"):
-            if isinstance(state_dict, Mapping):
-                state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
-            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-                result = pre_hook(self, state_dict)
-                if result is not None:
-                    state_dict = result
-        checkpoint.load_state_dict(self, state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)

@@ -54,9 +54,9 @@ class Sharding:
     """Every flat bucket of one optimizer on this rank, the ranks they are sharded over
     (``data_parallel``) and how the updated shards reach every rank (``sync``).
 
-    ``fused`` and ``master_weights`` are the optimizer's settings of those names
-    (``master_weights`` resolved to a bool), ``host_shared`` asks ``sync`` for host-shared
-    buffers.
+    ``fused``, ``master_weights`` and ``bucket_numel`` are the optimizer's settings of those
+    names (``master_weights`` resolved to a bool), ``host_shared`` asks ``sync`` for
+    host-shared buffers.
     """
 
     def __init__(
@@ -66,10 +66,12 @@ class Sharding:
         fused: bool | None,
         master_weights: bool,
         host_shared: bool,
+        bucket_numel: int | None = None,
     ) -> None:
         self.data_parallel = DataParallelGroup.resolve(process_group)
         self.fused = fused
         self.master_weights = master_weights
+        self.bucket_numel = bucket_numel
         self.buckets: list[ShardedBucket] = []
         self.sync = ShardSync(self.data_parallel, host_shared, self.buckets)
         #: The parameters of each param group as laid out in the buckets (checked each step).
@@ -102,7 +104,9 @@ class Sharding:
             PlannedBucket(
                 plan, [params[slot.index - offset] for slot in plan.slots], self.kernel_for(plan)
             )
-            for plan in plan_buckets(specs, self.data_parallel.world_size)
+            for plan in plan_buckets(
+                specs, self.data_parallel.world_size, bucket_numel=self.bucket_numel
+            )
         ]
 
     def lay_out(self, planned: Sequence[PlannedBucket], groups: Groups) -> None:
@@ -247,9 +251,11 @@ class Sharding:
         grad_scale: Callable[[torch.device], Tensor | None],
         has_grad: Callable[[ShardedBucket, int], bool] | None = None,
         receive: Callable[[Tensor], None] | None = None,
+        after_each: Callable[[ShardedBucket], None] | None = None,
     ) -> None:
         """Every bucket's update of its shard, with the factor ``grad_scale`` gives for its
-        device (see :meth:`ShardedBucket.update` for ``has_grad`` and ``receive``)."""
+        device (see :meth:`ShardedBucket.update` for ``has_grad`` and ``receive``), each
+        followed by ``after_each(bucket)`` (the start of its sync)."""
         for bucket in self.buckets:
             bucket.update(
                 groups,
@@ -257,6 +263,8 @@ class Sharding:
                 None if has_grad is None else (lambda position, b=bucket: has_grad(b, position)),
                 receive,
             )
+            if after_each is not None:
+                after_each(bucket)
 
     def refresh_state(
         self,

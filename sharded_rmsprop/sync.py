@@ -5,12 +5,17 @@ A private buffer gets the other ranks' shards through collectives
 (:meth:`DataParallelGroup.sync_shards`); a buffer that all ranks of a host map
 (``host_shared=True``) already holds them once every rank has written, so a barrier does. The
 optimizer calls the phases of :class:`ShardSync` and never asks which kind a buffer is.
+
+A bucket's collectives start as soon as its shard is updated (:meth:`ShardSync.start`), while
+the next bucket is updated, and ``step()`` returns once all have ended
+(:meth:`ShardSync.finish`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+import torch.distributed as dist
 from torch import Tensor
 
 from .comm import DataParallelGroup
@@ -35,6 +40,9 @@ class ShardSync:
         #: Whether buffers are to be shared by the host (``host_shared=True``, until a
         #: fallback to private buffers).
         self.host_shared = host_shared
+        #: The collectives started for the buckets updated so far in this step (from
+        #: :meth:`start` to :meth:`finish`).
+        self.pending: list[dist.Work] = []
 
     def shared_buffer(self, plan: BucketPlan) -> Tensor | None:
         """A flat buffer for ``plan`` that every rank of the host maps, where that was asked
@@ -63,12 +71,27 @@ class ShardSync:
         if self.shares_host_memory:
             self.data_parallel.barrier()
 
-    def after_update(self) -> None:
-        """Give every rank the whole of each flat buffer, each rank's shard from it.
-        Collective."""
-        private = [bucket for bucket in self.buckets if not bucket.host_shared]
-        self.data_parallel.sync_shards(
-            [bucket.flat for bucket in private], [bucket.plan.shard_numel for bucket in private]
-        )
+    def start(self, bucket: ShardedBucket) -> None:
+        """Start the collectives that bring ``bucket``'s other shards, once its own shard is
+        updated (they run while the next bucket is). Collective, in bucket order on every
+        rank; a host-shared bucket needs none."""
+        if not bucket.host_shared:
+            (started,) = self.data_parallel.sync_shards(
+                [bucket.flat], [bucket.plan.shard_numel], wait=False
+            )
+            self.pending += started
+
+    def finish(self) -> None:
+        """After every bucket was :meth:`start` ed: every rank holds the whole of each flat
+        buffer when it returns. Collective."""
+        while self.pending:
+            self.pending.pop(0).wait()
         if self.shares_host_memory:
             self.data_parallel.barrier()  # every shard of the shared buffers is written
+
+    def after_update(self) -> None:
+        """Give every rank the whole of each flat buffer, each rank's shard from it, after
+        all were updated. Collective."""
+        for bucket in self.buckets:
+            self.start(bucket)
+        self.finish()

@@ -316,9 +316,7 @@ def _number(step: Any) -> float:
 # -- checksums ----------------------------------------------------------------------------------
 
 
-def verify_checksums(
-    checksums: Any, state: Mapping[Any, Any], places: Mapping[Any, tuple]
-) -> None:
+def verify_checksums(checksums: Any, state: Mapping[Any, Any], places: Mapping[Any, tuple]) -> None:
     """Every tensor of ``state`` has its checksums, and the blocks this rank loads match them
     (the step counts: all of them)."""
     if not isinstance(checksums, Mapping):

@@ -31,7 +31,12 @@ def batch(rank: int, i: int) -> torch.Tensor:
 
 
 def uneven_on_rank(
-    rank: int, world_size: int, clip: bool, scaled: bool = False, host_shared: bool = False
+    rank: int,
+    world_size: int,
+    clip: bool,
+    scaled: bool = False,
+    host_shared: bool = False,
+    bucket_numel: int | None = None,
 ) -> dict:
     batches = 3 + 2 * rank
     # a power-of-two loss scale: scaled gradients unscale to exactly the plain ones
@@ -39,7 +44,12 @@ def uneven_on_rank(
     nan_at = 3 + 2 * (world_size - 1) - 1  # the last rank's last batch: the others have joined
     model, twin = DDP(tiny_model()), DDP(tiny_model())
     opt = ShardedRMSprop(
-        model.parameters(), **OPTIONS, fused=False, skip_nonfinite=clip, host_shared=host_shared
+        model.parameters(),
+        **OPTIONS,
+        fused=False,
+        skip_nonfinite=clip,
+        host_shared=host_shared,
+        bucket_numel=bucket_numel,
     )
     ref = torch.optim.RMSprop(twin.parameters(), **OPTIONS)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
@@ -101,6 +111,11 @@ def test_uneven_inputs_under_join_with_a_grad_scaler() -> None:
 def test_uneven_inputs_under_join_with_host_shared_buffers() -> None:
     """The leader sends after the barrier that the followers wait at before they receive."""
     check_against_truth(run_ranks(2, uneven_on_rank, True, False, True, timeout=120), 2, True)
+
+
+def test_uneven_inputs_under_join_with_several_flat_buffers() -> None:
+    results = run_ranks(3, uneven_on_rank, True, False, False, 40, timeout=120)
+    check_against_truth(results, 3, True)
 
 
 def epochs_with_default_options(rank: int, world_size: int) -> list[torch.Tensor]:

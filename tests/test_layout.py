@@ -91,6 +91,21 @@ def test_one_bucket_per_dtype_and_device_in_order_of_appearance() -> None:
     assert [s.index for s in plans[0].slots] == [0, 2]
 
 
+def test_bucket_numel_splits_each_kind_into_consecutive_buckets() -> None:
+    sizes = specs((30,), (50,), (20,), (200,), (10,), (15,))
+    plans = plan_buckets(sizes, 2, bucket_numel=100)
+    # 30+50+20 fill one; 200 is larger than a bucket: alone; 10+15 start the next
+    assert [[slot.index for slot in plan.slots] for plan in plans] == [[0, 1, 2], [3], [4, 5]]
+    for plan in plans:  # each bucket split evenly across the ranks on its own
+        assert plan.padded_numel % (2 * ALIGNMENT) == 0
+        assert sum(piece.numel for r in range(2) for piece in plan.pieces(r)) == sum(
+            slot.numel for slot in plan.slots
+        )
+    assert plan_buckets(sizes, 2, bucket_numel=10**9) == plan_buckets(sizes, 2)
+    with pytest.raises(ValueError, match="bucket_numel must be None or a positive integer"):
+        plan_buckets(sizes, 2, bucket_numel=0)
+
+
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="world_size must be at least 1"):
         plan_buckets(AWKWARD, 0)

@@ -136,9 +136,9 @@ def test_state_is_float32_and_the_sync_moves_16_bit(monkeypatch: pytest.MonkeyPa
     moved: list[torch.dtype] = []
     sync = DataParallelGroup.sync_shards
 
-    def recording_sync(self, flats, *args):
+    def recording_sync(self, flats, *args, **kwargs):
         moved.extend(flat.dtype for flat in flats)
-        return sync(self, flats, *args)
+        return sync(self, flats, *args, **kwargs)
 
     monkeypatch.setattr(DataParallelGroup, "sync_shards", recording_sync)
     params = [torch.randn(40, dtype=torch.bfloat16, requires_grad=True)]
