@@ -172,32 +172,32 @@ class DataParallelGroup:
 
     def sync_shards(
         self, flats: Sequence[Tensor], shard_numels: Sequence[int], wait: bool = True
-    ) -> list[list[dist.Work]]:
+    ) -> list[dist.Work]:
         """Give every rank the whole of each flat buffer, each rank contributing its shard.
 
         Collective. ``flats[i]`` is split into ``world_size`` shards of ``shard_numels[i]``
         elements; rank ``r``'s shard is authoritative for that range. With ``wait=False``
-        the collectives are only started: it returns, flat by flat, the work to wait for
-        before the flat is read (on a GPU, waiting orders the current stream after it).
+        the collectives are only started, and it returns the work to wait for before the
+        flats are read (on a GPU, waiting orders the current stream after it).
         """
-        works: list[list[dist.Work]] = [[] for _ in flats]
+        works: list[dist.Work] = []
         if not self.is_distributed:
             return works
-        for flat, shard_numel, started in zip(flats, shard_numels, works):
+        for flat, shard_numel in zip(flats, shard_numels):
             if shard_numel == 0:
                 continue
             shards = flat.split(shard_numel)
             if self.backend in _BROADCAST_BACKENDS:
                 for owner, shard in enumerate(shards):
                     src = dist.get_global_rank(self.group, owner)
-                    started.append(dist.broadcast(shard, src, group=self.group, async_op=True))
+                    works.append(dist.broadcast(shard, src, group=self.group, async_op=True))
             else:
-                started.append(_all_gather_into(flat, shards[self.rank], self.group))
-        if wait:
-            for work in (work for started in works for work in started):
-                work.wait()
-            works = [[] for _ in flats]
-        return works
+                works.append(_all_gather_into(flat, shards[self.rank], self.group))
+        if not wait:
+            return works
+        for work in works:
+            work.wait()
+        return []
 
     def stream_shards(
         self, shard: Tensor, to: int | None, chunk_numel: int

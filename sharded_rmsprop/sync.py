@@ -76,16 +76,16 @@ class ShardSync:
         updated (they run while the next bucket is). Collective, in bucket order on every
         rank; a host-shared bucket needs none."""
         if not bucket.host_shared:
-            (started,) = self.data_parallel.sync_shards(
+            self.pending += self.data_parallel.sync_shards(
                 [bucket.flat], [bucket.plan.shard_numel], wait=False
             )
-            self.pending += started
 
     def finish(self) -> None:
         """After every bucket was :meth:`start` ed: every rank holds the whole of each flat
         buffer when it returns. Collective."""
-        while self.pending:
-            self.pending.pop(0).wait()
+        for work in self.pending:
+            work.wait()
+        self.pending = []
         if self.shares_host_memory:
             self.data_parallel.barrier()  # every shard of the shared buffers is written
 

@@ -139,6 +139,8 @@ def mismatch_on_rank(rank: int, world_size: int, case: str) -> dict:
         params[0] = params[0].detach().double().requires_grad_()
     if rank == 1 and case == "options":
         options["momentum"] = 0.9
+    if rank == 1 and case == "bucket_numel":
+        options["bucket_numel"] = 16
     if rank == 1 and case == "bad_lr":
         options["lr"] = -1.0
     if rank == 1 and case == "group_without_params":
@@ -172,6 +174,10 @@ def mismatch_on_rank(rank: int, world_size: int, case: str) -> dict:
             "options",
             "the param-group options: the momentum of param group 0 is 0 on rank 0 but "
             "0.9 on rank 1",
+        ),
+        (
+            "bucket_numel",
+            "the optimizer's settings: bucket_numel is None on rank 0 but 16 on rank 1",
         ),
     ],
 )
