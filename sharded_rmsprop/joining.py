@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FollowHook",
+    "check_followable",
     "Following",
     "Record",
     "followers_grads",
@@ -84,6 +85,8 @@ class FollowHook(JoinHook):
             leader = dist.get_global_rank(
                 data_parallel.host_group, leader_of(followers, data_parallel.world_size)
             )
+            if operation in (_CLIP, _STEP):
+                check_followable(self.opt, followers)
             if operation == _CLIP:
                 _follow_clip(self.opt, leader)
             elif operation == _STEP:
@@ -127,6 +130,19 @@ class Following(Joinable):
         self.sharding.sync.before_update()
         self.sharding.update(self.param_groups, record.grad_scale, has_grad, receiver(self, leader))
         self.sharding.sync.after_update()
+
+
+def check_followable(opt: ShardedOptimizer, followers: tuple[int, ...]) -> None:
+    """``RuntimeError``, on the followers and the others alike, if ``followers`` cannot be
+    followed: with reduce-scattered gradients no rank holds the averages a follower owns."""
+    if followers and opt.sharding.grad_reduction is not None:
+        raise RuntimeError(
+            f"ShardedRMSprop: rank(s) {', '.join(map(str, followers))} ran out of data under "
+            "Join, but the gradients are reduce-scattered (reduce_scatter_gradients()): each "
+            "rank holds the averaged gradient of the elements it owns only, so no rank can "
+            "give a follower its own. Nothing was changed on any rank. Under Join, let DDP "
+            "all-reduce the gradients."
+        )
 
 
 def leader_of(followers: tuple[int, ...], world_size: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
-from . import checkpoint, gradients, joining
+from . import checkpoint, grad_reduction, gradients, joining
 from .agreement import Agreement, Fact, plain, shares_failure
 from .comm import DataParallelGroup
 from .arguments import (
@@ -33,7 +33,9 @@ __all__ = ["ShardedRMSprop"]
 _log = logging.getLogger("sharded_rmsprop")
 
 
-class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
+class ShardedRMSprop(
+    checkpoint.StateDicts, grad_reduction.ReduceScatterSwitch, Optimizer, joining.Following
+):
     r"""RMSprop whose state is partitioned across data-parallel ranks (ZeRO stage 1).
 
     It computes exactly what :class:`torch.optim.RMSprop` computes:
@@ -371,6 +373,7 @@ class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
         with Agreement(self._data_parallel, "clip_grad_norm_()", followable=True) as agreement:
             norm_type = gradients.check_norm_type(norm_type)
             scan = self.sharding.scan(self.param_groups, check_grad)
+            self._check_reduced_grads()
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
             agreement.facts = [
                 Fact(
@@ -383,6 +386,7 @@ class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
                 scan.replaced_fact(self.param_groups),
             ]
         followers = agreement.followers
+        joining.check_followable(self, followers)
         self.sharding.adopt(scan, self.state)  # the norm of the gradients where they are now
         owned = self.sharding.owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
@@ -413,6 +417,8 @@ class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
         """Reset the gradients (see :meth:`torch.optim.Optimizer.zero_grad`) and forget a
         clip that :meth:`clip_grad_norm_` left for the next step."""
         self._clip = None
+        if self.sharding.grad_reduction is not None:
+            self.sharding.grad_reduction.forget()
         super().zero_grad(set_to_none)
 
     @property
@@ -431,9 +437,11 @@ class ShardedRMSprop(checkpoint.StateDicts, Optimizer, joining.Following):
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scan = self.sharding.scan(self.param_groups, check_grad)
+            self._check_reduced_grads()
             agreement.facts = step_facts(
                 self.param_groups, self.sharding.buckets, clip, scaler, scan
             )
+        joining.check_followable(self, agreement.followers)
         return scan, agreement.followers
 
     def _all_grads(self) -> list[Tensor]:

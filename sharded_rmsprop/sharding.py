@@ -28,7 +28,7 @@ from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .sync import ShardSync
 
-__all__ = ["PlannedBucket", "ShardedOptimizer", "Sharding"]
+__all__ = ["GradientReduction", "PlannedBucket", "ShardedOptimizer", "Sharding"]
 
 
 class ShardedOptimizer(Protocol):
@@ -38,6 +38,17 @@ class ShardedOptimizer(Protocol):
     param_groups: list[dict[str, Any]]
     state: MutableMapping[Any, Any]
     sharding: Sharding
+
+
+class GradientReduction(Protocol):
+    """Gradients that reach the owned shards other than by DDP's all-reduce
+    (:class:`~sharded_rmsprop.grad_reduction.GradientReduceScatter`)."""
+
+    def check(self, params: Sequence[Tensor]) -> None:
+        """Raise if some gradient of ``params`` did not arrive as it should."""
+
+    def forget(self) -> None:
+        """The gradients were reset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,9 @@ class Sharding:
         self.sync = ShardSync(self.data_parallel, host_shared, self.buckets)
         #: The parameters of each param group as laid out in the buckets (checked each step).
         self.laid_out: list[tuple[Tensor, ...]] = []
+        #: DDP's communication hook once gradients are reduce-scattered into the shards
+        #: (``ShardedRMSprop.reduce_scatter_gradients``); None while DDP all-reduces them.
+        self.grad_reduction: GradientReduction | None = None
 
     def __repr__(self) -> str:
         buckets = ", ".join(
@@ -143,6 +157,7 @@ class Sharding:
             for bucket in self.buckets
         ]
         twin.sync = ShardSync(self.data_parallel, False, twin.buckets)
+        twin.grad_reduction = None  # (the hook of a DDP model, which reduces into this one)
         twin.laid_out = [tuple(copy.deepcopy(p, memo) for p in params) for params in self.laid_out]
         return twin
 

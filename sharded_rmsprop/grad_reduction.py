@@ -1,0 +1,361 @@
+"""Gradients reduce-scattered into the owned shards instead of all-reduced, through DDP.
+
+``optimizer.reduce_scatter_gradients(ddp_model)`` makes :class:`GradientReduceScatter` the DDP
+model's communication hook. DDP runs the backward as always (its buckets, ``no_sync()``,
+unused parameters); for each of DDP's buckets the hook copies the gradients, divided by the
+number of ranks as DDP's own all-reduce does, into a staging buffer laid out like the
+optimizer's flat bucket. Once every gradient of an optimizer bucket is staged, while the rest
+of the backward runs, one reduce-scatter gives each rank the sum over the ranks of the range
+it owns. With the parameter sync that makes one all-reduce's bytes per step, ``2 (N-1)/N``
+times the parameters' bytes, where DDP's all-reduce and the sync move ``3 (N-1)/N``.
+
+When DDP's last bucket is in, the hook waits for the reductions and writes each rank's
+averaged range into DDP's buckets, which DDP copies into ``p.grad``. So after a synchronised
+backward ``p.grad`` holds
+
+- in the elements this rank owns, the average over the ranks: at 2 ranks bit for bit what
+  DDP's all-reduce gives (a sum of two is the same in any order), at more ranks the same sum
+  in another order (float rounding);
+- in every other element, this rank's own gradient (all it accumulated since the gradients
+  were last reset), not averaged.
+
+Everything the optimizer reads of a gradient is in the owned elements: the update,
+``clip_grad_norm_()``, the GradScaler's scale. An inf or NaN check of all of a rank's
+gradients (``skip_nonfinite``, the GradScaler's) finds one on some rank exactly when DDP's
+average has one, since that average sums every rank's gradient.
+
+Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
+they would train on wrong gradients: a second synchronised backward adding to gradients that
+were already reduced (accumulate under ``ddp_model.no_sync()`` instead), and a gradient that
+was not reduced (a backward under ``no_sync()`` only, ``p.grad`` set by hand, or a parameter
+that DDP does not hold). ``torch.nn.utils.clip_grad_norm_`` cannot be told apart from a
+rightful change of ``p.grad`` and would see other ranks' elements unaveraged: use the
+optimizer's ``clip_grad_norm_()``.
+
+The reductions start in one order on every rank, from the last bucket to the first (the
+order in which a backward completes them), whatever the order DDP hands its buckets over in.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from .agreement import Agreement
+from .facts import param_labels
+
+if TYPE_CHECKING:
+    from .comm import Reduction
+    from .sharding import Sharding
+
+__all__ = [
+    "GradientReduceScatter",
+    "ReduceScatterSwitch",
+    "ddp_parameters",
+    "reduce_scatter_hook",
+]
+
+
+def _ranks(group: dist.ProcessGroup | None) -> list[int]:
+    """The global ranks of ``group`` (the default group if None)."""
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+
+
+def ddp_parameters(ddp_model: DistributedDataParallel) -> list[Tensor]:
+    """The parameters whose gradients DDP reduces: those that require a gradient and are not
+    ignored (``parameters_to_ignore``), each once."""
+    ignored = ddp_model.parameters_to_ignore
+    found: dict[int, Tensor] = {}
+    for module_name, module in ddp_model.module.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and f"{module_name}.{name}" not in ignored:
+                found.setdefault(id(param), param)
+    return list(found.values())
+
+
+@dataclass
+class _Reduced:
+    """What this rank knows of one parameter's gradient since it was last reduced."""
+
+    grad: weakref.ref | None  # the gradient the average was written into (None: DDP makes it)
+    accumulated: bool = False  # a second synchronised backward added to that gradient
+
+
+@dataclass
+class _Backward:
+    """One synchronised backward, from DDP's first bucket to its last."""
+
+    remaining: list[int]  # gradients still to stage, by optimizer bucket
+    staging: dict[int, Tensor] = field(default_factory=dict)
+    shards: dict[int, Tensor] = field(default_factory=dict)
+    reductions: list[Reduction] = field(default_factory=list)
+    next_to_start: int = -1  # the highest bucket not started yet (they start last to first)
+    # DDP's buckets handed over so far: their (parameter, gradient view) pairs, buffer and
+    # the future DDP waits for
+    handed: list[tuple[list[tuple[Tensor, Tensor]], Tensor, torch.futures.Future]] = field(
+        default_factory=list
+    )
+
+
+class GradientReduceScatter:
+    """The DDP communication hook of one optimizer (see the module docstring).
+
+    ``label`` names a parameter in errors.
+    """
+
+    def __init__(
+        self, sharding: Sharding, ddp_params: Sequence[Tensor], label: Callable[[Tensor], str]
+    ) -> None:
+        self.sharding = sharding
+        self.label = label
+        self._ddp_params = set(ddp_params)
+        self._reduced: dict[Tensor, _Reduced] = {}
+        self._backward: _Backward | None = None
+        self._home: dict[Tensor, tuple[int, int]] = {}
+        self._expected: list[int] = []
+        self._homes_for: int = -1  # the number of buckets ``_home`` was built for
+        #: False until every rank registered the hook: it all-reduces as DDP's own would.
+        self.armed = False
+
+    @classmethod
+    def for_model(
+        cls, sharding: Sharding, ddp_model: Any, groups: Sequence[dict[str, Any]]
+    ) -> GradientReduceScatter:
+        """The hook for ``ddp_model`` over the parameters of ``groups`` (laid out in
+        ``sharding``); ``TypeError`` or ``ValueError`` if it cannot be had."""
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(
+                "reduce_scatter_gradients() takes the DistributedDataParallel model whose "
+                f"gradients the optimizer steps, got {type(ddp_model).__name__}"
+            )
+        if sharding.grad_reduction is not None:
+            raise ValueError("reduce_scatter_gradients() was called already for this optimizer")
+        labels = param_labels(groups)
+        index_of = {param: i for i, param in enumerate(p for g in groups for p in g["params"])}
+        ours, theirs = _ranks(sharding.data_parallel.group), _ranks(ddp_model.process_group)
+        if ours != theirs:
+            raise ValueError(
+                f"reduce_scatter_gradients(): the DDP model averages over ranks {theirs}, the "
+                f"optimizer shards over ranks {ours}: give both the same process group (a "
+                "node-local optimizer group with a DDP model over all ranks needs DDP's "
+                "all-reduce)"
+            )
+        if ddp_model.gradient_as_bucket_view:
+            raise ValueError(
+                "reduce_scatter_gradients() needs DDP(..., gradient_as_bucket_view=False): with "
+                "gradients that are views of DDP's buckets, a gradient reset and one added to "
+                "cannot be told apart"
+            )
+        if getattr(ddp_model, "mixed_precision", None) is not None:
+            raise ValueError(
+                "reduce_scatter_gradients() does not take a DDP model with mixed_precision"
+            )
+        params = ddp_parameters(ddp_model)
+        foreign = [i for i, param in enumerate(params) if param not in index_of]
+        if foreign:
+            name = [n for n, p in ddp_model.module.named_parameters() if p is params[foreign[0]]]
+            raise ValueError(
+                f"reduce_scatter_gradients(): {len(foreign)} parameter(s) of the DDP model, "
+                f"{name[0] if name else 'one'} the first, are not in this optimizer: their "
+                "gradients would be left unaveraged. Give the optimizer every parameter of the "
+                "model that requires a gradient"
+            )
+        return cls(sharding, params, lambda param: labels[index_of[param]])
+
+    # -- the hook ------------------------------------------------------------------------------
+
+    def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        """DDP's communication hook: stage ``bucket``'s gradients and start the reductions of
+        the optimizer buckets they complete; the future is done once the averaged ranges are
+        written into ``bucket``'s buffer (when DDP's last bucket is in)."""
+        if not self.armed:
+            return default_hooks.allreduce_hook(self.sharding.data_parallel.group, bucket)
+        if self._backward is None:
+            self._backward = self._begin()
+        backward = self._backward
+        buckets = self.sharding.buckets
+        world_size = self.sharding.data_parallel.world_size
+        pairs = list(zip(bucket.parameters(), bucket.gradients()))
+        for param, grad in pairs:
+            index, position = self._home[param]
+            slot = buckets[index].plan.slots[position]
+            staging = self._staging(index)
+            torch.div(grad.reshape(-1), world_size, out=staging[slot.offset : slot.end])
+            self._note_reduced(param)
+            backward.remaining[index] -= 1
+        self._start_ready()
+        buffer = bucket.buffer()
+        devices = [buffer.device] if buffer.device.type == "cuda" else None
+        future: torch.futures.Future = torch.futures.Future(devices=devices)
+        backward.handed.append((pairs, buffer, future))
+        if bucket.is_last():
+            self._finish()
+        return future
+
+    def _begin(self) -> _Backward:
+        buckets = self.sharding.buckets
+        if self._homes_for != len(buckets):
+            self._home = {
+                param: (index, position)
+                for index, bucket in enumerate(buckets)
+                for position, param in enumerate(bucket.params)
+            }
+            self._expected = [
+                sum(param in self._ddp_params for param in bucket.params) for bucket in buckets
+            ]
+            self._homes_for = len(buckets)
+        return _Backward(remaining=list(self._expected), next_to_start=len(buckets) - 1)
+
+    def _staging(self, index: int) -> Tensor:
+        backward = self._backward
+        if index not in backward.staging:
+            plan = self.sharding.buckets[index].plan
+            # zeros: padding and parameters DDP does not hold add nothing
+            backward.staging[index] = torch.zeros(
+                plan.padded_numel, dtype=plan.dtype, device=plan.device
+            )
+        return backward.staging[index]
+
+    def _start_ready(self, everything: bool = False) -> None:
+        """Start the reductions of the complete buckets (all, if ``everything``), from the
+        last bucket down, stopping at the first one still incomplete."""
+        backward = self._backward
+        while backward.next_to_start >= 0:
+            index = backward.next_to_start
+            if self._expected[index] and backward.remaining[index] > 0 and not everything:
+                return
+            backward.next_to_start -= 1
+            if not self._expected[index]:
+                continue  # no gradients on any rank: nothing to reduce
+            plan = self.sharding.buckets[index].plan
+            shard = torch.empty(plan.shard_numel, dtype=plan.dtype, device=plan.device)
+            backward.shards[index] = shard
+            backward.reductions.append(
+                self.sharding.data_parallel.reduce_scatter(self._staging(index), shard)
+            )
+
+    def _finish(self) -> None:
+        """DDP's last bucket is in: end every reduction, write the averaged ranges into
+        DDP's buckets and complete their futures."""
+        self._start_ready(everything=True)
+        backward, self._backward = self._backward, None
+        for reduction in backward.reductions:
+            reduction.wait()
+        buckets = self.sharding.buckets
+        for pairs, buffer, future in backward.handed:
+            for param, grad in pairs:
+                index, position = self._home[param]
+                piece = buckets[index].owned_piece(position)
+                if piece is not None and index in backward.shards:
+                    averaged = backward.shards[index][piece.shard_start : piece.shard_end]
+                    grad.reshape(-1)[piece.param_start : piece.param_end].copy_(averaged)
+            future.set_result(buffer)
+
+    def _note_reduced(self, param: Tensor) -> None:
+        """Record that ``param``'s gradient is being reduced; a second reduction of the same
+        gradient object (a synchronised backward added to it) is remembered as an error."""
+        known = self._reduced.get(param)
+        grad = param.grad
+        again = known is not None and known.grad is not None and known.grad() is grad
+        self._reduced[param] = _Reduced(
+            None if grad is None else weakref.ref(grad), again and grad is not None
+        )
+
+    # -- before a step ---------------------------------------------------------------------------
+
+    def check(self, params: Sequence[Tensor]) -> None:
+        """``RuntimeError`` if the gradient of one of ``params`` is not the average DDP's
+        reduce-scatter left in the owned elements."""
+        if self._backward is not None:
+            raise RuntimeError(
+                "ShardedRMSprop: a step or clip_grad_norm_() during a backward whose "
+                "gradients are still being reduce-scattered"
+            )
+        for param in params:
+            grad = param.grad
+            if grad is None:
+                continue
+            known = self._reduced.get(param)
+            if known is not None and known.grad is None:  # DDP made it when it copied back
+                known.grad = weakref.ref(grad)
+            if known is None or known.grad() is not grad:
+                raise RuntimeError(
+                    f"ShardedRMSprop: the gradient of {self.label(param)} was not reduced by "
+                    "DDP since it was last reset (reduce_scatter_gradients() is on): a backward "
+                    "under no_sync() only, a gradient set by hand, or a parameter the DDP "
+                    "model does not hold. Nothing was changed on any rank."
+                )
+            if known.accumulated:
+                raise RuntimeError(
+                    f"ShardedRMSprop: the gradient of {self.label(param)} was reduced twice "
+                    "without a reset in between: a second synchronised backward added to "
+                    "gradients whose owned elements already held the average "
+                    "(reduce_scatter_gradients() is on), which cannot be averaged again. "
+                    "Accumulate gradients under ddp_model.no_sync() and synchronise only the "
+                    "last backward, or reset them with optimizer.zero_grad() (or set_to_none=True)"
+                    " between. Nothing was changed on any rank."
+                )
+
+    def forget(self) -> None:
+        """The gradients were reset (``optimizer.zero_grad()``)."""
+        self._reduced.clear()
+
+
+class ReduceScatterSwitch:
+    """``ShardedRMSprop``'s switch to reduce-scattered gradients, and the check of them
+    before each step."""
+
+    param_groups: list[dict[str, Any]]
+    sharding: Sharding
+
+    def reduce_scatter_gradients(self, ddp_model: DistributedDataParallel) -> None:
+        """Let ``ddp_model`` reduce-scatter the gradients into this optimizer's shards instead
+        of all-reducing them: with the parameter sync, a step then moves the bytes of one
+        all-reduce, as DDP alone does, instead of 1.5 times that.
+
+        It registers the DDP communication hook of
+        :mod:`sharded_rmsprop.grad_reduction`. After a synchronised backward, ``p.grad``
+        holds the average over the ranks in the elements this rank owns, and this rank's own
+        gradient elsewhere. The step, :meth:`clip_grad_norm_`, ``skip_nonfinite``,
+        GradScaler and master weights work as before; accumulate gradients under
+        ``ddp_model.no_sync()``; clip with :meth:`clip_grad_norm_`, not
+        ``torch.nn.utils.clip_grad_norm_``; Join is refused. ``ddp_model`` must hold only
+        parameters of this optimizer, on its process group, with
+        ``gradient_as_bucket_view=False`` and no DDP mixed precision.
+
+        .. warning::
+            Collective: every rank must call it, before the first backward.
+        """
+        with Agreement(self.sharding.data_parallel, "reduce_scatter_gradients()"):
+            hook = GradientReduceScatter.for_model(self.sharding, ddp_model, self.param_groups)
+            # (DDP refuses a second hook; until armed, this one all-reduces as DDP did)
+            ddp_model.register_comm_hook(hook, reduce_scatter_hook)
+        hook.armed = True
+        self.sharding.grad_reduction = hook
+
+    def _check_reduced_grads(self) -> None:
+        """With reduce-scattered gradients: every gradient is the one DDP reduced."""
+        if self.sharding.grad_reduction is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            self.sharding.grad_reduction.check(params)
+
+
+def reduce_scatter_hook(
+    state: GradientReduceScatter, bucket: dist.GradBucket
+) -> torch.futures.Future[Tensor]:
+    """The communication hook ``reduce_scatter_gradients()`` gives DDP (``state``: the
+    optimizer's :class:`GradientReduceScatter`)."""
+    return state.reduce(bucket)
+
+
+# DDP compares the hook's annotations with the classes themselves, not their names.
+reduce_scatter_hook.__annotations__.update(
+    bucket=dist.GradBucket, state=GradientReduceScatter, **{"return": torch.futures.Future[Tensor]}
+)

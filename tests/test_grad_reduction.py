@@ -1,0 +1,380 @@
+"""Gradients reduce-scattered into the shards (``reduce_scatter_gradients``) against DDP's
+all-reduce, with the same optimizer on the same data.
+
+Each rank feeds different data to two copies of a model: one whose DDP reduce-scatters into
+a ShardedRMSprop (the mode under test), one whose DDP all-reduces for another (ZeRO-1, the
+default). At 2 ranks the parameters, the state and the owned gradient elements must be bit
+for bit the same (a sum of two is the same in any order); at 3 and 4 ranks the sums are
+added in another order, so they agree within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from sharded_rmsprop import ShardedRMSprop
+from spawn import run_ranks
+
+OPTIONS = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)
+
+
+def model_of(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    # 3 + 97 + ... elements: parameters straddle the shard boundaries at every world size
+    return nn.Sequential(
+        nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 97), nn.Tanh(), nn.Linear(97, 3)
+    ).to(dtype)
+
+
+def batch(rank: int, step: int, micro: int, dtype: torch.dtype) -> torch.Tensor:
+    seed = 1000 * step + 10 * rank + micro
+    return torch.randn(5, 7, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def pair(dtype: torch.dtype, bucket_cap_mb: float, **options):
+    """(DDP reduce-scattering into its optimizer, DDP all-reducing for its own)."""
+    model = model_of(dtype)
+    twin = copy.deepcopy(model)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+    ddp_twin = DistributedDataParallel(twin, bucket_cap_mb=bucket_cap_mb)
+    opt = ShardedRMSprop(model.parameters(), **options)
+    opt.reduce_scatter_gradients(ddp)
+    twin_opt = ShardedRMSprop(twin.parameters(), **options)
+    return ddp, opt, ddp_twin, twin_opt
+
+
+def owned_grads(opt: ShardedRMSprop) -> list[torch.Tensor]:
+    return [grad.clone() for grad in opt.sharding.owned_grads()]
+
+
+def backward(ddp, rank: int, step: int, micros: int, dtype, scaler=None) -> None:
+    """``micros`` micro-batches, all but the last under no_sync()."""
+    for micro in range(micros):
+        with ddp.no_sync() if micro < micros - 1 else contextlib.nullcontext():
+            loss = ddp(batch(rank, step, micro, dtype)).square().mean()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def parity_on_rank(rank: int, world_size: int, case: str) -> dict:
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    options = dict(OPTIONS, fused=False)
+    if case == "skip":
+        options["skip_nonfinite"] = True
+    if case == "fused, host-shared":
+        options.update(fused=None, host_shared=True)
+    ddp, opt, ddp_twin, twin_opt = pair(dtype, bucket_cap_mb=0.001, bucket_numel=700, **options)
+    assert opt.shares_host_memory == options.get("host_shared", False)
+    scaler = twin_scaler = None
+    if case == "scaler":
+        scaler, twin_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    found = {"owned": [], "local": [], "norms": [], "skipped": 0}
+    for step in range(4):
+        for model, optimizer, sc in ((ddp, opt, scaler), (ddp_twin, twin_opt, twin_scaler)):
+            optimizer.zero_grad()
+            backward(model, rank, step, micros=2 if case != "bf16" else 1, dtype=dtype, scaler=sc)
+        if case == "skip" and step == 2 and rank == world_size - 1:
+            for model in (ddp, ddp_twin):  # an inf on one rank: both skip on every rank
+                next(model.parameters()).grad[0, 0] = math.inf
+        found["owned"].append(
+            all(torch.equal(a, b) for a, b in zip(owned_grads(opt), owned_grads(twin_opt)))
+        )
+        norms = [o.clip_grad_norm_(0.05) for o in (opt, twin_opt)]
+        found["norms"].append(torch.equal(*norms))
+        if scaler is not None:
+            for sc, o in ((scaler, opt), (twin_scaler, twin_opt)):
+                sc.step(o)
+                sc.update()
+        else:
+            opt.step()
+            twin_opt.step()
+    found["skipped"] = (opt.skipped_steps, twin_opt.skipped_steps)
+    found["params"] = [p.detach().clone() for p in ddp.module.parameters()]
+    found["twin_params"] = [p.detach().clone() for p in ddp_twin.module.parameters()]
+    found["state"] = opt.full_state_dict(to=None)
+    found["twin_state"] = twin_opt.full_state_dict(to=None)
+    return found
+
+
+def same_state(ours: dict, theirs: dict) -> bool:
+    return all(
+        torch.equal(ours["state"][index][key], value)
+        for index, entry in theirs["state"].items()
+        for key, value in entry.items()
+    )
+
+
+CASES = ("fp32", "bf16", "scaler", "skip", "fused, host-shared")
+
+
+def parities_on_rank(rank: int, world_size: int) -> dict[str, dict]:
+    return {case: parity_on_rank(rank, world_size, case) for case in CASES}
+
+
+def test_bit_for_bit_the_all_reduce_at_two_ranks() -> None:
+    for rank, by_case in enumerate(run_ranks(2, parities_on_rank)):
+        for case, found in by_case.items():
+            where = f"rank {rank}, {case}"
+            assert all(found["owned"]), f"{where}: owned gradient elements differ"
+            assert all(found["norms"]), f"{where}: clip_grad_norm_ differs"
+            for ours, theirs in zip(found["params"], found["twin_params"]):
+                assert torch.equal(ours, theirs), f"{where}: parameters differ"
+            assert same_state(found["state"], found["twin_state"]), f"{where}: state differs"
+            assert found["skipped"] == ((1, 1) if case == "skip" else (0, 0)), where
+
+
+def tolerance_on_rank(rank: int, world_size: int) -> dict:
+    ddp, opt, ddp_twin, twin_opt = pair(torch.float32, bucket_cap_mb=0.001, **OPTIONS)
+    local_elsewhere = True
+    for step in range(3):
+        for model, optimizer in ((ddp, opt), (ddp_twin, twin_opt)):
+            optimizer.zero_grad()
+            backward(model, rank, step, micros=2, dtype=torch.float32)
+        # outside the owned elements p.grad is this rank's own gradient: compute it alone
+        local = copy.deepcopy(ddp.module)
+        for micro in range(2):
+            local(batch(rank, step, micro, torch.float32)).square().mean().backward()
+        owned = torch.zeros(sum(p.numel() for p in local.parameters()), dtype=torch.bool)
+        starts = [0]
+        for p in local.parameters():
+            starts.append(starts[-1] + p.numel())
+        for bucket in opt.sharding.buckets:
+            for piece in bucket.pieces:
+                start = starts[piece.slot.index] + piece.param_start
+                owned[start : start + piece.numel] = True
+        ours = torch.cat([p.grad.reshape(-1) for p in ddp.module.parameters()])
+        theirs = torch.cat([p.grad.reshape(-1) for p in local.parameters()])
+        local_elsewhere &= torch.equal(ours[~owned], theirs[~owned])
+        opt.step()
+        twin_opt.step()
+    return {
+        "local_elsewhere": local_elsewhere,
+        "params": [p.detach().clone() for p in ddp.module.parameters()],
+        "twin_params": [p.detach().clone() for p in ddp_twin.module.parameters()],
+    }
+
+
+def test_within_float32_rounding_at_three_ranks() -> None:
+    for found in run_ranks(3, tolerance_on_rank):
+        assert found["local_elsewhere"]
+        for ours, theirs in zip(found["params"], found["twin_params"]):
+            # the sums of three ranks' gradients are added in another order than gloo's
+            # all-reduce ring: float32 rounding of the gradient, amplified by RMSprop's
+            # division by sqrt(square_avg) over 3 steps
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def snapshot(opt: ShardedRMSprop, model: nn.Module) -> list[torch.Tensor]:
+    state = [t.clone() for entry in opt.state.values() for t in entry.values()]
+    return [p.detach().clone() for p in model.parameters()] + state
+
+
+def unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return len(before) == len(after) and all(map(torch.equal, before, after))
+
+
+def misuse_on_rank(rank: int, world_size: int, case: str) -> str:
+    """The error ``case`` raises on this rank (with nothing changed), or "" if none."""
+    model = model_of()
+    ddp = DistributedDataParallel(model)
+    opt = ShardedRMSprop(model.parameters(), **OPTIONS)
+    opt.reduce_scatter_gradients(ddp)
+    ddp(batch(rank, 0, 0, torch.float32)).sum().backward()
+    opt.step()  # state exists: "unchanged" compares it too
+    opt.zero_grad()
+    if case == "second synchronised backward":
+        for micro in range(2):
+            ddp(batch(rank, 1, micro, torch.float32)).sum().backward()
+    elif case == "no_sync only":
+        with ddp.no_sync():
+            ddp(batch(rank, 1, 0, torch.float32)).sum().backward()
+    elif case == "gradient set by hand on one rank":
+        ddp(batch(rank, 1, 0, torch.float32)).sum().backward()
+        if rank == 1:
+            model[0].weight.grad = torch.ones_like(model[0].weight)
+    elif case == "model.zero_grad() between":  # allowed: new gradients, reduced once
+        ddp(batch(rank, 1, 0, torch.float32)).sum().backward()
+        model.zero_grad()
+        ddp(batch(rank, 1, 1, torch.float32)).sum().backward()
+    before = snapshot(opt, model)
+    try:
+        opt.clip_grad_norm_(1.0) if case.endswith("clip") else opt.step()
+    except RuntimeError as error:
+        assert unchanged(before, snapshot(opt, model))
+        opt.zero_grad()  # and the optimizer goes on as before
+        ddp(batch(rank, 2, 0, torch.float32)).sum().backward()
+        opt.step()
+        return str(error)
+    return ""
+
+
+MISUSES = {  # what each case raises on every rank at the next step(), "" for nothing
+    "second synchronised backward": "reduced twice without a reset",
+    "no_sync only": "was not reduced by DDP since it was last reset",
+    "gradient set by hand on one rank": "was not reduced by DDP",
+    "model.zero_grad() between": "",
+}
+
+
+def misuses_on_rank(rank: int, world_size: int) -> dict[str, str]:
+    return {case: misuse_on_rank(rank, world_size, case) for case in MISUSES}
+
+
+def test_gradients_that_were_not_reduced_once_are_refused() -> None:
+    for messages in run_ranks(2, misuses_on_rank):
+        for case, error in MISUSES.items():
+            message = messages[case]
+            assert error in message if error else message == "", (case, message)
+
+
+def registration_on_rank(rank: int, world_size: int, case: str) -> str:
+    """The error registering for ``case`` raises on this rank, "" if none; then the
+    optimizer must still train with DDP's all-reduce."""
+    model = model_of()
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=case == "bucket views")
+    params = model[0].parameters() if case == "a parameter DDP holds is missing" else None
+    group = None
+    if case == "another process group":
+        group = dist.new_group([rank], use_local_synchronization=True)
+    opt = ShardedRMSprop(params or model.parameters(), process_group=group, **OPTIONS)
+    if case == "DDP has a hook already on one rank" and rank == 0:
+        ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    target = (
+        ddp.module
+        if case == "the module, not DDP" or (case == "one rank passes the module" and rank == 1)
+        else ddp
+    )
+    error = ""
+    try:
+        opt.reduce_scatter_gradients(target)
+        if case == "twice":
+            opt.reduce_scatter_gradients(ddp)
+    except (TypeError, ValueError, RuntimeError) as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    if case != "twice":
+        assert opt.sharding.grad_reduction is None
+        ddp(batch(rank, 0, 0, torch.float32)).sum().backward()
+        opt.step()
+    return error
+
+
+REGISTRATIONS = {
+    "the module, not DDP": "TypeError: reduce_scatter_gradients() takes the DistributedDataParallel",
+    "one rank passes the module": "TypeError",
+    "bucket views": "ValueError: reduce_scatter_gradients() needs DDP(..., gradient_as_bucket_view=False)",
+    "a parameter DDP holds is missing": "are not in this optimizer",
+    "twice": "ValueError: reduce_scatter_gradients() was called already",
+    "DDP has a hook already on one rank": "can only be called once",
+    "another process group": "the DDP model averages over ranks [0, 1], the optimizer shards over",
+}
+
+
+def registrations_on_rank(rank: int, world_size: int) -> dict[str, str]:
+    return {case: registration_on_rank(rank, world_size, case) for case in REGISTRATIONS}
+
+
+def test_what_cannot_be_reduce_scattered_is_refused_on_every_rank() -> None:
+    for messages in run_ranks(2, registrations_on_rank):
+        for case, error in REGISTRATIONS.items():
+            assert error in messages[case], (case, messages[case])
+
+
+def join_on_rank(rank: int, world_size: int) -> str:
+    from torch.distributed.algorithms.join import Join
+
+    model = model_of()
+    ddp = DistributedDataParallel(model)
+    opt = ShardedRMSprop(model.parameters(), **OPTIONS)
+    opt.reduce_scatter_gradients(ddp)
+    try:
+        with Join([ddp, opt]):
+            for step in range(2 - rank):  # rank 1 runs out of data first
+                opt.zero_grad()
+                ddp(batch(rank, step, 0, torch.float32)).sum().backward()
+                opt.step()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def test_join_is_refused_on_every_rank_without_a_hang() -> None:
+    for message in run_ranks(2, join_on_rank, timeout=120):
+        assert "ran out of data under Join, but the gradients are reduce-scattered" in message
+
+
+class Wire:
+    """Bytes of floating-point data this rank receives through the collectives it calls, as
+    the bandwidth-optimal algorithms move them: ``2 (N-1)/N`` of the buffer for an all-reduce,
+    ``(N-1)/N`` for a reduce-scatter's input or an all-gather's output, the whole tensor for a
+    broadcast from another rank or a receive. Integer values (the ranks' agreements) are
+    left out."""
+
+    NAMES = ("broadcast", "irecv", "all_reduce", "all_gather_single", "reduce_scatter_single")
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.received = 0.0
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            setattr(dist, name, self._counting(name, original))
+
+    def _counting(self, name, original):
+        share = (self.world_size - 1) / self.world_size
+
+        def counted(*args, **kwargs):
+            tensor = args[0]
+            if tensor.is_floating_point():
+                size = tensor.numel() * tensor.element_size()
+                if name == "broadcast":
+                    src = args[1] if len(args) > 1 else kwargs["src"]
+                    size *= src != dist.get_rank()
+                elif name == "all_reduce":
+                    size *= 2 * share
+                elif name == "all_gather_single":
+                    size *= share
+                elif name == "reduce_scatter_single":
+                    size = args[1].numel() * args[1].element_size() * share
+                self.received += size
+            return original(*args, **kwargs)
+
+        return counted
+
+
+def wire_on_rank(rank: int, world_size: int) -> dict[str, float]:
+    wire = Wire(world_size)
+    per_step = {}
+    for mode in ("reduce-scatter", "all-reduce"):
+        torch.manual_seed(0)  # 1024 + 2048 float32 elements: no padding at 2 or 4 ranks
+        model = nn.Sequential(nn.Linear(16, 64, bias=False), nn.Linear(64, 32, bias=False))
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.004)
+        opt = ShardedRMSprop(model.parameters(), **OPTIONS)
+        if mode == "reduce-scatter":
+            opt.reduce_scatter_gradients(ddp)
+        else:
+            # DDP's all-reduce, through torch.distributed.all_reduce, where Wire sees it
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+        for step in range(5):
+            if step == 2:  # (after DDP's first iteration, which rebuilds its buckets)
+                wire.received = 0.0
+            opt.zero_grad()
+            ddp(torch.randn(4, 16)).sum().backward()
+            opt.step()
+        per_step[mode] = wire.received / 3
+    return per_step
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_bytes_on_the_wire(world_size: int) -> None:
+    param_bytes = 3072 * 4
+    share = (world_size - 1) / world_size
+    for per_step in run_ranks(world_size, wire_on_rank):
+        assert per_step["reduce-scatter"] == pytest.approx(2 * share * param_bytes)
+        assert per_step["all-reduce"] == pytest.approx(3 * share * param_bytes)
