@@ -71,7 +71,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ from harness import (  # noqa: E402
     all_gather,
     cores,
     device_name,
+    measured_or_saved,
     median_ms,
     now,
     quartiles_ms,
@@ -743,24 +744,15 @@ def measure(cfg: Config) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, saved = parse_args(argv)
-    if saved is None:
-        results, meta = measure(cfg)
-        gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
-        full = (
-            set(cfg.world_sizes)
-            >= ({1, 2, 3, 4} if cfg.device == "cpu" else set(range(1, gpus + 1)))
-            and set(cfg.sets) == set(SETS)
-            and set(cfg.contenders) == set(CONTENDERS)
-        )
-        stem = RESULTS / f"step_{cfg.device}_{cfg.backend}{'' if full else '_partial'}"
-        RESULTS.mkdir(exist_ok=True)
-        raw = dict(config=asdict(cfg), meta=meta, results={str(w): r for w, r in results.items()})
-        stem.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    else:
-        raw = json.loads(saved.read_text())
-        results = {int(w): r for w, r in raw["results"].items()}
-        meta = raw["meta"]
-        stem = saved.with_suffix("")
+    gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    full = (
+        set(cfg.world_sizes)
+        >= ({1, 2, 3, 4} if cfg.device == "cpu" else set(range(1, gpus + 1)))
+        and set(cfg.sets) == set(SETS)
+        and set(cfg.contenders) == set(CONTENDERS)
+    )
+    stem = RESULTS / f"step_{cfg.device}_{cfg.backend}{'' if full else '_partial'}"
+    results, meta, stem = measured_or_saved(cfg, stem, saved, measure)
     table = render(results, cfg, meta)
     print(table)
     stem.with_suffix(".md").write_text(table)

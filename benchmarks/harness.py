@@ -15,12 +15,14 @@ The benchmarks run as scripts (``python benchmarks/bench_step.py``), with this f
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -176,3 +178,23 @@ def device_name(device: str = "cpu") -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"{cpu_name()}, {cores()} cores"
+
+
+# -- saved runs ------------------------------------------------------------------------------------
+
+
+def measured_or_saved(
+    cfg: Any, stem: Path, saved: Path | None, measure: Callable[[Any], tuple[dict, dict]]
+) -> tuple[dict[int, Any], dict, Path]:
+    """``(results by world size, meta, stem)`` of a run: ``measure(cfg)``, written to
+    ``stem.json`` with ``cfg`` (a dataclass), or, given ``saved``, that file read back (and its
+    stem)."""
+    if saved is None:
+        results, meta = measure(cfg)
+        stem.parent.mkdir(exist_ok=True)
+        raw = dict(config=asdict(cfg), meta=meta, results={str(w): r for w, r in results.items()})
+        stem.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        return results, meta, stem
+    raw = json.loads(saved.read_text())
+    return {int(w): r for w, r in raw["results"].items()}, raw["meta"], saved.with_suffix("")
+

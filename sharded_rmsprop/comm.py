@@ -233,29 +233,44 @@ class DataParallelGroup:
             work.wait()
         return []
 
-    def reduce_scatter(self, flat: Tensor, shard: Tensor) -> Reduction:
+    def reduce_scatter(
+        self, flat: Tensor, shard: Tensor, received: Tensor | None = None
+    ) -> Reduction:
         """Start summing ``flat`` over the ranks into ``shard``, this rank's chunk of it.
 
         Collective. ``flat`` splits into ``world_size`` chunks of ``shard.numel()`` elements;
         once the returned :class:`Reduction` is waited for, ``shard`` holds the sum of every
         rank's chunk ``rank`` (and ``flat`` may be reused). On gloo the chunks travel point to
-        point and are added in rank order.
+        point, into ``received`` (``(world_size - 1) * shard.numel()`` elements; new memory if
+        None), and are added in rank order.
         """
         if not self.is_distributed:
             shard.copy_(flat)
             return Reduction([], shard)
         if self.backend not in _POINT_TO_POINT_REDUCE_BACKENDS:
             return Reduction([_reduce_scatter_into(shard, flat, self.group)], shard)
-        chunks = list(flat.split(shard.numel()))
+        numel = shard.numel()
+        if received is None:
+            received = self.reduce_scatter_inbox(shard)
+        inbox = iter(received.split(numel))
+        chunks = list(flat.split(numel))
         works = []
         for peer, chunk in enumerate(chunks):
             if peer == self.rank:
                 continue
             global_peer = dist.get_global_rank(self.group, peer)
             works.append(dist.isend(chunk, global_peer, group=self.group))
-            chunks[peer] = torch.empty_like(chunk)
+            chunks[peer] = next(inbox)
             works.append(dist.irecv(chunks[peer], global_peer, group=self.group))
         return Reduction(works, shard, chunks)
+
+    def reduce_scatter_inbox(self, shard: Tensor) -> Tensor | None:
+        """New memory that :meth:`reduce_scatter` into ``shard`` can receive into (None where
+        the backend needs none): keep it to reduce again without allocating."""
+        if not self.is_distributed or self.backend not in _POINT_TO_POINT_REDUCE_BACKENDS:
+            return None
+        numel = (self.world_size - 1) * shard.numel()
+        return torch.empty(numel, dtype=shard.dtype, device=shard.device)
 
     def stream_shards(
         self, shard: Tensor, to: int | None, chunk_numel: int

@@ -26,18 +26,36 @@ average has one, since that average sums every rank's gradient.
 
 Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
 they would train on wrong gradients: a second synchronised backward adding to gradients that
-were already reduced (accumulate under ``ddp_model.no_sync()`` instead), and a gradient that
-was not reduced (a backward under ``no_sync()`` only, ``p.grad`` set by hand, or a parameter
-that DDP does not hold). ``torch.nn.utils.clip_grad_norm_`` cannot be told apart from a
-rightful change of ``p.grad`` and would see other ranks' elements unaveraged: use the
-optimizer's ``clip_grad_norm_()``.
+were already reduced (accumulate under ``ddp_model.no_sync()`` instead), a gradient that was
+not reduced (a backward under ``no_sync()`` only, ``p.grad`` set by hand, or a parameter that
+DDP does not hold), and gradients rescaled after the reduction by a factor that differs
+between ranks: ``torch.nn.utils.clip_grad_norm_``, which measures the unaveraged elements
+too (use the optimizer's ``clip_grad_norm_()``). A change every rank makes alike
+(``scaler.unscale_``, a division by the number of micro-batches) or element by element
+(``clip_grad_value_``) is the change DDP's average would have seen in the owned elements.
+
+How a rescale is seen: after DDP copied the gradients (a callback at the end of the
+backward) the hook notes each gradient's version counter, so the next step knows on the host,
+without waiting for a GPU, whether ``p.grad`` was changed in place since; the ranks agree on
+that. Only where every rank changed them does each compare a fingerprint of its owned
+elements (the sum of squares of a fixed sample of them) with the one taken when they were
+reduced, and the ranks compare the ratios: one scalar all-reduce.
 
 The reductions start in one order on every rank, from the last bucket to the first (the
 order in which a backward completes them), whatever the order DDP hands its buckets over in.
+An optimizer bucket's reduction can only start once all of its gradients are in: with one
+bucket (the default) it runs after the whole backward; with ``bucket_numel`` about DDP's
+bucket size, each runs behind the rest of the backward, as DDP's all-reduces do.
+
+Memory: the staging buffers (as many elements as the parameters, plus padding), the reduced
+shards (1/N of that) and on gloo the other ranks' chunks as they arrive ((N-1)/N) are kept
+from one backward to the next: new memory each time costs more than the reduction itself on
+a CPU (page faults), and on a GPU the caching allocator would keep it anyway.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -48,7 +66,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from .agreement import Agreement
+from .agreement import Agreement, Fact
 from .facts import param_labels
 
 if TYPE_CHECKING:
@@ -93,8 +111,7 @@ class _Backward:
     """One synchronised backward, from DDP's first bucket to its last."""
 
     remaining: list[int]  # gradients still to stage, by optimizer bucket
-    staging: dict[int, Tensor] = field(default_factory=dict)
-    shards: dict[int, Tensor] = field(default_factory=dict)
+    reduced: set[int] = field(default_factory=set)  # the buckets whose reduction started
     reductions: list[Reduction] = field(default_factory=list)
     next_to_start: int = -1  # the highest bucket not started yet (they start last to first)
     # DDP's buckets handed over so far: their (parameter, gradient view) pairs, buffer and
@@ -102,6 +119,19 @@ class _Backward:
     handed: list[tuple[list[tuple[Tensor, Tensor]], Tensor, torch.futures.Future]] = field(
         default_factory=list
     )
+
+
+@dataclass
+class _Buffers:
+    """What one optimizer bucket's reduction uses, kept from backward to backward (new memory
+    each time would cost more than the reduction on a CPU: page faults): the gradients, divided
+    by the number of ranks, in the bucket's flat layout; the reduced shard; and on gloo the
+    other ranks' chunks as they arrive."""
+
+    plan: Any  # the bucket's layout they were made for
+    staging: Tensor
+    shard: Tensor
+    inbox: Tensor | None
 
 
 class GradientReduceScatter:
@@ -121,6 +151,12 @@ class GradientReduceScatter:
         self._home: dict[Tensor, tuple[int, int]] = {}
         self._expected: list[int] = []
         self._homes_for: int = -1  # the number of buckets ``_home`` was built for
+        #: By optimizer bucket, kept from backward to backward (see :class:`_Buffers`).
+        self._buffers: dict[int, _Buffers] = {}
+        #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
+        self._versions: dict[Tensor, int] = {}
+        #: The owned elements' fingerprint (see :meth:`fingerprint`) when they were reduced.
+        self._fingerprint: Tensor | None = None
         #: False until every rank registered the hook: it all-reduces as DDP's own would.
         self.armed = False
 
@@ -186,7 +222,7 @@ class GradientReduceScatter:
         for param, grad in pairs:
             index, position = self._home[param]
             slot = buckets[index].plan.slots[position]
-            staging = self._staging(index)
+            staging = self._buffers_of(index).staging
             torch.div(grad.reshape(-1), world_size, out=staging[slot.offset : slot.end])
             self._note_reduced(param)
             backward.remaining[index] -= 1
@@ -213,15 +249,16 @@ class GradientReduceScatter:
             self._homes_for = len(buckets)
         return _Backward(remaining=list(self._expected), next_to_start=len(buckets) - 1)
 
-    def _staging(self, index: int) -> Tensor:
-        backward = self._backward
-        if index not in backward.staging:
-            plan = self.sharding.buckets[index].plan
-            # zeros: padding and parameters DDP does not hold add nothing
-            backward.staging[index] = torch.zeros(
-                plan.padded_numel, dtype=plan.dtype, device=plan.device
-            )
-        return backward.staging[index]
+    def _buffers_of(self, index: int) -> _Buffers:
+        plan = self.sharding.buckets[index].plan
+        if index not in self._buffers or self._buffers[index].plan is not plan:
+            # zeros: padding and parameters DDP does not hold add nothing; every other
+            # element is written by each synchronised backward
+            staging = torch.zeros(plan.padded_numel, dtype=plan.dtype, device=plan.device)
+            shard = torch.empty(plan.shard_numel, dtype=plan.dtype, device=plan.device)
+            inbox = self.sharding.data_parallel.reduce_scatter_inbox(shard)
+            self._buffers[index] = _Buffers(plan, staging, shard, inbox)
+        return self._buffers[index]
 
     def _start_ready(self, everything: bool = False) -> None:
         """Start the reductions of the complete buckets (all, if ``everything``), from the
@@ -234,11 +271,12 @@ class GradientReduceScatter:
             backward.next_to_start -= 1
             if not self._expected[index]:
                 continue  # no gradients on any rank: nothing to reduce
-            plan = self.sharding.buckets[index].plan
-            shard = torch.empty(plan.shard_numel, dtype=plan.dtype, device=plan.device)
-            backward.shards[index] = shard
+            buffers = self._buffers_of(index)
+            backward.reduced.add(index)
             backward.reductions.append(
-                self.sharding.data_parallel.reduce_scatter(self._staging(index), shard)
+                self.sharding.data_parallel.reduce_scatter(
+                    buffers.staging, buffers.shard, buffers.inbox
+                )
             )
 
     def _finish(self) -> None:
@@ -253,10 +291,46 @@ class GradientReduceScatter:
             for param, grad in pairs:
                 index, position = self._home[param]
                 piece = buckets[index].owned_piece(position)
-                if piece is not None and index in backward.shards:
-                    averaged = backward.shards[index][piece.shard_start : piece.shard_end]
+                if piece is not None and index in backward.reduced:
+                    averaged = self._buffers[index].shard[piece.shard_start : piece.shard_end]
                     grad.reshape(-1)[piece.param_start : piece.param_end].copy_(averaged)
             future.set_result(buffer)
+        self._fingerprint = self.fingerprint(
+            [self._buffers[i].shard[p.shard_start : p.shard_end] for i, p in self._owned_pieces()]
+        )
+        # DDP's own callback, queued after this hook returns, copies the buckets into p.grad;
+        # a callback queued by a callback runs after it: note the versions then
+        engine = torch.autograd.Variable._execution_engine
+        try:
+            engine.queue_callback(lambda: engine.queue_callback(self._note_versions))
+        except RuntimeError:  # not in a backward: DDP's Join hook matching the others' one
+            self._note_versions()
+
+    def _owned_pieces(self) -> list[tuple[int, Any]]:
+        """``(bucket index, piece)`` of every owned piece whose parameter DDP reduces."""
+        return [
+            (index, piece)
+            for index, bucket in enumerate(self.sharding.buckets)
+            for piece in bucket.pieces
+            if self._expected[index]
+            and bucket.params[bucket.position_of(piece)] in self._ddp_params
+        ]
+
+    def _note_versions(self) -> None:
+        self._versions = {
+            param: param.grad._version for param in self._reduced if param.grad is not None
+        }
+
+    @staticmethod
+    def fingerprint(owned: Sequence[Tensor]) -> Tensor:
+        """Two sums of squares, in float64, of every 97th element of each of ``owned``, the
+        sampled elements taken in turns: the same for the same values; both times ``c**2``
+        for values times ``c``, and most often not for an elementwise change."""
+        sample = [values[::97] for values in owned if values.numel()]
+        if not sample:
+            return torch.zeros(2, dtype=torch.float64)
+        squares = torch.cat(sample).double().square()
+        return torch.stack([squares[0::2].sum(), squares[1::2].sum()])
 
     def _note_reduced(self, param: Tensor) -> None:
         """Record that ``param``'s gradient is being reduced; a second reduction of the same
@@ -303,6 +377,56 @@ class GradientReduceScatter:
                     " between. Nothing was changed on any rank."
                 )
 
+    def changed_in_place(self, params: Sequence[Tensor]) -> bool:
+        """Whether the gradient of one of ``params`` was written in place since DDP copied the
+        reduced values into it (the host knows; no GPU wait)."""
+        return any(
+            param.grad is not None
+            and self._versions.get(param, param.grad._version) != param.grad._version
+            for param in params
+        )
+
+    def check_rescale(self) -> None:
+        """After every rank changed its gradients in place: ``RuntimeError`` on every rank if
+        the owned elements were rescaled by factors that differ between ranks. Collective (one
+        all-reduce of two numbers); on a GPU it waits for the gradients."""
+        buckets = self.sharding.buckets
+        now = self.fingerprint(
+            [
+                buckets[index]
+                .params[buckets[index].position_of(piece)]
+                .grad.reshape(-1)[piece.param_start : piece.param_end]
+                for index, piece in self._owned_pieces()
+            ]
+        )
+        then = self._fingerprint if self._fingerprint is not None else now
+        ratios = torch.where(
+            then > 0, now / then.clamp(min=1e-300), torch.where(now > 0, math.inf, 1.0)
+        )
+        # Only a rank that rescaled its owned elements, all by one factor, has a say: an
+        # elementwise change is what DDP's average would have seen too, and inf or NaN
+        # gradients are for the inf checks to decide about.
+        (ratio, other), no_say = ratios.tolist(), torch.full((2,), -math.inf)
+        uniform = math.isfinite(ratio) and abs(ratio - other) <= 1e-4 * abs(ratio)
+        mine = torch.tensor([ratio, -ratio]) if uniform else no_say
+        data_parallel = self.sharding.data_parallel
+        mine = mine.to(data_parallel.control_device(), torch.float64)
+        highest, minus_lowest = data_parallel.all_reduce_tensor(mine, "max").tolist()
+        if highest > -minus_lowest * (1 + 1e-4):
+            raise RuntimeError(
+                "ShardedRMSprop: after DDP reduce-scattered them, the gradients were rescaled "
+                f"by factors that differ between ranks (their squares from {-minus_lowest:.6g} "
+                f"to {highest:.6g}): torch.nn.utils.clip_grad_norm_ (or another norm of p.grad) "
+                "measures each rank's unaveraged elements too (reduce_scatter_gradients() is "
+                "on). Clip with optimizer.clip_grad_norm_(), which measures the averaged "
+                "gradient. Nothing was changed on any rank."
+            )
+
+    def buffers(self) -> list[Tensor]:
+        """The staging buffers, shards and inboxes kept from backward to backward."""
+        kept = [(b.staging, b.shard, b.inbox) for b in self._buffers.values()]
+        return [tensor for trio in kept for tensor in trio if tensor is not None]
+
     def forget(self) -> None:
         """The gradients were reset (``optimizer.zero_grad()``)."""
         self._reduced.clear()
@@ -340,11 +464,30 @@ class ReduceScatterSwitch:
         hook.armed = True
         self.sharding.grad_reduction = hook
 
-    def _check_reduced_grads(self) -> None:
-        """With reduce-scattered gradients: every gradient is the one DDP reduced."""
-        if self.sharding.grad_reduction is not None:
-            params = [p for group in self.param_groups for p in group["params"]]
-            self.sharding.grad_reduction.check(params)
+    def _check_reduced_grads(self) -> list[Fact]:
+        """With reduce-scattered gradients: every gradient is the one DDP reduced; the fact
+        the ranks agree on, whether they were changed in place since."""
+        reduction = self.sharding.grad_reduction
+        if reduction is None:
+            return []
+        params = [p for group in self.param_groups for p in group["params"]]
+        reduction.check(params)
+        question = "whether p.grad was changed in place after DDP reduced it"
+        return [
+            Fact(
+                "the gradients after their reduction",
+                (reduction.changed_in_place(params),),
+                lambda _: question,
+                "Change the gradients after backward alike on every rank, or on none "
+                "(reduce_scatter_gradients() is on).",
+            )
+        ]
+
+    def _check_rescale(self, facts: list[Fact]) -> None:
+        """After the ranks agreed on ``facts`` (from :meth:`_check_reduced_grads`): where
+        every rank changed its gradients in place, that they rescaled them alike."""
+        if facts and facts[0].values[0]:
+            self.sharding.grad_reduction.check_rescale()
 
 
 def reduce_scatter_hook(

@@ -14,6 +14,7 @@ from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
 from . import checkpoint, grad_reduction, gradients, joining
+from .accounting import MemoryAccounting
 from .agreement import Agreement, Fact, plain, shares_failure
 from .comm import DataParallelGroup
 from .arguments import (
@@ -34,7 +35,11 @@ _log = logging.getLogger("sharded_rmsprop")
 
 
 class ShardedRMSprop(
-    checkpoint.StateDicts, grad_reduction.ReduceScatterSwitch, Optimizer, joining.Following
+    checkpoint.StateDicts,
+    grad_reduction.ReduceScatterSwitch,
+    MemoryAccounting,
+    Optimizer,
+    joining.Following,
 ):
     r"""RMSprop whose state is partitioned across data-parallel ranks (ZeRO stage 1).
 
@@ -373,7 +378,7 @@ class ShardedRMSprop(
         with Agreement(self._data_parallel, "clip_grad_norm_()", followable=True) as agreement:
             norm_type = gradients.check_norm_type(norm_type)
             scan = self.sharding.scan(self.param_groups, check_grad)
-            self._check_reduced_grads()
+            reduced = self._check_reduced_grads()
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
             agreement.facts = [
                 Fact(
@@ -384,9 +389,11 @@ class ShardedRMSprop(
                 ),
                 scan.has_grad_fact(self.param_groups),
                 scan.replaced_fact(self.param_groups),
+                *reduced,
             ]
         followers = agreement.followers
         joining.check_followable(self, followers)
+        self._check_rescale(reduced)
         self.sharding.adopt(scan, self.state)  # the norm of the gradients where they are now
         owned = self.sharding.owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
@@ -437,11 +444,13 @@ class ShardedRMSprop(
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scan = self.sharding.scan(self.param_groups, check_grad)
-            self._check_reduced_grads()
-            agreement.facts = step_facts(
-                self.param_groups, self.sharding.buckets, clip, scaler, scan
-            )
+            reduced = self._check_reduced_grads()
+            agreement.facts = [
+                *step_facts(self.param_groups, self.sharding.buckets, clip, scaler, scan),
+                *reduced,
+            ]
         joining.check_followable(self, agreement.followers)
+        self._check_rescale(reduced)
         return scan, agreement.followers
 
     def _all_grads(self) -> list[Tensor]:
@@ -477,25 +486,3 @@ class ShardedRMSprop(
                 self.skipped_steps,
             )
         return True
-
-    # -- accounting ------------------------------------------------------------------------------
-
-    def memory(self) -> dict[str, list[Tensor]]:
-        """This rank's own buffers by kind, the parameters and their gradients aside:
-        ``state`` (the owned shard of square_avg, momentum_buffer and grad_avg), ``master``
-        (float32 master weights of 16-bit shards), ``steps`` (the step counts) and
-        ``grad_window`` (where the owned gradient slices are staged for the update)."""
-        return self.sharding.memory()
-
-    def memory_bytes(self) -> dict[str, int]:
-        """The bytes of :meth:`memory`, by kind."""
-        return {
-            kind: sum(t.numel() * t.element_size() for t in tensors)
-            for kind, tensors in self.memory().items()
-        }
-
-    @property
-    def shares_host_memory(self) -> bool:
-        """Whether some flat buffer (parameters and shards) is mapped by every rank of the
-        host (``host_shared=True``, where it could be had)."""
-        return self.sharding.sync.shares_host_memory

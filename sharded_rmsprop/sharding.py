@@ -47,6 +47,15 @@ class GradientReduction(Protocol):
     def check(self, params: Sequence[Tensor]) -> None:
         """Raise if some gradient of ``params`` did not arrive as it should."""
 
+    def changed_in_place(self, params: Sequence[Tensor]) -> bool:
+        """Whether a gradient of ``params`` was written in place since it arrived."""
+
+    def check_rescale(self) -> None:
+        """Raise on every rank if the ranks rescaled their gradients differently; collective."""
+
+    def buffers(self) -> list[Tensor]:
+        """The buffers it keeps from backward to backward."""
+
     def forget(self) -> None:
         """The gradients were reset."""
 
@@ -339,6 +348,8 @@ class Sharding:
                 kinds["master" if key == MASTER_KEY else "state"].append(buffer)
             kinds["steps"].append(bucket.steps)
             kinds["grad_window"].append(bucket.grad_window)
+        if self.grad_reduction is not None:
+            kinds["grad_reduction"] = self.grad_reduction.buffers()
         return kinds
 
 

@@ -10,6 +10,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sharded_rmsprop"
 
 #: torch's own underscore names that torch's optimizers use as well.
 TORCH_PRIVATES = {"_foreach_copy_", "_foreach_norm", "_make_wrapper_subclass", "_to_copy"}
+#: and those that torch's DDP and FSDP use: the autograd engine's end-of-backward callbacks
+#: and a tensor's version counter.
+TORCH_PRIVATES |= {"_execution_engine", "_version"}
 
 
 def modules() -> dict[str, ast.Module]:
