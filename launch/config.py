@@ -69,6 +69,24 @@ class Config:
         metadata={"help": "parameter elements per flat buffer, each synced while the next is "
                   "updated (0: one buffer per dtype)"},
     )
+    grad_sync: str = field(
+        default="reduce-scatter",
+        metadata={"help": "how the gradients are averaged: reduce-scattered into the optimizer's "
+                  "shards by DDP's communication hook (with the parameter sync, the bytes of one "
+                  "all-reduce), or DDP's own all-reduce (1.5 times that)",
+                  "choices": ("reduce-scatter", "all-reduce")},
+    )
+    param_sync: str = field(
+        default="auto",
+        metadata={"help": "the collective that brings the other ranks' updated shards (auto: "
+                  "broadcasts on gloo, the all-gather on NCCL)",
+                  "choices": ("auto", "all-gather", "broadcast")},
+    )
+    host_shared: bool = field(
+        default=False,
+        metadata={"help": "ranks of one host map one copy of the flat buffers: the parameter "
+                  "sync becomes a barrier (one host only; falls back with a warning)"},
+    )
     clip_grad_norm: float = field(
         default=1.0,
         metadata={"help": "clip the gradients to this global norm (0: off)",

@@ -113,9 +113,10 @@ def build_model(
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def build_optimizer(model: nn.Module, config: Config) -> ShardedRMSprop:
-    """Constructed after DDP, as the library asks: it makes the parameters views of its buffers."""
-    return ShardedRMSprop(
+def build_optimizer(model: DistributedDataParallel, config: Config) -> ShardedRMSprop:
+    """Constructed after DDP, as the library asks (it makes the parameters views of its
+    buffers); with ``--grad-sync reduce-scatter`` DDP reduce-scatters into it."""
+    opt = ShardedRMSprop(
         model.parameters(),
         lr=config.lr,
         alpha=config.alpha,
@@ -127,7 +128,12 @@ def build_optimizer(model: nn.Module, config: Config) -> ShardedRMSprop:
         master_weights=config.master_weights,  # applies to bfloat16 / float16 parameters only
         skip_nonfinite=config.skip_nonfinite,
         bucket_numel=config.bucket_numel or None,
+        param_sync=config.param_sync.replace("-", "_"),
+        host_shared=config.host_shared,
     )
+    if config.grad_sync == "reduce-scatter":
+        opt.reduce_scatter_gradients(model)
+    return opt
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -257,7 +263,7 @@ def train(
     opt = build_optimizer(model, config)
     scaler = build_scaler(config, ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
-    describe_run(config, corpus, n_params, tokens_per_step(config, ctx), ctx)
+    describe_run(config, corpus, n_params, tokens_per_step(config, ctx), ctx, opt.sync_path)
     first_step = 1
     if config.resume:
         first_step += resume_from_latest(

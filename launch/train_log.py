@@ -186,8 +186,9 @@ def progress_notes(
 
 def describe_run(
     config: Config, corpus: CharCorpus, n_params: int, tokens_per_step: int,
-    ctx: DistributedContext,
+    ctx: DistributedContext, sync_path: str,
 ) -> None:
+    """The run's first log lines; ``sync_path``: ``ShardedRMSprop.sync_path``."""
     log.info(
         "world size %d (%s launch, %s backend, %s) | corpus %s: %d train + %d val characters, "
         "vocabulary %d", ctx.world_size, ctx.launcher, ctx.backend, ctx.device, corpus.source,
@@ -197,6 +198,9 @@ def describe_run(
         f"lr {config.lr:g} alpha {config.alpha:g} eps {config.eps:g} weight_decay "
         f"{config.weight_decay:g} momentum {config.momentum:g} centered {config.centered}",
         f"clip grad norm {config.clip_grad_norm:g}" if config.clip_grad_norm else "no clipping",
+        "gradients " + {"reduce-scatter": "reduce-scattered", "all-reduce": "all-reduced"}[
+            config.grad_sync
+        ] + f", parameters synced by {sync_path}",
     ]
     if config.dtype != "float32":
         options.append("float32 master weights" if config.master_weights else "no master weights")

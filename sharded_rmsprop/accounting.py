@@ -1,4 +1,4 @@
-"""What ``ShardedRMSprop`` holds on this rank, by kind: its memory accounting."""
+"""What ``ShardedRMSprop`` holds on this rank, by kind, and how its buffers are synced."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ __all__ = ["MemoryAccounting"]
 
 
 class MemoryAccounting:
-    """``memory()``, ``memory_bytes()`` and ``shares_host_memory`` of ``ShardedRMSprop``."""
+    """``memory()``, ``memory_bytes()``, ``shares_host_memory`` and ``sync_path`` of
+    ``ShardedRMSprop``."""
 
     sharding: Sharding
 
@@ -38,3 +39,11 @@ class MemoryAccounting:
         """Whether some flat buffer (parameters and shards) is mapped by every rank of the
         host (``host_shared=True``, where it could be had)."""
         return self.sharding.sync.shares_host_memory
+
+    @property
+    def sync_path(self) -> str:
+        """How the updated shards reach every rank: "broadcast" or "all_gather" (the
+        collective, ``param_sync`` resolved for the backend), "host_shared" (a barrier: the
+        buffers are shared), both joined by "and" where buffers differ, or "none" (one
+        rank)."""
+        return self.sharding.sync.describe()

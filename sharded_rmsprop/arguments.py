@@ -6,6 +6,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from .comm import PARAM_SYNCS
+
 __all__ = [
     "check_grad",
     "check_hyperparameters",
@@ -54,10 +56,18 @@ def check_torch_implementation(capturable: Any, foreach: Any, differentiable: An
 
 
 def checked_settings(
-    fused: Any, master_weights: Any, skip_nonfinite: Any, host_shared: Any, bucket_numel: Any
-) -> dict[str, bool | int | None]:
+    fused: Any,
+    master_weights: Any,
+    skip_nonfinite: Any,
+    host_shared: Any,
+    bucket_numel: Any,
+    param_sync: Any,
+) -> dict[str, bool | int | str | None]:
     """ShardedRMSprop's own settings by name, checked, ``master_weights=None`` resolved (it
     means True; ``bucket_numel`` is checked where the buckets are planned)."""
+    if not isinstance(param_sync, str) or param_sync not in PARAM_SYNCS:
+        choices = ", ".join(repr(choice) for choice in PARAM_SYNCS)
+        raise ValueError(f"param_sync must be one of {choices}, got {param_sync!r}")
     for name, value in (("fused", fused), ("master_weights", master_weights)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be None, True or False, got {value!r}")
@@ -70,6 +80,7 @@ def checked_settings(
         skip_nonfinite=skip_nonfinite,
         host_shared=host_shared,
         bucket_numel=bucket_numel,
+        param_sync=param_sync,
     )
 
 

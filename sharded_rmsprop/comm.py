@@ -13,7 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DataParallelGroup", "Reduction"]
+__all__ = ["PARAM_SYNCS", "DataParallelGroup", "Reduction"]
+
+#: The parameter syncs one can ask for (``ShardedRMSprop(param_sync=...)``): "auto", the
+#: collective measured fastest for the backend, or one by name.
+PARAM_SYNCS = ("auto", "all_gather", "broadcast")
 
 # gloo implements all-gather as a ring of point-to-point sends; one broadcast per owning rank
 # is about 4x faster on 2 CPU ranks at 100 MiB (benchmarks/results/sync_gloo_2ranks.md).
@@ -204,24 +208,39 @@ class DataParallelGroup:
 
     # -- the parameter sync --------------------------------------------------------------------
 
+    def param_sync(self, asked: str = "auto") -> str:
+        """The collective of the parameter sync for ``asked`` (one of :data:`PARAM_SYNCS`):
+        "broadcast" (one per owning rank) or "all_gather". "auto" is broadcasts on gloo, whose
+        all-gather is a slower ring of sends, and the all-gather elsewhere (NCCL's is one
+        collective at the links' bandwidth)."""
+        if asked != "auto":
+            return asked
+        return "broadcast" if self.backend in _BROADCAST_BACKENDS else "all_gather"
+
     def sync_shards(
-        self, flats: Sequence[Tensor], shard_numels: Sequence[int], wait: bool = True
+        self,
+        flats: Sequence[Tensor],
+        shard_numels: Sequence[int],
+        wait: bool = True,
+        collective: str = "auto",
     ) -> list[dist.Work]:
         """Give every rank the whole of each flat buffer, each rank contributing its shard.
 
         Collective. ``flats[i]`` is split into ``world_size`` shards of ``shard_numels[i]``
-        elements; rank ``r``'s shard is authoritative for that range. With ``wait=False``
-        the collectives are only started, and it returns the work to wait for before the
-        flats are read (on a GPU, waiting orders the current stream after it).
+        elements; rank ``r``'s shard is authoritative for that range. ``collective`` is
+        one of :data:`PARAM_SYNCS` (see :meth:`param_sync`). With ``wait=False`` the
+        collectives are only started, and it returns the work to wait for before the flats
+        are read (on a GPU, waiting orders the current stream after it).
         """
         works: list[dist.Work] = []
         if not self.is_distributed:
             return works
+        by_broadcasts = self.param_sync(collective) == "broadcast"
         for flat, shard_numel in zip(flats, shard_numels):
             if shard_numel == 0:
                 continue
             shards = flat.split(shard_numel)
-            if self.backend in _BROADCAST_BACKENDS:
+            if by_broadcasts:
                 for owner, shard in enumerate(shards):
                     src = dist.get_global_rank(self.group, owner)
                     works.append(dist.broadcast(shard, src, group=self.group, async_op=True))

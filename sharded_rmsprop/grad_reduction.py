@@ -21,8 +21,13 @@ backward ``p.grad`` holds
 
 Everything the optimizer reads of a gradient is in the owned elements: the update,
 ``clip_grad_norm_()``, the GradScaler's scale. An inf or NaN check of all of a rank's
-gradients (``skip_nonfinite``, the GradScaler's) finds one on some rank exactly when DDP's
-average has one, since that average sums every rank's gradient.
+gradients (``skip_nonfinite``, the GradScaler's, which sets that rank's next loss scale) must
+find one on every rank exactly when DDP's average holds one, as it would after DDP's
+all-reduce. A rank's own elements alone would not tell it: an inf in one rank's gradient,
+in a range that rank owns, reaches no other rank. So the ranks agree on whether some
+averaged range holds an inf or NaN (one all-reduce of a flag at the end of the backward), and
+where one does, every rank writes a NaN into one element of ``p.grad`` that it does not own,
+which its update never reads.
 
 Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
 they would train on wrong gradients: a second synchronised backward adding to gradients that
@@ -68,6 +73,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .agreement import Agreement, Fact
 from .facts import param_labels
+from .gradients import has_nonfinite
 
 if TYPE_CHECKING:
     from .comm import Reduction
@@ -111,7 +117,6 @@ class _Backward:
     """One synchronised backward, from DDP's first bucket to its last."""
 
     remaining: list[int]  # gradients still to stage, by optimizer bucket
-    reduced: set[int] = field(default_factory=set)  # the buckets whose reduction started
     reductions: list[Reduction] = field(default_factory=list)
     next_to_start: int = -1  # the highest bucket not started yet (they start last to first)
     # DDP's buckets handed over so far: their (parameter, gradient view) pairs, buffer and
@@ -128,10 +133,20 @@ class _Buffers:
     by the number of ranks, in the bucket's flat layout; the reduced shard; and on gloo the
     other ranks' chunks as they arrive."""
 
-    plan: Any  # the bucket's layout they were made for
     staging: Tensor
     shard: Tensor
     inbox: Tensor | None
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one parameter's gradient goes: its optimizer bucket, its slot in that bucket's
+    staging buffer, and the range this rank owns of it (``param_start``, ``param_end``, and
+    where the reduction leaves that range's average), if any."""
+
+    index: int
+    staging: Tensor
+    owned: tuple[int, int, Tensor] | None
 
 
 class GradientReduceScatter:
@@ -148,9 +163,14 @@ class GradientReduceScatter:
         self._ddp_params = set(ddp_params)
         self._reduced: dict[Tensor, _Reduced] = {}
         self._backward: _Backward | None = None
-        self._home: dict[Tensor, tuple[int, int]] = {}
-        self._expected: list[int] = []
-        self._homes_for: int = -1  # the number of buckets ``_home`` was built for
+        #: The layout the routes and buffers below were made for: each bucket's plan and
+        #: parameters (a replaced parameter or a new param group makes them anew).
+        self._layout: list[Any] = []
+        self._routes: dict[Tensor, _Route] = {}
+        #: A gradient element this rank does not own, (parameter, flat index): where it
+        #: marks an inf or NaN that another rank's average holds (see :meth:`_finish`).
+        self._marker: tuple[Tensor, int] | None = None
+        self._expected: list[int] = []  # by optimizer bucket: how many gradients DDP hands in
         #: By optimizer bucket, kept from backward to backward (see :class:`_Buffers`).
         self._buffers: dict[int, _Buffers] = {}
         #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
@@ -216,16 +236,13 @@ class GradientReduceScatter:
         if self._backward is None:
             self._backward = self._begin()
         backward = self._backward
-        buckets = self.sharding.buckets
         world_size = self.sharding.data_parallel.world_size
         pairs = list(zip(bucket.parameters(), bucket.gradients()))
         for param, grad in pairs:
-            index, position = self._home[param]
-            slot = buckets[index].plan.slots[position]
-            staging = self._buffers_of(index).staging
-            torch.div(grad.reshape(-1), world_size, out=staging[slot.offset : slot.end])
+            route = self._routes[param]
+            torch.div(grad.reshape(-1), world_size, out=route.staging)
             self._note_reduced(param)
-            backward.remaining[index] -= 1
+            backward.remaining[route.index] -= 1
         self._start_ready()
         buffer = bucket.buffer()
         devices = [buffer.device] if buffer.device.type == "cuda" else None
@@ -237,28 +254,44 @@ class GradientReduceScatter:
 
     def _begin(self) -> _Backward:
         buckets = self.sharding.buckets
-        if self._homes_for != len(buckets):
-            self._home = {
-                param: (index, position)
-                for index, bucket in enumerate(buckets)
-                for position, param in enumerate(bucket.params)
-            }
-            self._expected = [
-                sum(param in self._ddp_params for param in bucket.params) for bucket in buckets
-            ]
-            self._homes_for = len(buckets)
+        layout = [item for bucket in buckets for item in (bucket.plan, *bucket.params)]
+        if len(layout) != len(self._layout) or any(
+            new is not old for new, old in zip(layout, self._layout)
+        ):
+            self._route(buckets)
+            self._layout = layout
         return _Backward(remaining=list(self._expected), next_to_start=len(buckets) - 1)
 
-    def _buffers_of(self, index: int) -> _Buffers:
-        plan = self.sharding.buckets[index].plan
-        if index not in self._buffers or self._buffers[index].plan is not plan:
+    def _route(self, buckets: Sequence[Any]) -> None:
+        """Make the buffers of ``buckets`` and every DDP parameter's route into them."""
+        self._expected = [
+            sum(param in self._ddp_params for param in bucket.params) for bucket in buckets
+        ]
+        self._buffers, self._routes, self._marker = {}, {}, None
+        for index, bucket in enumerate(buckets):
+            if not self._expected[index]:
+                continue  # no gradients: nothing to reduce
+            plan = bucket.plan
             # zeros: padding and parameters DDP does not hold add nothing; every other
             # element is written by each synchronised backward
             staging = torch.zeros(plan.padded_numel, dtype=plan.dtype, device=plan.device)
             shard = torch.empty(plan.shard_numel, dtype=plan.dtype, device=plan.device)
             inbox = self.sharding.data_parallel.reduce_scatter_inbox(shard)
-            self._buffers[index] = _Buffers(plan, staging, shard, inbox)
-        return self._buffers[index]
+            self._buffers[index] = _Buffers(staging, shard, inbox)
+            for position, param in enumerate(bucket.params):
+                if param not in self._ddp_params:
+                    continue
+                slot, piece = plan.slots[position], bucket.owned_piece(position)
+                owned = None
+                if piece is not None:
+                    averaged = shard[piece.shard_start : piece.shard_end]
+                    owned = (piece.param_start, piece.param_end, averaged)
+                self._routes[param] = _Route(index, staging[slot.offset : slot.end], owned)
+                if self._marker is None and param.numel():
+                    if owned is None or owned[0] > 0:
+                        self._marker = (param, 0)
+                    elif owned[1] < param.numel():
+                        self._marker = (param, owned[1])
 
     def _start_ready(self, everything: bool = False) -> None:
         """Start the reductions of the complete buckets (all, if ``everything``), from the
@@ -271,8 +304,7 @@ class GradientReduceScatter:
             backward.next_to_start -= 1
             if not self._expected[index]:
                 continue  # no gradients on any rank: nothing to reduce
-            buffers = self._buffers_of(index)
-            backward.reduced.add(index)
+            buffers = self._buffers[index]
             backward.reductions.append(
                 self.sharding.data_parallel.reduce_scatter(
                     buffers.staging, buffers.shard, buffers.inbox
@@ -286,18 +318,19 @@ class GradientReduceScatter:
         backward, self._backward = self._backward, None
         for reduction in backward.reductions:
             reduction.wait()
-        buckets = self.sharding.buckets
+        some_rank_nonfinite = self._nonfinite_on_some_rank()
         for pairs, buffer, future in backward.handed:
             for param, grad in pairs:
-                index, position = self._home[param]
-                piece = buckets[index].owned_piece(position)
-                if piece is not None and index in backward.reduced:
-                    averaged = self._buffers[index].shard[piece.shard_start : piece.shard_end]
-                    grad.reshape(-1)[piece.param_start : piece.param_end].copy_(averaged)
+                owned = self._routes[param].owned
+                if owned is not None:
+                    start, end, averaged = owned
+                    grad.reshape(-1)[start:end].copy_(averaged)
+                if self._marker is not None and param is self._marker[0]:
+                    at = self._marker[1]
+                    element = grad.reshape(-1)[at : at + 1]
+                    element.copy_(torch.where(some_rank_nonfinite, math.nan, element))
             future.set_result(buffer)
-        self._fingerprint = self.fingerprint(
-            [self._buffers[i].shard[p.shard_start : p.shard_end] for i, p in self._owned_pieces()]
-        )
+        self._fingerprint = self.fingerprint([averaged for _, (_, _, averaged) in self._owned()])
         # DDP's own callback, queued after this hook returns, copies the buckets into p.grad;
         # a callback queued by a callback runs after it: note the versions then
         engine = torch.autograd.Variable._execution_engine
@@ -306,15 +339,21 @@ class GradientReduceScatter:
         except RuntimeError:  # not in a backward: DDP's Join hook matching the others' one
             self._note_versions()
 
-    def _owned_pieces(self) -> list[tuple[int, Any]]:
-        """``(bucket index, piece)`` of every owned piece whose parameter DDP reduces."""
-        return [
-            (index, piece)
-            for index, bucket in enumerate(self.sharding.buckets)
-            for piece in bucket.pieces
-            if self._expected[index]
-            and bucket.params[bucket.position_of(piece)] in self._ddp_params
-        ]
+    def _nonfinite_on_some_rank(self) -> Tensor:
+        """Whether some rank's averaged ranges hold an inf or NaN (a 0-d bool tensor; one
+        all-reduce, no host synchronisation). Where they do, every rank writes a NaN into an
+        element it does not own (which its update never reads): so each rank's own inf check
+        of all its gradients (GradScaler's, which sets that rank's next scale, and
+        ``skip_nonfinite``'s) finds one exactly when DDP's average would hold one, as it
+        would on every rank with DDP's all-reduce."""
+        shards = [buffers.shard for buffers in self._buffers.values()]
+        device = shards[0].device if shards else torch.device("cpu")
+        mine = has_nonfinite(shards, device).to(torch.int32)
+        return self.sharding.data_parallel.all_reduce_tensor(mine, "max") > 0
+
+    def _owned(self) -> list[tuple[Tensor, tuple[int, int, Tensor]]]:
+        """Every DDP parameter with a range this rank owns, and that range's route."""
+        return [(param, route.owned) for param, route in self._routes.items() if route.owned]
 
     def _note_versions(self) -> None:
         self._versions = {
@@ -390,25 +429,20 @@ class GradientReduceScatter:
         """After every rank changed its gradients in place: ``RuntimeError`` on every rank if
         the owned elements were rescaled by factors that differ between ranks. Collective (one
         all-reduce of two numbers); on a GPU it waits for the gradients."""
-        buckets = self.sharding.buckets
-        now = self.fingerprint(
-            [
-                buckets[index]
-                .params[buckets[index].position_of(piece)]
-                .grad.reshape(-1)[piece.param_start : piece.param_end]
-                for index, piece in self._owned_pieces()
-            ]
-        )
-        then = self._fingerprint if self._fingerprint is not None else now
-        ratios = torch.where(
-            then > 0, now / then.clamp(min=1e-300), torch.where(now > 0, math.inf, 1.0)
-        )
         # Only a rank that rescaled its owned elements, all by one factor, has a say: an
         # elementwise change is what DDP's average would have seen too, and inf or NaN
         # gradients are for the inf checks to decide about.
-        (ratio, other), no_say = ratios.tolist(), torch.full((2,), -math.inf)
-        uniform = math.isfinite(ratio) and abs(ratio - other) <= 1e-4 * abs(ratio)
-        mine = torch.tensor([ratio, -ratio]) if uniform else no_say
+        mine = torch.full((2,), -math.inf)
+        owned = self._owned()
+        if self._fingerprint is not None and all(param.grad is not None for param, _ in owned):
+            then = self._fingerprint
+            now = self.fingerprint(
+                [param.grad.reshape(-1)[start:end] for param, (start, end, _) in owned]
+            )
+            ratio, other = (now / then).tolist()  # (a rank that owns no nonzero sample of
+            # both halves cannot tell a rescale from another change: NaN or inf, no say)
+            if math.isfinite(ratio) and abs(ratio - other) <= 1e-4 * abs(ratio):
+                mine = torch.tensor([ratio, -ratio])
         data_parallel = self.sharding.data_parallel
         mine = mine.to(data_parallel.control_device(), torch.float64)
         highest, minus_lowest = data_parallel.all_reduce_tensor(mine, "max").tolist()

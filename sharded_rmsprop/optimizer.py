@@ -16,7 +16,6 @@ from torch.optim import Optimizer
 from . import checkpoint, grad_reduction, gradients, joining
 from .accounting import MemoryAccounting
 from .agreement import Agreement, Fact, plain, shares_failure
-from .comm import DataParallelGroup
 from .arguments import (
     check_grad,
     check_hyperparameters,
@@ -25,6 +24,7 @@ from .arguments import (
     check_torch_implementation,
     checked_settings,
 )
+from .comm import DataParallelGroup
 from .facts import ParameterScan, construction_facts, step_facts
 from .gradients import PendingClip, ScalerRequest
 from .sharding import Sharding
@@ -110,6 +110,11 @@ class ShardedRMSprop(
             buffer's sync then starts while the next one is updated. Each buffer stages its
             gradients in a window of its own (up to 16 MiB). ``None``: one buffer
             (default: None)
+        param_sync (str, optional): the collective that gives every rank the other ranks'
+            updated shards of private buffers: ``"all_gather"`` (one per buffer),
+            ``"broadcast"`` (one per rank and buffer), or ``"auto"``, the one measured
+            fastest for the backend: broadcasts on gloo, the all-gather on NCCL and others.
+            Host-shared buffers need none (default: "auto")
 
     Example::
 
@@ -193,6 +198,7 @@ class ShardedRMSprop(
         skip_nonfinite: bool = False,
         host_shared: bool = False,
         bucket_numel: int | None = None,
+        param_sync: str = "auto",
     ) -> None:
         joining.Following.__init__(self)
         #: This rank's flat buckets and the ranks they are sharded over (read them; the
@@ -203,6 +209,7 @@ class ShardedRMSprop(
             master_weights=master_weights is not False,
             host_shared=host_shared,
             bucket_numel=bucket_numel,
+            param_sync=param_sync,
         )
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
@@ -213,7 +220,7 @@ class ShardedRMSprop(
             check_torch_implementation(capturable, foreach, differentiable)
             #: The settings every rank must share (compared at construction).
             self._settings = checked_settings(
-                fused, master_weights, skip_nonfinite, host_shared, bucket_numel
+                fused, master_weights, skip_nonfinite, host_shared, bucket_numel, param_sync
             )
             defaults = dict(
                 lr=lr,

@@ -76,7 +76,7 @@ class Sharding:
 
     ``fused``, ``master_weights`` and ``bucket_numel`` are the optimizer's settings of those
     names (``master_weights`` resolved to a bool), ``host_shared`` asks ``sync`` for
-    host-shared buffers.
+    host-shared buffers and ``param_sync`` names its collective.
     """
 
     def __init__(
@@ -87,13 +87,14 @@ class Sharding:
         master_weights: bool,
         host_shared: bool,
         bucket_numel: int | None = None,
+        param_sync: str = "auto",
     ) -> None:
         self.data_parallel = DataParallelGroup.resolve(process_group)
         self.fused = fused
         self.master_weights = master_weights
         self.bucket_numel = bucket_numel
         self.buckets: list[ShardedBucket] = []
-        self.sync = ShardSync(self.data_parallel, host_shared, self.buckets)
+        self.sync = ShardSync(self.data_parallel, host_shared, self.buckets, param_sync)
         #: The parameters of each param group as laid out in the buckets (checked each step).
         self.laid_out: list[tuple[Tensor, ...]] = []
         #: DDP's communication hook once gradients are reduce-scattered into the shards
@@ -165,7 +166,7 @@ class Sharding:
             bucket.copy(self.data_parallel.rank, [copy.deepcopy(p, memo) for p in bucket.params])
             for bucket in self.buckets
         ]
-        twin.sync = ShardSync(self.data_parallel, False, twin.buckets)
+        twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.param_sync)
         twin.grad_reduction = None  # (the hook of a DDP model, which reduces into this one)
         twin.laid_out = [tuple(copy.deepcopy(p, memo) for p in params) for params in self.laid_out]
         return twin

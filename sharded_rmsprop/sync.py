@@ -30,13 +30,21 @@ __all__ = ["ShardSync"]
 
 class ShardSync:
     """The sync of a list of buckets (``buckets``, the list itself: buckets added to it later
-    are synced too), by collectives and, for host-shared ones, barriers."""
+    are synced too), by collectives (``param_sync``, one of ``comm.PARAM_SYNCS``) and, for
+    host-shared ones, barriers."""
 
     def __init__(
-        self, data_parallel: DataParallelGroup, host_shared: bool, buckets: Sequence[ShardedBucket]
+        self,
+        data_parallel: DataParallelGroup,
+        host_shared: bool,
+        buckets: Sequence[ShardedBucket],
+        param_sync: str = "auto",
     ) -> None:
         self.data_parallel = data_parallel
         self.buckets = buckets
+        #: The collective asked for, and the one it is on this backend.
+        self.param_sync = param_sync
+        self.collective = data_parallel.param_sync(param_sync)
         #: Whether buffers are to be shared by the host (``host_shared=True``, until a
         #: fallback to private buffers).
         self.host_shared = host_shared
@@ -53,6 +61,14 @@ class ShardSync:
         shared = host_shared_zeros(self.data_parallel, plan.padded_numel, plan.dtype)
         self.host_shared = shared is not None  # after a fallback (one warning), no more
         return shared
+
+    def describe(self) -> str:
+        """How the shards reach every rank, in words: "host_shared" (barriers),
+        "broadcast" or "all_gather", both for a mixture, "none" at one rank."""
+        if not self.data_parallel.is_distributed:
+            return "none"
+        kinds = {"host_shared" if b.host_shared else self.collective for b in self.buckets}
+        return " and ".join(sorted(kinds)) or self.collective
 
     @property
     def shares_host_memory(self) -> bool:
@@ -77,7 +93,7 @@ class ShardSync:
         rank; a host-shared bucket needs none."""
         if not bucket.host_shared:
             self.pending += self.data_parallel.sync_shards(
-                [bucket.flat], [bucket.plan.shard_numel], wait=False
+                [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
             )
 
     def finish(self) -> None:

@@ -6,15 +6,18 @@ Each rank feeds DDP data of its own; the model below lies in 4 flat buffers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections import Counter
 
 import pytest
 import torch
+import torch.distributed as dist
+from spawn import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharded_rmsprop import ShardedRMSprop
-from spawn import run_ranks
 
 OPTIONS = dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)
 # The reference update (fused=False): results compare bit for bit with torch.optim.RMSprop.
@@ -34,11 +37,39 @@ def network() -> nn.Module:
     )
 
 
-def train_on_rank(rank: int, world_size: int, host_shared: bool = False) -> dict:
+@contextlib.contextmanager
+def counting_collectives(counts: Counter):
+    """Count the broadcasts and all-gathers of torch.distributed called inside."""
+    names = [name for name in ("broadcast", "all_gather_single", "all_gather_into_tensor")
+             if hasattr(dist, name)]
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts["all_gather" if name.startswith("all_gather") else name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in names:
+        setattr(dist, name, counted(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def train_on_rank(
+    rank: int, world_size: int, host_shared: bool = False, param_sync: str = "auto"
+) -> dict:
     model = network()
     reference = copy.deepcopy(model)
     ddp = DistributedDataParallel(model)
-    opt = ShardedRMSprop(model.parameters(), host_shared=host_shared, **OURS)
+    opt = ShardedRMSprop(
+        model.parameters(), host_shared=host_shared, param_sync=param_sync, **OURS
+    )
+    collectives: Counter = Counter()
     ref_opt = torch.optim.RMSprop(reference.parameters(), **OPTIONS)
     equal_after_each_step = []
     for step in range(6):
@@ -50,7 +81,8 @@ def train_on_rank(rank: int, world_size: int, host_shared: bool = False) -> dict
         if step == 3:
             opt.clip_grad_norm_(0.05)
             torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
-        opt.step()
+        with counting_collectives(collectives):
+            opt.step()
         ref_opt.step()
         # read right after step(): nothing of the sync may still be under way
         equal_after_each_step.append(
@@ -60,6 +92,8 @@ def train_on_rank(rank: int, world_size: int, host_shared: bool = False) -> dict
     return {
         "buckets": len(opt.sharding.buckets),
         "shared": opt.shares_host_memory,
+        "sync_path": opt.sync_path,
+        "collectives": dict(collectives),
         "equal_after_each_step": equal_after_each_step,
         "pending": len(opt.sharding.sync.pending),
         "state_as_torch": all(

@@ -70,6 +70,15 @@ def backward(ddp, rank: int, step: int, micros: int, dtype, scaler=None, inf=Fal
             (loss if scaler is None else scaler.scale(loss)).backward()
 
 
+POISON_STEP: list[int] = []  # the step under way, for ``poisoned``
+
+
+def poisoned(grad: torch.Tensor, at: int, rank: int, world_size: int) -> torch.Tensor:
+    if rank != world_size - 1 or POISON_STEP != [2]:
+        return grad
+    return grad.flatten().index_fill(0, torch.tensor([at]), math.inf).view_as(grad)
+
+
 def parity_on_rank(rank: int, world_size: int, case: str) -> dict:
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
     options = dict(OPTIONS, fused=False)
@@ -80,10 +89,20 @@ def parity_on_rank(rank: int, world_size: int, case: str) -> dict:
     ddp, opt, ddp_twin, twin_opt = pair(dtype, bucket_cap_mb=0.001, bucket_numel=700, **options)
     assert opt.shares_host_memory == options.get("host_shared", False)
     scaler = twin_scaler = None
-    if case in ("scaler", "unscale_ and clip"):
+    if case.startswith("scaler") or case == "unscale_ and clip":
         scaler, twin_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    if case == "scaler, inf in one rank's own range":
+        # At step 2 the last rank's own gradient gets an inf in an element that rank owns:
+        # only its average holds one, yet every rank's GradScaler must find it, skip the step
+        # and halve its scale, as with DDP's all-reduce
+        piece = opt.sharding.buckets[-1].pieces[-1]
+        index, at = piece.slot.index, piece.param_start
+        for model in (ddp.module, ddp_twin.module):
+            param = list(model.parameters())[index]
+            param.register_hook(lambda grad, at=at: poisoned(grad, at, rank, world_size))
     found = {"owned": [], "local": [], "norms": [], "skipped": 0}
     for step in range(4):
+        POISON_STEP[:] = [step]
         for model, optimizer, sc in ((ddp, opt, scaler), (ddp_twin, twin_opt, twin_scaler)):
             optimizer.zero_grad()
             # in the skip case, an inf in one rank's data at step 2: both skip on every rank
@@ -100,6 +119,7 @@ def parity_on_rank(rank: int, world_size: int, case: str) -> dict:
             for sc, o in ((scaler, opt), (twin_scaler, twin_opt)):
                 sc.step(o)
                 sc.update()
+            found["scales"] = (scaler.get_scale(), twin_scaler.get_scale())
         else:
             opt.step()
             twin_opt.step()
@@ -119,7 +139,15 @@ def same_state(ours: dict, theirs: dict) -> bool:
     )
 
 
-CASES = ("fp32", "bf16", "scaler", "unscale_ and clip", "skip", "fused, host-shared")
+CASES = (
+    "fp32",
+    "bf16",
+    "scaler",
+    "scaler, inf in one rank's own range",
+    "unscale_ and clip",
+    "skip",
+    "fused, host-shared",
+)
 
 
 def parities_on_rank(rank: int, world_size: int) -> dict[str, dict]:
@@ -135,7 +163,10 @@ def test_bit_for_bit_the_all_reduce_at_two_ranks() -> None:
             for ours, theirs in zip(found["params"], found["twin_params"]):
                 assert torch.equal(ours, theirs), f"{where}: parameters differ"
             assert same_state(found["state"], found["twin_state"]), f"{where}: state differs"
-            assert found["skipped"] == ((1, 1) if case == "skip" else (0, 0)), where
+            skips = case in ("skip", "scaler, inf in one rank's own range")
+            assert found["skipped"] == ((1, 1) if skips else (0, 0)), where
+            if "scales" in found:
+                assert found["scales"][0] == found["scales"][1], where
 
 
 def tolerance_on_rank(rank: int, world_size: int) -> dict:

@@ -149,6 +149,32 @@ def test_mpirun_two_ranks() -> None:
     assert "(mpi launch, gloo backend" in proc.stdout
 
 
+def test_every_sync_path_trains_to_the_same_parameters(tmp_path: Path) -> None:
+    """The default (gradients reduce-scattered, parameters broadcast) against DDP's all-reduce
+    with an all-gather and against host-shared buffers: at 2 ranks every path computes the
+    same sums, so the parameters agree bit for bit."""
+    paths = {
+        "default": (),
+        "all-reduce, all-gather": ("--grad-sync", "all-reduce", "--param-sync", "all-gather"),
+        "host-shared": ("--host-shared",),
+    }
+    logged = {
+        "default": "gradients reduce-scattered, parameters synced by broadcast",
+        "all-reduce, all-gather": "gradients all-reduced, parameters synced by all_gather",
+        "host-shared": "gradients reduce-scattered, parameters synced by host_shared",
+    }
+    final = {}
+    for name, flags in paths.items():
+        out = tmp_path / f"{name}.pt"
+        proc = run_torchrun("--max-steps", "4", *TINY, *flags, "--save-final", str(out))
+        assert_succeeded_sharded(proc, world_size=2)
+        assert logged[name] in proc.stdout, _describe(proc)
+        final[name] = torch.load(out, weights_only=True)
+    for name, params in final.items():
+        for key, value in final["default"].items():
+            assert torch.equal(params[key], value), f"{name}: {key}"
+
+
 # ---------------------------------------------------------------------------------------------
 # 40-step runs: float32, bfloat16 (fp32 master weights), float16 (GradScaler)
 
@@ -313,10 +339,15 @@ def test_precision_flags_parse(capsys: pytest.CaptureFixture[str]) -> None:
     defaults = train.parse_config([])
     assert (defaults.dtype, defaults.clip_grad_norm) == ("float32", 1.0)
     assert defaults.master_weights and not defaults.skip_nonfinite
+    assert (defaults.grad_sync, defaults.param_sync, defaults.host_shared) == (
+        "reduce-scatter", "auto", False
+    )
     assert train.parse_config(["--grad-clip", "2"]).clip_grad_norm == 2.0  # the old spelling
     for args, message in [
         (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a finite number >= 0, got -1.0"),
         (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--grad-sync", "ring"], "argument --grad-sync: invalid choice: 'ring'"),
+        (["--param-sync", "all_gather"], "argument --param-sync: invalid choice: 'all_gather'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             train.parse_config(args)
