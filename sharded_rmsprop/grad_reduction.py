@@ -33,18 +33,16 @@ Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_(
 they would train on wrong gradients: a second synchronised backward adding to gradients that
 were already reduced (accumulate under ``ddp_model.no_sync()`` instead), a gradient that was
 not reduced (a backward under ``no_sync()`` only, ``p.grad`` set by hand, or a parameter that
-DDP does not hold), and gradients rescaled after the reduction by a factor that differs
-between ranks: ``torch.nn.utils.clip_grad_norm_``, which measures the unaveraged elements
-too (use the optimizer's ``clip_grad_norm_()``). A change every rank makes alike
-(``scaler.unscale_``, a division by the number of micro-batches) or element by element
-(``clip_grad_value_``) is the change DDP's average would have seen in the owned elements.
-
-How a rescale is seen: after DDP copied the gradients (a callback at the end of the
-backward) the hook notes each gradient's version counter, so the next step knows on the host,
-without waiting for a GPU, whether ``p.grad`` was changed in place since; the ranks agree on
-that. Only where every rank changed them does each compare a fingerprint of its owned
-elements (the sum of squares of a fixed sample of them) with the one taken when they were
-reduced, and the ranks compare the ratios: one scalar all-reduce.
+DDP does not hold), and a gradient changed in place after the reduction. A change computed
+from the gradients (``torch.nn.utils.clip_grad_norm_``, a norm-based rescale) would read each
+rank's unaveraged elements, and no check after the fact can tell every such change from a
+harmless one (a rank whose factor comes out 1 while the average's would not), so every
+in-place change is refused: scale the loss instead of the gradients, clip with the
+optimizer's ``clip_grad_norm_()``, and let GradScaler unscale inside ``step()`` (its
+``unscale_`` does not count as a change). After DDP copied the gradients (a callback at the
+end of the backward) the hook notes each gradient's version counter, so the check is on the
+host, without waiting for a GPU. Writes through ``p.grad.data`` bypass version counters and
+are not seen.
 
 The reductions start in one order on every rank, from the last bucket to the first (the
 order in which a backward completes them), whatever the order DDP hands its buckets over in.
@@ -71,7 +69,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from .agreement import Agreement, Fact
+from .agreement import Agreement
 from .facts import param_labels
 from .gradients import has_nonfinite
 
@@ -141,12 +139,14 @@ class _Buffers:
 @dataclass(frozen=True)
 class _Route:
     """Where one parameter's gradient goes: its optimizer bucket, its slot in that bucket's
-    staging buffer, and the range this rank owns of it (``param_start``, ``param_end``, and
-    where the reduction leaves that range's average), if any."""
+    staging buffer, the range this rank owns of it (``param_start``, ``param_end``, and
+    where the reduction leaves that range's average), if any, and the first element this
+    rank does not own (where a non-finite average elsewhere is marked), if any."""
 
     index: int
     staging: Tensor
     owned: tuple[int, int, Tensor] | None
+    unowned_at: int | None
 
 
 class GradientReduceScatter:
@@ -167,16 +167,11 @@ class GradientReduceScatter:
         #: parameters (a replaced parameter or a new param group makes them anew).
         self._layout: list[Any] = []
         self._routes: dict[Tensor, _Route] = {}
-        #: A gradient element this rank does not own, (parameter, flat index): where it
-        #: marks an inf or NaN that another rank's average holds (see :meth:`_finish`).
-        self._marker: tuple[Tensor, int] | None = None
         self._expected: list[int] = []  # by optimizer bucket: how many gradients DDP hands in
         #: By optimizer bucket, kept from backward to backward (see :class:`_Buffers`).
         self._buffers: dict[int, _Buffers] = {}
         #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
         self._versions: dict[Tensor, int] = {}
-        #: The owned elements' fingerprint (see :meth:`fingerprint`) when they were reduced.
-        self._fingerprint: Tensor | None = None
         #: False until every rank registered the hook: it all-reduces as DDP's own would.
         self.armed = False
 
@@ -214,6 +209,11 @@ class GradientReduceScatter:
                 "reduce_scatter_gradients() does not take a DDP model with mixed_precision"
             )
         params = ddp_parameters(ddp_model)
+        if any(param.is_complex() for param in params):
+            raise ValueError(
+                "reduce_scatter_gradients() does not take complex parameters: DDP hands their "
+                "gradients to a communication hook as real views of half their length"
+            )
         foreign = [i for i, param in enumerate(params) if param not in index_of]
         if foreign:
             name = [n for n, p in ddp_model.module.named_parameters() if p is params[foreign[0]]]
@@ -233,13 +233,26 @@ class GradientReduceScatter:
         written into ``bucket``'s buffer (when DDP's last bucket is in)."""
         if not self.armed:
             return default_hooks.allreduce_hook(self.sharding.data_parallel.group, bucket)
+        try:
+            return self._reduce(bucket)
+        except BaseException:
+            self._backward = None  # the error reaches every rank's backward: start afresh
+            raise
+
+    def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if self._backward is None:
             self._backward = self._begin()
         backward = self._backward
         world_size = self.sharding.data_parallel.world_size
         pairs = list(zip(bucket.parameters(), bucket.gradients()))
         for param, grad in pairs:
-            route = self._routes[param]
+            route = self._routes.get(param)
+            if route is None:
+                raise RuntimeError(
+                    "ShardedRMSprop: DDP handed over the gradient of a parameter that "
+                    "reduce_scatter_gradients() did not lay out (frozen or added after it was "
+                    "called?): call it again on a new optimizer for the model as it is now"
+                )
             torch.div(grad.reshape(-1), world_size, out=route.staging)
             self._note_reduced(param)
             backward.remaining[route.index] -= 1
@@ -267,7 +280,7 @@ class GradientReduceScatter:
         self._expected = [
             sum(param in self._ddp_params for param in bucket.params) for bucket in buckets
         ]
-        self._buffers, self._routes, self._marker = {}, {}, None
+        self._buffers, self._routes = {}, {}
         for index, bucket in enumerate(buckets):
             if not self._expected[index]:
                 continue  # no gradients: nothing to reduce
@@ -282,16 +295,14 @@ class GradientReduceScatter:
                 if param not in self._ddp_params:
                     continue
                 slot, piece = plan.slots[position], bucket.owned_piece(position)
-                owned = None
+                owned, unowned_at = None, 0 if param.numel() else None
                 if piece is not None:
                     averaged = shard[piece.shard_start : piece.shard_end]
                     owned = (piece.param_start, piece.param_end, averaged)
-                self._routes[param] = _Route(index, staging[slot.offset : slot.end], owned)
-                if self._marker is None and param.numel():
-                    if owned is None or owned[0] > 0:
-                        self._marker = (param, 0)
-                    elif owned[1] < param.numel():
-                        self._marker = (param, owned[1])
+                    if piece.param_start == 0:
+                        unowned_at = piece.param_end if piece.param_end < param.numel() else None
+                staging_slot = staging[slot.offset : slot.end]
+                self._routes[param] = _Route(index, staging_slot, owned, unowned_at)
 
     def _start_ready(self, everything: bool = False) -> None:
         """Start the reductions of the complete buckets (all, if ``everything``), from the
@@ -318,19 +329,16 @@ class GradientReduceScatter:
         backward, self._backward = self._backward, None
         for reduction in backward.reductions:
             reduction.wait()
-        some_rank_nonfinite = self._nonfinite_on_some_rank()
+        mark = self._nonfinite_on_some_rank()
         for pairs, buffer, future in backward.handed:
             for param, grad in pairs:
-                owned = self._routes[param].owned
-                if owned is not None:
-                    start, end, averaged = owned
+                route = self._routes[param]
+                if route.owned is not None:
+                    start, end, averaged = route.owned
                     grad.reshape(-1)[start:end].copy_(averaged)
-                if self._marker is not None and param is self._marker[0]:
-                    at = self._marker[1]
-                    element = grad.reshape(-1)[at : at + 1]
-                    element.copy_(torch.where(some_rank_nonfinite, math.nan, element))
+                if mark and route.unowned_at is not None:
+                    grad.reshape(-1)[route.unowned_at] = math.nan
             future.set_result(buffer)
-        self._fingerprint = self.fingerprint([averaged for _, (_, _, averaged) in self._owned()])
         # DDP's own callback, queued after this hook returns, copies the buckets into p.grad;
         # a callback queued by a callback runs after it: note the versions then
         engine = torch.autograd.Variable._execution_engine
@@ -339,37 +347,23 @@ class GradientReduceScatter:
         except RuntimeError:  # not in a backward: DDP's Join hook matching the others' one
             self._note_versions()
 
-    def _nonfinite_on_some_rank(self) -> Tensor:
-        """Whether some rank's averaged ranges hold an inf or NaN (a 0-d bool tensor; one
-        all-reduce, no host synchronisation). Where they do, every rank writes a NaN into an
-        element it does not own (which its update never reads): so each rank's own inf check
-        of all its gradients (GradScaler's, which sets that rank's next scale, and
-        ``skip_nonfinite``'s) finds one exactly when DDP's average would hold one, as it
-        would on every rank with DDP's all-reduce."""
+    def _nonfinite_on_some_rank(self) -> bool:
+        """Whether some rank's averaged ranges hold an inf or NaN (one all-reduce; on a GPU
+        the host waits for it, once per backward). Where they do, every rank writes a NaN
+        into the first element it does not own of each gradient (which its update never
+        reads): so each rank's own inf check of all its gradients (GradScaler's, which sets
+        that rank's next scale, and ``skip_nonfinite``'s) finds one exactly when DDP's
+        average would hold one, as it would on every rank with DDP's all-reduce, even where
+        DDP leaves some gradients out (unused parameters)."""
         shards = [buffers.shard for buffers in self._buffers.values()]
         device = shards[0].device if shards else torch.device("cpu")
         mine = has_nonfinite(shards, device).to(torch.int32)
-        return self.sharding.data_parallel.all_reduce_tensor(mine, "max") > 0
-
-    def _owned(self) -> list[tuple[Tensor, tuple[int, int, Tensor]]]:
-        """Every DDP parameter with a range this rank owns, and that range's route."""
-        return [(param, route.owned) for param, route in self._routes.items() if route.owned]
+        return bool(self.sharding.data_parallel.all_reduce_tensor(mine, "max").item())
 
     def _note_versions(self) -> None:
         self._versions = {
             param: param.grad._version for param in self._reduced if param.grad is not None
         }
-
-    @staticmethod
-    def fingerprint(owned: Sequence[Tensor]) -> Tensor:
-        """Two sums of squares, in float64, of every 97th element of each of ``owned``, the
-        sampled elements taken in turns: the same for the same values; both times ``c**2``
-        for values times ``c``, and most often not for an elementwise change."""
-        sample = [values[::97] for values in owned if values.numel()]
-        if not sample:
-            return torch.zeros(2, dtype=torch.float64)
-        squares = torch.cat(sample).double().square()
-        return torch.stack([squares[0::2].sum(), squares[1::2].sum()])
 
     def _note_reduced(self, param: Tensor) -> None:
         """Record that ``param``'s gradient is being reduced; a second reduction of the same
@@ -405,6 +399,17 @@ class GradientReduceScatter:
                     "under no_sync() only, a gradient set by hand, or a parameter the DDP "
                     "model does not hold. Nothing was changed on any rank."
                 )
+            if self._versions.get(param, grad._version) != grad._version:
+                raise RuntimeError(
+                    f"ShardedRMSprop: the gradient of {self.label(param)} was changed in place "
+                    "after DDP reduce-scattered it (reduce_scatter_gradients() is on). Outside "
+                    "the range each rank owns, p.grad holds that rank's own gradient, so a "
+                    "change computed from the gradients (torch.nn.utils.clip_grad_norm_, a "
+                    "norm-based rescale) would differ from DDP's all-reduce. Scale the loss "
+                    "instead of the gradients (e.g. divide it by the number of micro-batches), "
+                    "clip with optimizer.clip_grad_norm_(), and let GradScaler unscale inside "
+                    "optimizer.step(). Nothing was changed on any rank."
+                )
             if known.accumulated:
                 raise RuntimeError(
                     f"ShardedRMSprop: the gradient of {self.label(param)} was reduced twice "
@@ -415,46 +420,6 @@ class GradientReduceScatter:
                     "last backward, or reset them with optimizer.zero_grad() (or set_to_none=True)"
                     " between. Nothing was changed on any rank."
                 )
-
-    def changed_in_place(self, params: Sequence[Tensor]) -> bool:
-        """Whether the gradient of one of ``params`` was written in place since DDP copied the
-        reduced values into it (the host knows; no GPU wait)."""
-        return any(
-            param.grad is not None
-            and self._versions.get(param, param.grad._version) != param.grad._version
-            for param in params
-        )
-
-    def check_rescale(self) -> None:
-        """After every rank changed its gradients in place: ``RuntimeError`` on every rank if
-        the owned elements were rescaled by factors that differ between ranks. Collective (one
-        all-reduce of two numbers); on a GPU it waits for the gradients."""
-        # Only a rank that rescaled its owned elements, all by one factor, has a say: an
-        # elementwise change is what DDP's average would have seen too, and inf or NaN
-        # gradients are for the inf checks to decide about.
-        mine = torch.full((2,), -math.inf)
-        owned = self._owned()
-        if self._fingerprint is not None and all(param.grad is not None for param, _ in owned):
-            then = self._fingerprint
-            now = self.fingerprint(
-                [param.grad.reshape(-1)[start:end] for param, (start, end, _) in owned]
-            )
-            ratio, other = (now / then).tolist()  # (a rank that owns no nonzero sample of
-            # both halves cannot tell a rescale from another change: NaN or inf, no say)
-            if math.isfinite(ratio) and abs(ratio - other) <= 1e-4 * abs(ratio):
-                mine = torch.tensor([ratio, -ratio])
-        data_parallel = self.sharding.data_parallel
-        mine = mine.to(data_parallel.control_device(), torch.float64)
-        highest, minus_lowest = data_parallel.all_reduce_tensor(mine, "max").tolist()
-        if highest > -minus_lowest * (1 + 1e-4):
-            raise RuntimeError(
-                "ShardedRMSprop: after DDP reduce-scattered them, the gradients were rescaled "
-                f"by factors that differ between ranks (their squares from {-minus_lowest:.6g} "
-                f"to {highest:.6g}): torch.nn.utils.clip_grad_norm_ (or another norm of p.grad) "
-                "measures each rank's unaveraged elements too (reduce_scatter_gradients() is "
-                "on). Clip with optimizer.clip_grad_norm_(), which measures the averaged "
-                "gradient. Nothing was changed on any rank."
-            )
 
     def buffers(self) -> list[Tensor]:
         """The staging buffers, shards and inboxes kept from backward to backward."""
@@ -483,8 +448,9 @@ class ReduceScatterSwitch:
         holds the average over the ranks in the elements this rank owns, and this rank's own
         gradient elsewhere. The step, :meth:`clip_grad_norm_`, ``skip_nonfinite``,
         GradScaler and master weights work as before; accumulate gradients under
-        ``ddp_model.no_sync()``; clip with :meth:`clip_grad_norm_`, not
-        ``torch.nn.utils.clip_grad_norm_``; Join is refused. ``ddp_model`` must hold only
+        ``ddp_model.no_sync()``; do not change ``p.grad`` in place after the backward (scale
+        the loss instead, clip with :meth:`clip_grad_norm_`, not
+        ``torch.nn.utils.clip_grad_norm_``): the next step refuses it; Join is refused. ``ddp_model`` must hold only
         parameters of this optimizer, on its process group, with
         ``gradient_as_bucket_view=False`` and no DDP mixed precision.
 
@@ -498,30 +464,12 @@ class ReduceScatterSwitch:
         hook.armed = True
         self.sharding.grad_reduction = hook
 
-    def _check_reduced_grads(self) -> list[Fact]:
-        """With reduce-scattered gradients: every gradient is the one DDP reduced; the fact
-        the ranks agree on, whether they were changed in place since."""
+    def _check_reduced_grads(self) -> None:
+        """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
+        since (raises, inside the caller's agreement, so every rank gets the error)."""
         reduction = self.sharding.grad_reduction
-        if reduction is None:
-            return []
-        params = [p for group in self.param_groups for p in group["params"]]
-        reduction.check(params)
-        question = "whether p.grad was changed in place after DDP reduced it"
-        return [
-            Fact(
-                "the gradients after their reduction",
-                (reduction.changed_in_place(params),),
-                lambda _: question,
-                "Change the gradients after backward alike on every rank, or on none "
-                "(reduce_scatter_gradients() is on).",
-            )
-        ]
-
-    def _check_rescale(self, facts: list[Fact]) -> None:
-        """After the ranks agreed on ``facts`` (from :meth:`_check_reduced_grads`): where
-        every rank changed its gradients in place, that they rescaled them alike."""
-        if facts and facts[0].values[0]:
-            self.sharding.grad_reduction.check_rescale()
+        if reduction is not None:
+            reduction.check([p for group in self.param_groups for p in group["params"]])
 
 
 def reduce_scatter_hook(

@@ -258,7 +258,7 @@ def has_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     if any(t.device.type != "cpu" for t in tensors):
         return norm_part(tensors, math.inf, device, torch.float64).isfinite().logical_not()
     extremes = [
-        value.float()
+        value.double()
         for t in tensors
         for value in torch.aminmax(torch.view_as_real(t) if t.is_complex() else t)
     ]

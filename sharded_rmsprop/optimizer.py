@@ -385,7 +385,7 @@ class ShardedRMSprop(
         with Agreement(self._data_parallel, "clip_grad_norm_()", followable=True) as agreement:
             norm_type = gradients.check_norm_type(norm_type)
             scan = self.sharding.scan(self.param_groups, check_grad)
-            reduced = self._check_reduced_grads()
+            self._check_reduced_grads()
             arguments = ("max_norm", "norm_type", "error_if_nonfinite")
             agreement.facts = [
                 Fact(
@@ -396,11 +396,9 @@ class ShardedRMSprop(
                 ),
                 scan.has_grad_fact(self.param_groups),
                 scan.replaced_fact(self.param_groups),
-                *reduced,
             ]
         followers = agreement.followers
         joining.check_followable(self, followers)
-        self._check_rescale(reduced)
         self.sharding.adopt(scan, self.state)  # the norm of the gradients where they are now
         owned = self.sharding.owned_grads()
         if joining.leads(self, followers):  # and their part of the norm (see join_hook)
@@ -451,13 +449,11 @@ class ShardedRMSprop(
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scan = self.sharding.scan(self.param_groups, check_grad)
-            reduced = self._check_reduced_grads()
-            agreement.facts = [
-                *step_facts(self.param_groups, self.sharding.buckets, clip, scaler, scan),
-                *reduced,
-            ]
+            self._check_reduced_grads()
+            agreement.facts = step_facts(
+                self.param_groups, self.sharding.buckets, clip, scaler, scan
+            )
         joining.check_followable(self, agreement.followers)
-        self._check_rescale(reduced)
         return scan, agreement.followers
 
     def _all_grads(self) -> list[Tensor]:

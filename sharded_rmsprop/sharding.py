@@ -47,12 +47,6 @@ class GradientReduction(Protocol):
     def check(self, params: Sequence[Tensor]) -> None:
         """Raise if some gradient of ``params`` did not arrive as it should."""
 
-    def changed_in_place(self, params: Sequence[Tensor]) -> bool:
-        """Whether a gradient of ``params`` was written in place since it arrived."""
-
-    def check_rescale(self) -> None:
-        """Raise on every rank if the ranks rescaled their gradients differently; collective."""
-
     def buffers(self) -> list[Tensor]:
         """The buffers it keeps from backward to backward."""
 

@@ -169,6 +169,50 @@ def test_bit_for_bit_the_all_reduce_at_two_ranks() -> None:
                 assert found["scales"][0] == found["scales"][1], where
 
 
+class WithUnused(nn.Module):
+    """A model whose first parameters get no gradient (DDP leaves their p.grad None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.unused = nn.Linear(5, 5)
+        self.body = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def unused_on_rank(rank: int, world_size: int) -> list[tuple[float, float]]:
+    model = WithUnused()
+    twin = copy.deepcopy(model)
+    ddp, ddp_twin = (DistributedDataParallel(m, find_unused_parameters=True) for m in (model, twin))
+    opt = ShardedRMSprop(model.parameters(), fused=False, **OPTIONS)
+    opt.reduce_scatter_gradients(ddp)
+    twin_opt = ShardedRMSprop(twin.parameters(), fused=False, **OPTIONS)
+    piece = opt.sharding.buckets[-1].pieces[-1]  # the last rank's: an inf in its own range
+    for m in (model, twin):
+        param = list(m.parameters())[piece.slot.index]
+        param.register_hook(lambda g, at=piece.param_start: poisoned(g, at, rank, world_size))
+    scaler, twin_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    scales = []
+    for step in range(4):
+        POISON_STEP[:] = [step]
+        for wrapped, optimizer, sc in ((ddp, opt, scaler), (ddp_twin, twin_opt, twin_scaler)):
+            optimizer.zero_grad()
+            sc.scale(wrapped(batch(rank, step, 0, torch.float32)).square().mean()).backward()
+            sc.step(optimizer)
+            sc.update()
+        scales.append((scaler.get_scale(), twin_scaler.get_scale()))
+    return scales
+
+
+def test_every_gradient_carries_the_mark_of_an_inf_elsewhere() -> None:
+    """The inf of step 2 is in the last rank's own range; the mark that lets the other ranks'
+    GradScalers see it must not sit in a gradient DDP leaves out (an unused parameter)."""
+    for scales in run_ranks(2, unused_on_rank):
+        assert scales == [(1024.0, 1024.0), (1024.0, 1024.0), (512.0, 512.0), (512.0, 512.0)]
+
+
 def tolerance_on_rank(rank: int, world_size: int) -> dict:
     ddp, opt, ddp_twin, twin_opt = pair(torch.float32, bucket_cap_mb=0.001, **OPTIONS)
     local_elsewhere, within_rounding = True, True
@@ -265,10 +309,17 @@ def misuse_on_rank(rank: int, world_size: int, case: str) -> str:
         grads = [p.grad for p in model.parameters()]
         if case == "torch.nn.utils.clip_grad_norm_":  # each rank's own norm: own factor
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        elif case == "torch.nn.utils.clip_grad_value_":  # element by element: allowed
+        elif case == "torch.nn.utils.clip_grad_norm_ that clips nothing":  # factor 1, yet
+            # the average's norm may be over the threshold: refused all the same
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        elif case == "torch.nn.utils.clip_grad_value_":
             torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
-        elif case == "halved on every rank" or case == "halved on one rank" and rank == 0:  # allowed: what DDP's average would have seen
+        elif case == "halved on every rank" or case == "halved on one rank" and rank == 0:
             torch._foreach_mul_(grads, 0.5)
+        elif case == "p.grad.zero_() instead of zero_grad()":  # the same tensors, reduced again
+            for grad in grads:
+                grad.zero_()
+            ddp(batch(rank, 1, 1, torch.float32)).sum().backward()
     before = snapshot(opt, model)
     try:
         opt.clip_grad_norm_(1.0) if case.endswith("clip") else opt.step()
@@ -286,10 +337,12 @@ MISUSES = {  # what each case raises on every rank at the next step(), "" for no
     "no_sync only": "was not reduced by DDP since it was last reset",
     "gradient set by hand on one rank": "was not reduced by DDP",
     "model.zero_grad() between": "",
-    "torch.nn.utils.clip_grad_norm_": "rescaled by factors that differ between ranks",
-    "torch.nn.utils.clip_grad_value_": "",
-    "halved on every rank": "",
-    "halved on one rank": "whether p.grad was changed in place after DDP reduced it",
+    "torch.nn.utils.clip_grad_norm_": "was changed in place after DDP reduce-scattered it",
+    "torch.nn.utils.clip_grad_norm_ that clips nothing": "was changed in place after DDP",
+    "torch.nn.utils.clip_grad_value_": "was changed in place after DDP reduce-scattered it",
+    "halved on every rank": "was changed in place after DDP reduce-scattered it",
+    "halved on one rank": "was changed in place after DDP reduce-scattered it",
+    "p.grad.zero_() instead of zero_grad()": "reduced twice without a reset",
 }
 
 
@@ -307,7 +360,7 @@ def test_gradients_that_were_not_reduced_once_are_refused() -> None:
 def registration_on_rank(rank: int, world_size: int, case: str) -> str:
     """The error registering for ``case`` raises on this rank, "" if none; then the
     optimizer must still train with DDP's all-reduce."""
-    model = model_of()
+    model = model_of(torch.complex64 if case == "complex parameters" else torch.float32)
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=case == "bucket views")
     params = model[0].parameters() if case == "a parameter DDP holds is missing" else None
     group = None
@@ -330,7 +383,8 @@ def registration_on_rank(rank: int, world_size: int, case: str) -> str:
         error = f"{type(raised).__name__}: {raised}"
     if case != "twice":
         assert opt.sharding.grad_reduction is None
-        ddp(batch(rank, 0, 0, torch.float32)).sum().backward()
+        dtype = next(model.parameters()).dtype
+        ddp(batch(rank, 0, 0, torch.float32).to(dtype)).abs().sum().backward()
         opt.step()
     return error
 
@@ -343,6 +397,7 @@ REGISTRATIONS = {
     "twice": "ValueError: reduce_scatter_gradients() was called already",
     "DDP has a hook already on one rank": "can only be called once",
     "another process group": "the DDP model averages over ranks [0, 1], the optimizer shards over",
+    "complex parameters": "ValueError: reduce_scatter_gradients() does not take complex parameters",
 }
 
 
