@@ -65,6 +65,18 @@ def test_integer_parameters_are_a_type_error() -> None:
         ShardedRMSprop([torch.zeros(3, dtype=torch.int64)])
 
 
+def test_channels_last_parameters_are_a_value_error() -> None:
+    # Under DDP (built first) such a parameter's gradients came out wrong once the optimizer
+    # made it a contiguous view of its flat buffer: refused, with the conversion to make
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"is not contiguous, e.g. channels_last.*contiguous_format"):
+        ShardedRMSprop(conv.parameters())
+    opt = ShardedRMSprop([torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError, match="is not contiguous"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 5).t())]})
+    assert len(opt.param_groups) == 1
+
+
 def test_duplicate_parameter_is_a_value_error() -> None:
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="same parameter twice"):
