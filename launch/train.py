@@ -227,6 +227,10 @@ def train_steps(
             record.memory = report_memory(
                 opt, model, momentum=config.momentum, centered=config.centered, device=ctx.device
             )
+            kept = opt.memory_bytes().get("grad_reduction")
+            if kept is not None:
+                log.info("reduce-scatter buffers: %.4f MiB on this rank (staging, shards and "
+                         "gloo's receive buffers; not in the figures above)", kept / 2**20)
         mean_loss = notes = None
         if progress.due(step):  # the same steps on every rank: the reduction is collective
             means = mean_over_ranks(torch.stack(pending))

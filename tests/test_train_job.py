@@ -150,18 +150,18 @@ def test_mpirun_two_ranks() -> None:
 
 
 def test_every_sync_path_trains_to_the_same_parameters(tmp_path: Path) -> None:
-    """The default (gradients reduce-scattered, parameters broadcast) against DDP's all-reduce
-    with an all-gather and against host-shared buffers: at 2 ranks every path computes the
-    same sums, so the parameters agree bit for bit."""
+    """The default (DDP's all-reduce, parameters broadcast) against reduce-scattered
+    gradients with an all-gather and with host-shared buffers: at 2 ranks every path computes
+    the same sums, so the parameters agree bit for bit."""
     paths = {
         "default": (),
-        "all-reduce, all-gather": ("--grad-sync", "all-reduce", "--param-sync", "all-gather"),
-        "host-shared": ("--host-shared",),
+        "reduce-scatter, all-gather": ("--grad-sync", "reduce-scatter", "--param-sync", "all-gather"),
+        "reduce-scatter, host-shared": ("--grad-sync", "reduce-scatter", "--host-shared"),
     }
     logged = {
-        "default": "gradients reduce-scattered, parameters synced by broadcast",
-        "all-reduce, all-gather": "gradients all-reduced, parameters synced by all_gather",
-        "host-shared": "gradients reduce-scattered, parameters synced by host_shared",
+        "default": "gradients all-reduced, parameters synced by broadcast",
+        "reduce-scatter, all-gather": "gradients reduce-scattered, parameters synced by all_gather",
+        "reduce-scatter, host-shared": "gradients reduce-scattered, parameters synced by host_shared",
     }
     final = {}
     for name, flags in paths.items():
@@ -169,6 +169,7 @@ def test_every_sync_path_trains_to_the_same_parameters(tmp_path: Path) -> None:
         proc = run_torchrun("--max-steps", "4", *TINY, *flags, "--save-final", str(out))
         assert_succeeded_sharded(proc, world_size=2)
         assert logged[name] in proc.stdout, _describe(proc)
+        assert ("reduce-scatter buffers:" in proc.stdout) == ("reduce-scatter" in name)
         final[name] = torch.load(out, weights_only=True)
     for name, params in final.items():
         for key, value in final["default"].items():
@@ -340,7 +341,7 @@ def test_precision_flags_parse(capsys: pytest.CaptureFixture[str]) -> None:
     assert (defaults.dtype, defaults.clip_grad_norm) == ("float32", 1.0)
     assert defaults.master_weights and not defaults.skip_nonfinite
     assert (defaults.grad_sync, defaults.param_sync, defaults.host_shared) == (
-        "reduce-scatter", "auto", False
+        "all-reduce", "auto", False
     )
     assert train.parse_config(["--grad-clip", "2"]).clip_grad_norm == 2.0  # the old spelling
     for args, message in [
