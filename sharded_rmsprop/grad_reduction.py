@@ -26,8 +26,8 @@ find one on every rank exactly when DDP's average holds one, as it would after D
 all-reduce. A rank's own elements alone would not tell it: an inf in one rank's gradient,
 in a range that rank owns, reaches no other rank. So the ranks agree on whether some
 averaged range holds an inf or NaN (one all-reduce of a flag at the end of the backward), and
-where one does, every rank writes a NaN into one element of ``p.grad`` that it does not own,
-which its update never reads.
+where one does, every rank writes a NaN into the first element it does not own of each
+gradient (its update never reads them; each gradient, since DDP leaves some out).
 
 Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
 they would train on wrong gradients: a second synchronised backward adding to gradients that
