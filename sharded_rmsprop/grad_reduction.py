@@ -295,7 +295,8 @@ class GradientReduceScatter:
                 if param not in self._ddp_params:
                     continue
                 slot, piece = plan.slots[position], bucket.owned_piece(position)
-                owned, unowned_at = None, 0 if param.numel() else None
+                owned = None
+                unowned_at = 0 if param.numel() else None  # (this rank owns at most one range)
                 if piece is not None:
                     averaged = shard[piece.shard_start : piece.shard_end]
                     owned = (piece.param_start, piece.param_end, averaged)
@@ -450,9 +451,9 @@ class ReduceScatterSwitch:
         GradScaler and master weights work as before; accumulate gradients under
         ``ddp_model.no_sync()``; do not change ``p.grad`` in place after the backward (scale
         the loss instead, clip with :meth:`clip_grad_norm_`, not
-        ``torch.nn.utils.clip_grad_norm_``): the next step refuses it; Join is refused. ``ddp_model`` must hold only
-        parameters of this optimizer, on its process group, with
-        ``gradient_as_bucket_view=False`` and no DDP mixed precision.
+        ``torch.nn.utils.clip_grad_norm_``): the next step refuses it; Join is refused.
+        ``ddp_model`` must hold only parameters of this optimizer, on its process group, with
+        ``gradient_as_bucket_view=False``, no DDP mixed precision and no complex parameters.
 
         .. warning::
             Collective: every rank must call it, before the first backward.

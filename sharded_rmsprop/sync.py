@@ -42,9 +42,8 @@ class ShardSync:
     ) -> None:
         self.data_parallel = data_parallel
         self.buckets = buckets
-        #: The collective asked for, and the one it is on this backend.
+        #: The collective asked for (see :attr:`collective` for what it is on this backend).
         self.param_sync = param_sync
-        self.collective = data_parallel.param_sync(param_sync)
         #: Whether buffers are to be shared by the host (``host_shared=True``, until a
         #: fallback to private buffers).
         self.host_shared = host_shared
@@ -61,6 +60,11 @@ class ShardSync:
         shared = host_shared_zeros(self.data_parallel, plan.padded_numel, plan.dtype)
         self.host_shared = shared is not None  # after a fallback (one warning), no more
         return shared
+
+    @property
+    def collective(self) -> str:
+        """The collective of the sync, ``param_sync`` resolved for the backend."""
+        return self.data_parallel.param_sync(self.param_sync)
 
     def describe(self) -> str:
         """How the shards reach every rank, in words: "host_shared" (barriers),
