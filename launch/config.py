@@ -83,6 +83,11 @@ class Config:
                   "broadcasts on gloo, the all-gather on NCCL)",
                   "choices": ("auto", "all-gather", "broadcast")},
     )
+    overlap_param_sync: bool = field(
+        default=False,
+        metadata={"help": "leave the parameter sync running after each step until the next "
+                  "forward needs each parameter (opt.overlap_param_sync)"},
+    )
     host_shared: bool = field(
         default=False,
         metadata={"help": "ranks of one host map one copy of the flat buffers: the parameter "

@@ -115,7 +115,8 @@ def build_model(
 
 def build_optimizer(model: DistributedDataParallel, config: Config) -> ShardedRMSprop:
     """Constructed after DDP, as the library asks (it makes the parameters views of its
-    buffers); with ``--grad-sync reduce-scatter`` DDP reduce-scatters into it."""
+    buffers); with ``--grad-sync reduce-scatter`` DDP reduce-scatters into it, and with
+    ``--overlap-param-sync`` the parameter sync runs behind the next forward."""
     opt = ShardedRMSprop(
         model.parameters(),
         lr=config.lr,
@@ -133,6 +134,8 @@ def build_optimizer(model: DistributedDataParallel, config: Config) -> ShardedRM
     )
     if config.grad_sync == "reduce-scatter":
         opt.reduce_scatter_gradients(model)
+    if config.overlap_param_sync:
+        opt.overlap_param_sync(model)
     return opt
 
 
@@ -286,6 +289,7 @@ def train(
         record.cuda_peak_bytes = torch.cuda.max_memory_allocated(ctx.device)
     record.val.append((config.max_steps, evaluate(model.module, corpus, config, ctx)))
     if config.save_final:
+        opt.wait_for_params()  # (named_parameters() is not a forward: nothing else waits)
         save_final_parameters(config.save_final, model.module)
     dist.barrier()  # no rank tears the group down while a peer still talks to it
     return record

@@ -200,7 +200,8 @@ def describe_run(
         f"clip grad norm {config.clip_grad_norm:g}" if config.clip_grad_norm else "no clipping",
         "gradients " + {"reduce-scatter": "reduce-scattered", "all-reduce": "all-reduced"}[
             config.grad_sync
-        ] + f", parameters synced by {sync_path}",
+        ] + f", parameters synced by {sync_path}"
+        + (" behind the next forward" if config.overlap_param_sync else ""),
     ]
     if config.dtype != "float32":
         options.append("float32 master weights" if config.master_weights else "no master weights")

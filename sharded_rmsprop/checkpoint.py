@@ -301,6 +301,7 @@ class StateDicts:
         collectives. The hooks of :meth:`register_state_dict_pre_hook` and
         :meth:`register_state_dict_post_hook` run as torch runs them.
         """
+        self.sharding.sync.wait_all()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         return self._after_state_dict_hooks(sharded_state_dict(self))
@@ -321,6 +322,7 @@ class StateDicts:
             Collective: every rank of the process group must call it.
         """
         with shares_failure(self.sharding.data_parallel, "full_state_dict()"):
+            self.sharding.sync.wait_all()
             for pre_hook in self._optimizer_state_dict_pre_hooks.values():
                 pre_hook(self)
         state_dict = assembled_full_state_dict(self, to, chunk_numel=chunk_numel)
@@ -351,6 +353,7 @@ class StateDicts:
             Collective: every rank of the process group must call it.
         """
         with shares_failure(self.sharding.data_parallel, "load_state_dict()"):
+            self.sharding.sync.wait_all()
             if isinstance(state_dict, Mapping):
                 state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
             for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

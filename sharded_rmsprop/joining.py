@@ -104,7 +104,16 @@ class Following(Joinable):
         """The hook that lets a rank out of data follow the others' steps under
         ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
         the shard it owns, with the others' options and gradients (see
-        :mod:`sharded_rmsprop.joining`). No keyword arguments."""
+        :mod:`sharded_rmsprop.joining`). No keyword arguments. Not with
+        ``overlap_param_sync()``: DDP's join hook reads and writes the parameters when the
+        last rank joins, with no forward to wait for their sync."""
+        overlap = self.sharding.param_overlap
+        if overlap is not None and overlap.handles:
+            raise RuntimeError(
+                "Join with overlap_param_sync(): DDP's join hook syncs the parameters when the "
+                "last rank joins, which may be while the optimizer's sync is in flight; call "
+                "remove() on what overlap_param_sync() returned to use Join"
+            )
         return FollowHook(self, self._follow_step)
 
     @property

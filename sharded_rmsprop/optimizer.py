@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
-from . import checkpoint, grad_reduction, gradients, joining
+from . import checkpoint, grad_reduction, gradients, joining, param_overlap
 from .accounting import MemoryAccounting
 from .agreement import Agreement, Fact, plain, shares_failure
 from .arguments import (
@@ -37,6 +37,7 @@ _log = logging.getLogger("sharded_rmsprop")
 class ShardedRMSprop(
     checkpoint.StateDicts,
     grad_reduction.ReduceScatterSwitch,
+    param_overlap.OverlapSwitch,
     MemoryAccounting,
     Optimizer,
     joining.Following,
@@ -249,6 +250,7 @@ class ShardedRMSprop(
         sharing = shares_failure(self._data_parallel, "add_param_group()")
         try:
             with sharing if self._constructed else contextlib.nullcontext():
+                self.wait_for_params()
                 if self._clip is not None:
                     raise RuntimeError(
                         "add_param_group() between clip_grad_norm_() and step(): the pending "
@@ -267,6 +269,7 @@ class ShardedRMSprop(
         with it, through ``memo``), with its own flat buffers (private even where these are
         shared by the host), state and step counts, on the same process group (a group is not
         copied). Every rank must copy alike, as for any collective object."""
+        self.wait_for_params()
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
@@ -343,7 +346,7 @@ class ShardedRMSprop(
             lambda device: gradients.combined_scale(device, clip, scaler),
             after_each=self.sharding.sync.start,
         )
-        self.sharding.sync.finish()
+        self._end_param_sync()  # waited for here, or by what reads parameters next
         return loss
 
     @torch.no_grad()
@@ -383,6 +386,7 @@ class ShardedRMSprop(
             Collective: every rank of the process group must call it.
         """
         with Agreement(self._data_parallel, "clip_grad_norm_()", followable=True) as agreement:
+            self.wait_for_params()
             norm_type = gradients.check_norm_type(norm_type)
             scan = self.sharding.scan(self.param_groups, check_grad)
             self._check_reduced_grads()
@@ -446,6 +450,7 @@ class ShardedRMSprop(
         Returns what the scan found (the parameters to adopt among it) and the ranks that
         follow this step (out of data under Join; almost always none)."""
         with Agreement(self._data_parallel, "step()", followable=True) as agreement:
+            self.wait_for_params()  # (the sync the last step left running)
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scan = self.sharding.scan(self.param_groups, check_grad)

@@ -28,7 +28,7 @@ from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .sync import ShardSync
 
-__all__ = ["GradientReduction", "PlannedBucket", "ShardedOptimizer", "Sharding"]
+__all__ = ["GradientReduction", "ParamOverlap", "PlannedBucket", "ShardedOptimizer", "Sharding"]
 
 
 class ShardedOptimizer(Protocol):
@@ -52,6 +52,16 @@ class GradientReduction(Protocol):
 
     def forget(self) -> None:
         """The gradients were reset."""
+
+
+class ParamOverlap(Protocol):
+    """Hooks that let the parameter sync run behind the next forward
+    (:class:`~sharded_rmsprop.param_overlap.ParamSyncOverlap`)."""
+
+    handles: list[Any]
+
+    def remove(self) -> None:
+        """Take the hooks off."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +104,9 @@ class Sharding:
         #: DDP's communication hook once gradients are reduce-scattered into the shards
         #: (``ShardedRMSprop.reduce_scatter_gradients``); None while DDP all-reduces them.
         self.grad_reduction: GradientReduction | None = None
+        #: The hooks that let the sync run behind the next forward
+        #: (``ShardedRMSprop.overlap_param_sync``); None while ``step()`` waits for it.
+        self.param_overlap: ParamOverlap | None = None
 
     def __repr__(self) -> str:
         buckets = ", ".join(
@@ -162,6 +175,7 @@ class Sharding:
         ]
         twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.param_sync)
         twin.grad_reduction = None  # (the hook of a DDP model, which reduces into this one)
+        twin.param_overlap = None  # (the hooks of a model, which wait for this one)
         twin.laid_out = [tuple(copy.deepcopy(p, memo) for p in params) for params in self.laid_out]
         return twin
 

@@ -8,12 +8,17 @@ optimizer calls the phases of :class:`ShardSync` and never asks which kind a buf
 
 A bucket's collectives start as soon as its shard is updated (:meth:`ShardSync.start`), while
 the next bucket is updated, and ``step()`` returns once all have ended
-(:meth:`ShardSync.finish`).
+(:meth:`ShardSync.finish`), or, with the sync left running behind the next forward
+(:mod:`sharded_rmsprop.param_overlap`), as soon as all have started (:meth:`ShardSync.hand_over`):
+then each bucket is waited for when something is about to read it (:meth:`ShardSync.wait`).
+While a bucket's sync is in flight, the elements other ranks own read NaN (they are written
+over before it starts), and an in-place change of one of its parameters is an error when it
+is waited for: the sync would have raced with it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
@@ -47,9 +52,14 @@ class ShardSync:
         #: Whether buffers are to be shared by the host (``host_shared=True``, until a
         #: fallback to private buffers).
         self.host_shared = host_shared
-        #: The collectives started for the buckets updated so far in this step (from
-        #: :meth:`start` to :meth:`finish`).
-        self.pending: list[dist.Work] = []
+        #: The collectives started for each bucket and not yet waited for (from :meth:`start`
+        #: to :meth:`wait`).
+        self.pending: dict[ShardedBucket, list[dist.Work]] = {}
+        #: Whether :meth:`start` first writes NaN where other ranks own the bucket (set while
+        #: the sync may be left running behind the next forward).
+        self.marks_stale = False
+        #: Each parameter's version counter when its bucket's sync was handed over.
+        self._versions: dict[ShardedBucket, list[int]] = {}
 
     def shared_buffer(self, plan: BucketPlan) -> Tensor | None:
         """A flat buffer for ``plan`` that every rank of the host maps, where that was asked
@@ -87,7 +97,9 @@ class ShardSync:
 
     def before_update(self) -> None:
         """Before the update writes the shards: no rank still reads parameters there (a
-        shared buffer is every rank's parameters). Collective where buffers are shared."""
+        shared buffer is every rank's parameters), and no sync is still in flight. Collective
+        where buffers are shared."""
+        self.wait_all()
         if self.shares_host_memory:
             self.data_parallel.barrier()
 
@@ -95,19 +107,62 @@ class ShardSync:
         """Start the collectives that bring ``bucket``'s other shards, once its own shard is
         updated (they run while the next bucket is). Collective, in bucket order on every
         rank; a host-shared bucket needs none."""
-        if not bucket.host_shared:
-            self.pending += self.data_parallel.sync_shards(
-                [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
-            )
+        if bucket.host_shared or not self.data_parallel.is_distributed:
+            return
+        if self.marks_stale:
+            start, end = bucket.plan.shard_range(self.data_parallel.rank)
+            bucket.flat[:start].fill_(float("nan"))
+            bucket.flat[end:].fill_(float("nan"))
+        self.pending[bucket] = self.data_parallel.sync_shards(
+            [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
+        )
 
     def finish(self) -> None:
         """After every bucket was :meth:`start` ed: every rank holds the whole of each flat
         buffer when it returns. Collective."""
-        for work in self.pending:
-            work.wait()
-        self.pending = []
+        self.wait_all()
         if self.shares_host_memory:
             self.data_parallel.barrier()  # every shard of the shared buffers is written
+
+    def hand_over(self) -> None:
+        """After every bucket was :meth:`start` ed: like :meth:`finish`, but the collectives of
+        private buffers are left running, to be waited for by :meth:`wait`. Collective."""
+        if self.shares_host_memory:
+            self.data_parallel.barrier()
+        self._versions = {
+            bucket: [param._version for param in bucket.params] for bucket in self.pending
+        }
+
+    def wait(self, buckets: Iterable[ShardedBucket]) -> None:
+        """Wait for the sync of ``buckets`` where it is still in flight: their parameters are
+        whole on return. Raises if a parameter was changed in place meanwhile (it raced with
+        the sync)."""
+        for bucket in buckets:
+            works = self.pending.pop(bucket, None)
+            if works is None:
+                continue
+            for work in works:
+                work.wait()
+            versions = self._versions.pop(bucket, None)
+            if versions is not None:
+                self._check_unchanged(bucket, versions)
+
+    def wait_all(self) -> None:
+        """:meth:`wait` for every bucket (not a collective: the collectives were started)."""
+        self.wait(list(self.pending))
+
+    @staticmethod
+    def _check_unchanged(bucket: ShardedBucket, versions: list[int]) -> None:
+        for position, (param, version) in enumerate(zip(bucket.params, versions)):
+            if param._version != version:
+                raise RuntimeError(
+                    f"ShardedRMSprop: a parameter (shape {tuple(param.shape)}, position "
+                    f"{position} of its bucket) was changed in place while the sync that "
+                    "step() left running behind the forward (overlap_param_sync) was in "
+                    "flight, so its values are a race between the two. Call "
+                    "optimizer.wait_for_params() after step() before reading or changing "
+                    "parameters outside the model's forward"
+                )
 
     def after_update(self) -> None:
         """Give every rank the whole of each flat buffer, each rank's shard from it, after

@@ -13,6 +13,8 @@ TORCH_PRIVATES = {"_foreach_copy_", "_foreach_norm", "_make_wrapper_subclass", "
 #: and those that torch's DDP and FSDP use: the autograd engine's end-of-backward callbacks
 #: and a tensor's version counter.
 TORCH_PRIVATES |= {"_execution_engine", "_version"}
+#: and the step post-hooks registered for every optimizer (torch.optim's own registry).
+TORCH_PRIVATES |= {"_global_optimizer_post_hooks"}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -151,17 +151,24 @@ def test_mpirun_two_ranks() -> None:
 
 def test_every_sync_path_trains_to_the_same_parameters(tmp_path: Path) -> None:
     """The default (DDP's all-reduce, parameters broadcast) against reduce-scattered
-    gradients with an all-gather and with host-shared buffers: at 2 ranks every path computes
-    the same sums, so the parameters agree bit for bit."""
+    gradients with an all-gather and with host-shared buffers, and the sync behind the next
+    forward in several buffers (checkpoints on): at 2 ranks every path computes the same sums,
+    so the parameters agree bit for bit."""
     paths = {
         "default": (),
         "reduce-scatter, all-gather": ("--grad-sync", "reduce-scatter", "--param-sync", "all-gather"),
         "reduce-scatter, host-shared": ("--grad-sync", "reduce-scatter", "--host-shared"),
+        "reduce-scatter, overlapped": (
+            "--grad-sync", "reduce-scatter", "--overlap-param-sync", "--bucket-numel", "20000",
+            "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "checkpoints"),
+        ),
     }
     logged = {
         "default": "gradients all-reduced, parameters synced by broadcast",
         "reduce-scatter, all-gather": "gradients reduce-scattered, parameters synced by all_gather",
         "reduce-scatter, host-shared": "gradients reduce-scattered, parameters synced by host_shared",
+        "reduce-scatter, overlapped":
+            "gradients reduce-scattered, parameters synced by broadcast behind the next forward",
     }
     final = {}
     for name, flags in paths.items():
@@ -343,6 +350,7 @@ def test_precision_flags_parse(capsys: pytest.CaptureFixture[str]) -> None:
     assert (defaults.grad_sync, defaults.param_sync, defaults.host_shared) == (
         "all-reduce", "auto", False
     )
+    assert not defaults.overlap_param_sync
     assert train.parse_config(["--grad-clip", "2"]).clip_grad_norm == 2.0  # the old spelling
     for args, message in [
         (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a finite number >= 0, got -1.0"),

@@ -1,0 +1,167 @@
+"""The parameter sync left running behind the next forward: ``opt.overlap_param_sync(model)``.
+
+Without it, ``step()`` returns once every rank holds every updated parameter. With it,
+``step()`` returns as soon as each bucket's sync has started, and the first thing that reads a
+bucket waits for it:
+
+- the forward of a module that holds one of its parameters (a forward pre-hook on every module
+  of ``model``, ahead of the module's other pre-hooks). A module whose forward has never been
+  seen to run (``nn.MultiheadAttention``'s ``out_proj``, whose weights its parent reads
+  directly, or a module called through ``.forward()``) counts as part of its parent, so the
+  first forward after registration waits for everything at its first module;
+- ``model.state_dict()`` and ``model.load_state_dict()`` on any module of ``model``;
+- every collective method of the optimizer, its state dicts and ``copy.deepcopy``;
+- ``step()`` itself when step post-hooks are registered (they may read parameters);
+- ``opt.wait_for_params()``, which user code calls before reading or changing parameters
+  outside the model's forward (an EMA or SWA update, ``p.clamp_()``, logging).
+
+Nothing else is seen. So that a read that was not waited for is not silently the previous
+step's values, the elements a rank does not own read NaN until their sync arrives; an in-place
+change of a parameter before its sync arrived is an error when it is waited for. Results are
+the blocking sync's, bit for bit: the same collectives run in the same order, only the wait
+moves.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.optim import optimizer as torch_optimizer
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from .sharding import Sharding
+    from .shards import ShardedBucket
+    from .sync import ShardSync
+
+__all__ = ["OverlapSwitch", "ParamSyncOverlap"]
+
+
+class ParamSyncOverlap:
+    """The hooks on one model that wait for its parameters' buckets (see the module
+    docstring). :meth:`remove` takes them off and makes ``step()`` blocking again."""
+
+    def __init__(self, sync: ShardSync, model: nn.Module) -> None:
+        self.sync = sync
+        self.model = model
+        #: Modules whose forward has been seen to start.
+        self.seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        #: The buckets each module's forward waits for (rebuilt when ``seen`` or the
+        #: buckets change).
+        self._waits: dict[nn.Module, list[ShardedBucket]] = {}
+        self._bucket_count = -1
+        self._bucket_of: dict[int, ShardedBucket] = {}
+        #: Buckets with parameters outside the model: waited for by every forward pre-hook.
+        self._outside: list[ShardedBucket] = []
+        self.handles: list[RemovableHandle] = []
+        for module in model.modules():
+            self.handles += [
+                module.register_forward_pre_hook(self._before_forward, prepend=True),
+                module.register_state_dict_pre_hook(self._before_state_dict),
+                module.register_load_state_dict_pre_hook(self._before_load_state_dict),
+            ]
+        sync.marks_stale = True
+
+    def remove(self) -> None:
+        """Wait for the sync in flight, take the hooks off, and sync in ``step()`` again."""
+        self.sync.wait_all()
+        self.sync.marks_stale = False
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if module not in self.seen:
+            self.seen.add(module)
+            self._waits.clear()
+        if self.sync.pending:
+            self.sync.wait(self._waits_of(module))
+
+    def _before_state_dict(self, *args: Any) -> None:
+        self.sync.wait_all()
+
+    def _before_load_state_dict(self, *args: Any) -> None:
+        self.sync.wait_all()
+
+    def _waits_of(self, module: nn.Module) -> list[ShardedBucket]:
+        """The buckets of ``module``'s own parameters, of every child whose forward has not
+        been seen, and of the optimizer's parameters outside the model."""
+        if self._bucket_count != len(self.sync.buckets):
+            self._bucket_count = len(self.sync.buckets)
+            self._bucket_of = {id(p): b for b in self.sync.buckets for p in b.params}
+            in_model = {id(p) for p in self.model.parameters()}
+            self._outside = [
+                b for b in self.sync.buckets if any(id(p) not in in_model for p in b.params)
+            ]
+            self._waits.clear()
+        if module not in self._waits:
+            params = list(module.parameters(recurse=False))
+            for child in module.children():
+                if child not in self.seen:
+                    params += child.parameters()
+            buckets = {id(b): b for b in self._outside}
+            for param in params:
+                bucket = self._bucket_of.get(id(param))
+                if bucket is not None:
+                    buckets[id(bucket)] = bucket
+            self._waits[module] = list(buckets.values())
+        return self._waits[module]
+
+
+class OverlapSwitch:
+    """``ShardedRMSprop``'s switch to the parameter sync behind the next forward."""
+
+    sharding: Sharding
+
+    def overlap_param_sync(self, model: nn.Module) -> ParamSyncOverlap:
+        """Leave the parameter sync running after :meth:`step` until ``model``'s forward
+        needs each parameter, so it overlaps with the forward instead of ending the step.
+
+        Each module's forward waits for the buckets that hold its parameters (see
+        :mod:`sharded_rmsprop.param_overlap`), and so do ``model.state_dict()``,
+        ``model.load_state_dict()``, every method of the optimizer and ``step()`` when step
+        post-hooks are registered. Anything else that reads or changes parameters after
+        :meth:`step` (an EMA or SWA update, ``p.clamp_()``, logging a norm) must call
+        :meth:`wait_for_params` first: until then the elements this rank does not own read
+        NaN, and an in-place change is an error when the sync is waited for. Parameters are
+        those of the blocking sync, bit for bit. Not with ``torch.compile`` of the model
+        (its hooks wait) or Join. Not a collective: ranks may differ in whether they overlap.
+
+        Returns the hooks' owner, whose ``remove()`` makes :meth:`step` blocking again.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"overlap_param_sync() takes an nn.Module, got {type(model).__name__}")
+        sync = self.sharding.sync
+        if self.sharding.param_overlap is not None and self.sharding.param_overlap.handles:
+            raise RuntimeError(
+                "overlap_param_sync() was already called on this optimizer; to hook several "
+                "models, put them in one nn.ModuleList"
+            )
+        mine = {id(p) for bucket in sync.buckets for p in bucket.params}
+        if not any(id(p) in mine for p in model.parameters()):
+            raise ValueError(
+                "overlap_param_sync(): the model holds none of this optimizer's parameters"
+            )
+        self.sharding.param_overlap = ParamSyncOverlap(sync, model)
+        return self.sharding.param_overlap
+
+    def wait_for_params(self) -> None:
+        """Wait for the parameter sync that :meth:`step` left running
+        (:meth:`overlap_param_sync`): every parameter is whole on return. Call it before
+        reading or changing parameters outside the model's forward. A no-op otherwise."""
+        self.sharding.sync.wait_all()
+
+    def _end_param_sync(self) -> None:
+        """The end of :meth:`step`'s sync: left running when it may be, waited for else."""
+        overlap = self.sharding.param_overlap
+        if overlap is None or not overlap.handles or self._has_step_post_hooks():
+            self.sharding.sync.finish()
+        else:
+            self.sharding.sync.hand_over()
+
+    def _has_step_post_hooks(self) -> bool:
+        """Whether hooks run after this optimizer's step (they may read parameters)."""
+        mine = getattr(self, "_optimizer_step_post_hooks", None)
+        return bool(mine) or bool(torch_optimizer._global_optimizer_post_hooks)
