@@ -26,7 +26,7 @@ from .facts import Groups, ParameterScan, param_labels
 from .kernels import UpdateFn, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
-from .sync import ShardSync
+from .sync import ShardSync, wait_for_every_sync
 
 __all__ = ["GradientReduction", "ParamOverlap", "PlannedBucket", "ShardedOptimizer", "Sharding"]
 
@@ -143,6 +143,7 @@ class Sharding:
     def lay_out(self, planned: Sequence[PlannedBucket], groups: Groups) -> None:
         """Build the ``planned`` buckets of the groups not laid out yet (collective where
         buffers are shared by the host)."""
+        wait_for_every_sync()  # (another optimizer's, over these parameters, say)
         for new in planned:
             shared = self.sync.shared_buffer(new.plan)
             self.buckets.append(

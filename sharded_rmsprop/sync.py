@@ -12,14 +12,18 @@ the next bucket is updated, and ``step()`` returns once all have ended
 (:mod:`sharded_rmsprop.param_overlap`), as soon as all have started (:meth:`ShardSync.hand_over`):
 then each bucket is waited for when something is about to read it (:meth:`ShardSync.wait`).
 While a bucket's sync is in flight, the elements other ranks own read NaN (they are written
-over before it starts), and an in-place change of one of its parameters is an error when it
-is waited for: the sync would have raced with it.
+over before it starts), and a change of one of its parameters is an error when it is waited
+for, from then on: the sync raced with it. Changes are seen by each parameter's version
+counter and, for this rank's own range, by a fingerprint taken when the sync started (writes
+through ``p.data``, which no counter sees).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -30,7 +34,26 @@ if TYPE_CHECKING:
     from .layout import BucketPlan
     from .shards import ShardedBucket
 
-__all__ = ["ShardSync"]
+__all__ = ["ShardSync", "wait_for_every_sync"]
+
+#: The syncs with collectives left in flight, whatever optimizer they belong to.
+_IN_FLIGHT: weakref.WeakSet[ShardSync] = weakref.WeakSet()
+
+
+def wait_for_every_sync() -> None:
+    """Wait for every sync left in flight in this process (before parameters are read to
+    build another optimizer over them, say)."""
+    for sync in list(_IN_FLIGHT):
+        sync.wait_all()
+
+
+def _fingerprint(shard: Tensor) -> Tensor:
+    """The sum of ``shard``'s bit patterns, as integers: any write that changes values
+    changes it (short of changes that cancel exactly)."""
+    if shard.is_complex():
+        shard = torch.view_as_real(shard)
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[shard.element_size()]
+    return torch.sum(shard.view(bits), dtype=torch.int64)
 
 
 class ShardSync:
@@ -58,8 +81,12 @@ class ShardSync:
         #: Whether :meth:`start` first writes NaN where other ranks own the bucket (set while
         #: the sync may be left running behind the next forward).
         self.marks_stale = False
-        #: Each parameter's version counter when its bucket's sync was handed over.
+        #: Each parameter's version counter when its bucket's sync was handed over, and a
+        #: fingerprint of this rank's shard when it started (both checked when waited for).
         self._versions: dict[ShardedBucket, list[int]] = {}
+        self._fingerprints: dict[ShardedBucket, Tensor] = {}
+        #: Why the parameters cannot be trusted any more (a change raced with the sync).
+        self.raced: str | None = None
 
     def shared_buffer(self, plan: BucketPlan) -> Tensor | None:
         """A flat buffer for ``plan`` that every rank of the host maps, where that was asked
@@ -113,6 +140,7 @@ class ShardSync:
             start, end = bucket.plan.shard_range(self.data_parallel.rank)
             bucket.flat[:start].fill_(float("nan"))
             bucket.flat[end:].fill_(float("nan"))
+            self._fingerprints[bucket] = _fingerprint(bucket.shard)
         self.pending[bucket] = self.data_parallel.sync_shards(
             [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
         )
@@ -132,37 +160,57 @@ class ShardSync:
         self._versions = {
             bucket: [param._version for param in bucket.params] for bucket in self.pending
         }
+        if self.pending:
+            _IN_FLIGHT.add(self)
 
     def wait(self, buckets: Iterable[ShardedBucket]) -> None:
         """Wait for the sync of ``buckets`` where it is still in flight: their parameters are
-        whole on return. Raises if a parameter was changed in place meanwhile (it raced with
-        the sync)."""
+        whole on return. Raises if a parameter was changed meanwhile (it raced with the
+        sync), and from then on at every wait: the parameters are not to be trusted."""
+        if self.raced is not None:
+            raise RuntimeError(self.raced)
         for bucket in buckets:
             works = self.pending.pop(bucket, None)
             if works is None:
                 continue
             for work in works:
                 work.wait()
-            versions = self._versions.pop(bucket, None)
-            if versions is not None:
-                self._check_unchanged(bucket, versions)
+            self._check_unchanged(
+                bucket, self._versions.pop(bucket, None), self._fingerprints.pop(bucket, None)
+            )
 
     def wait_all(self) -> None:
         """:meth:`wait` for every bucket (not a collective: the collectives were started)."""
         self.wait(list(self.pending))
+        _IN_FLIGHT.discard(self)
 
-    @staticmethod
-    def _check_unchanged(bucket: ShardedBucket, versions: list[int]) -> None:
-        for position, (param, version) in enumerate(zip(bucket.params, versions)):
-            if param._version != version:
-                raise RuntimeError(
-                    f"ShardedRMSprop: a parameter (shape {tuple(param.shape)}, position "
-                    f"{position} of its bucket) was changed in place while the sync that "
-                    "step() left running behind the forward (overlap_param_sync) was in "
-                    "flight, so its values are a race between the two. Call "
-                    "optimizer.wait_for_params() after step() before reading or changing "
-                    "parameters outside the model's forward"
-                )
+    def _check_unchanged(
+        self, bucket: ShardedBucket, versions: list[int] | None, fingerprint: Tensor | None
+    ) -> None:
+        """Raise if one of ``bucket``'s parameters was changed in place (its version counter
+        moved), or this rank's own shard changed otherwise (through ``p.data``), since its
+        sync started."""
+        changed = [
+            f"shape {tuple(param.shape)}"
+            for param, version in zip(bucket.params, versions or ())
+            if param._version != version
+        ]
+        if (
+            not changed
+            and fingerprint is not None
+            and bool(_fingerprint(bucket.shard) != fingerprint)
+        ):
+            changed = ["through p.data, in the range this rank owns"]
+        if changed:
+            self.raced = (
+                "ShardedRMSprop: parameters (" + "; ".join(changed) + ") were changed while "
+                "the sync that step() left running behind the forward (overlap_param_sync) "
+                "was in flight: their values are a race between the two, and may differ "
+                "between ranks. Call optimizer.wait_for_params() after step() before reading "
+                "or changing parameters outside the model's forward; restore the parameters "
+                "from a checkpoint (this optimizer keeps raising this error)"
+            )
+            raise RuntimeError(self.raced)
 
     def after_update(self) -> None:
         """Give every rank the whole of each flat buffer, each rank's shard from it, after

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import io
 import re
+import weakref
 from collections import Counter
 
 import pytest
@@ -33,6 +36,19 @@ OURS = dict(OPTIONS, fused=False, bucket_numel=64)
 STEPS = 5
 
 
+class EvalShortcut(nn.Module):
+    """Like torch's fast paths: in eval mode it reads its child's weights itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(12, 12)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.inner(h)
+        return nn.functional.linear(h, self.inner.weight, self.inner.bias)
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -40,6 +56,7 @@ class Net(nn.Module):
         self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
         self.norm = nn.LayerNorm(12)
         self.mlp = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 12))
+        self.shortcut = EvalShortcut()
         self.head = nn.Linear(12, 16, bias=False)
         self.head.weight = self.embed.weight
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 12))
@@ -48,7 +65,7 @@ class Net(nn.Module):
         h = self.embed(tokens)
         h = h + self.attn(h, h, h, need_weights=False)[0]
         h = self.norm(h) * self.scale
-        return self.head(h + self.mlp(h))
+        return self.head(self.shortcut(h + self.mlp(h)))
 
 
 @contextlib.contextmanager
@@ -237,13 +254,6 @@ def reads_on_rank(rank: int, world_size: int) -> dict:
             overlapped_step(rank, ddp, opt, 2 + i)
             read()
             seen[f"optimizer read {i} waits"] = not has_nan(model)
-        overlapped_step(rank, ddp, opt, 5)
-        with torch.no_grad():
-            model.mlp[0].weight.clamp_(-0.1, 0.1)  # WGAN's clip, without waiting first
-        try:
-            ddp(tokens(6, rank))
-        except RuntimeError as error:
-            seen["a change in flight"] = str(error)
         handle = opt.register_step_post_hook(lambda o, a, k: seen.update(hooked=not has_nan(model)))
         opt.step()
         seen["a step post-hook waits"] = seen.pop("hooked") and not opt.sharding.sync.pending
@@ -258,7 +268,20 @@ def reads_on_rank(rank: int, world_size: int) -> dict:
         opt.overlap_param_sync(ddp)
         opt.step()
         seen["registered again"] = bool(opt.sharding.sync.pending)
-        opt.wait_for_params()
+        try:
+            copy.deepcopy(model)
+        except RuntimeError as error:
+            seen["copied in flight"] = str(error)
+        with torch.no_grad():
+            model.mlp[0].weight.clamp_(-0.1, 0.1)  # WGAN's clip, without waiting first
+        try:
+            ddp(tokens(6, rank))
+        except RuntimeError as error:
+            seen["a change in flight"] = str(error)
+        try:
+            opt.step()  # the parameters raced with the sync: refused from now on
+        except RuntimeError as error:
+            seen["and then"] = str(error)
     return seen
 
 
@@ -266,10 +289,12 @@ def test_what_reads_or_changes_parameters_after_step_waits_sees_nan_or_fails() -
     for seen in run_ranks(2, reads_on_rank):
         change = seen.pop("a change in flight")
         assert re.search(
-            r"shape \(24, 12\).* changed in place while the sync that step\(\) left "
+            r"parameters \(shape \(24, 12\)\) were changed while the sync that step\(\) left "
             r"running .* Call optimizer.wait_for_params\(\) after step\(\)",
             change,
-        )
+        ), change
+        assert change in seen.pop("and then")  # on every rank, inside the step's agreement
+        assert "call optimizer.wait_for_params() first" in seen.pop("copied in flight")
         assert "Join with overlap_param_sync()" in seen.pop("Join")
         assert seen == {
             "unsynced reads NaN": True,
@@ -304,3 +329,155 @@ def test_registration_errors_and_one_process() -> None:
             o.step()
         assert not opt.sharding.sync.pending
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def copies_on_rank(rank: int, world_size: int) -> dict:
+    model, _ = build()
+    ddp = DistributedDataParallel(model)
+    opt = ShardedRMSprop(model.parameters(), **OURS)
+    opt.overlap_param_sync(ddp)
+    overlapped_step(rank, ddp, opt, 0)
+    opt.wait_for_params()
+    twin = copy.deepcopy(model)  # an EMA's copy, say: hooks that wait for nothing
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    overlapped_step(rank, ddp, opt, 1)
+    outputs = [m(tokens(2, rank)) for m in (twin, loaded)]  # the sync still in flight
+    still_pending = bool(opt.sharding.sync.pending)
+    opt.wait_for_params()
+    return {
+        "copies run without waiting": still_pending,
+        "copies agree": torch.equal(outputs[0], outputs[1]) and not outputs[0].isnan().any(),
+        "copies are not the model": not any(
+            p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), twin.parameters())
+        ),
+    }
+
+
+def test_a_copied_or_pickled_model_carries_hooks_that_do_nothing() -> None:
+    for seen in run_ranks(2, copies_on_rank):
+        assert seen == {
+            "copies run without waiting": True,
+            "copies agree": True,
+            "copies are not the model": True,
+        }
+
+
+@contextlib.contextmanager
+def broadcasts_that_send_at_start_and_land_when_waited_for():
+    """The other order gloo may take: each owner's shard leaves when the broadcast starts and
+    lands in the receivers' buffers only when they wait (so an owner's later write is lost
+    on the others every time)."""
+    original = dist.broadcast
+
+    class Landing:
+        def __init__(self, land=None):
+            self.land = land
+
+        def wait(self, timeout=None):
+            if self.land is not None:
+                self.land()
+                self.land = None
+            return True
+
+    def broadcast(tensor, src, group=None, async_op=False, **kwargs):
+        if not async_op:
+            return original(tensor, src, group=group, **kwargs)
+        sent = tensor.clone()
+        original(sent, src, group=group)
+        return Landing(None if dist.get_rank() == src else lambda: tensor.copy_(sent))
+
+    dist.broadcast = broadcast
+    try:
+        yield
+    finally:
+        dist.broadcast = original
+
+
+def wgan_on_rank(rank: int, world_size: int, overlap: bool, waits: bool) -> dict:
+    """WGAN's weight clipping through ``p.data`` after each step."""
+    with broadcasts_that_send_at_start_and_land_when_waited_for():
+        model, _ = build()
+        ddp = DistributedDataParallel(model)
+        opt = ShardedRMSprop(model.parameters(), **dict(OURS, param_sync="broadcast"))
+        if overlap:
+            opt.overlap_param_sync(ddp)
+        try:
+            for step in range(3):
+                opt.zero_grad()
+                ddp(tokens(step, rank)).square().mean().backward()
+                opt.step()
+                if waits:
+                    opt.wait_for_params()
+                for p in model.parameters():
+                    p.data.clamp_(-0.05, 0.05)
+            opt.wait_for_params()
+        except RuntimeError as error:
+            return {"error": str(error)}
+        return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_a_write_through_p_data_in_flight_is_an_error_and_after_waiting_torchs_result() -> None:
+    blocking = run_ranks(2, wgan_on_rank, False, False)
+    for result in run_ranks(2, wgan_on_rank, True, False):
+        assert "through p.data, in the range this rank owns" in result["error"]
+    for result, expected in zip(run_ranks(2, wgan_on_rank, True, True), blocking):
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], expected["params"]))
+
+
+def three_steps(rank: int, overlap: bool) -> tuple:
+    model, _ = build()
+    ddp = DistributedDataParallel(model)
+    opt = ShardedRMSprop(model.parameters(), **OURS)
+    if overlap:
+        opt.overlap_param_sync(ddp)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # torch.func.functional_call's modules hold other tensors: waits still follow the
+    # optimizer's parameters
+    torch.func.functional_call(model, frozen, (tokens(0, rank),))
+    losses = []
+    for step in range(3):
+        opt.zero_grad()
+        loss = ddp(tokens(step, rank)).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    return model, ddp, opt, losses
+
+
+def lifecycle_on_rank(rank: int, world_size: int) -> dict:
+    seen = {}
+    with collectives_that_land_when_waited_for():
+        seen["blocking losses"] = three_steps(rank, False)[-1]
+        model, ddp, opt, seen["losses"] = three_steps(rank, True)
+        model.eval()  # torch's fast paths read children's weights: everything is waited for
+        with torch.no_grad():
+            out = model(tokens(9, rank))
+        seen["eval waits for all"] = not opt.sharding.sync.pending and not out.isnan().any()
+        model.train()
+        overlapped_step(rank, ddp, opt, 3)
+        # a new optimizer over parameters still syncing waits for them first
+        rebuilt = ShardedRMSprop(model.parameters(), **OURS)
+        seen["rebuilt over synced values"] = not has_nan(model)
+        gone = weakref.ref(opt)
+        del opt
+        gc.collect()
+        seen["the old optimizer is freed"] = gone() is None
+        rebuilt.overlap_param_sync(ddp)  # (the old hooks stay, waiting for nothing)
+        overlapped_step(rank, ddp, rebuilt, 4)
+        rebuilt.wait_for_params()
+        seen["trains on"] = not has_nan(model)
+    return seen
+
+
+def test_functional_call_eval_and_a_rebuilt_optimizer() -> None:
+    for seen in run_ranks(2, lifecycle_on_rank):
+        assert seen.pop("losses") == seen.pop("blocking losses")
+        assert seen == {
+            "eval waits for all": True,
+            "rebuilt over synced values": True,
+            "the old optimizer is freed": True,
+            "trains on": True,
+        }
