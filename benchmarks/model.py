@@ -27,8 +27,8 @@ at each ``N``. The model is then checked against ``benchmarks/results/step_cpu_g
 A second model covers whole training iterations (:func:`training_iteration`): per GPU, the
 bytes sent and the communication that nothing hides, for DDP with replicated RMSprop and for
 ShardedRMSprop with DDP's all-reduce, with reduce-scattered gradients, and with the sync
-behind the next forward (not built), at 8 to 1024 H100s. Its step is checked against the step
-measured inside training iterations (``results/training_cpu_gloo.json``, from
+behind the next forward (``overlap_param_sync``), at 8 to 1024 H100s. Its step is checked
+against the step measured inside training iterations (``results/training_cpu_gloo.json``, from
 ``bench_training.py``).
 
 Run::
@@ -335,7 +335,7 @@ MODES = {
     "ours ZeRO-1 (DDP all-reduce + sync)": (2, True, False, False),
     "ours reduce-scatter": (1, True, False, False),
     "ours hybrid (node_local_group(), DDP all-reduce)": (2, True, False, True),
-    "ours reduce-scatter + sync behind the forward (not built)": (1, True, True, False),
+    "ours reduce-scatter + overlap_param_sync (sync behind the forward)": (1, True, True, False),
 }
 
 
@@ -504,9 +504,10 @@ def render(
         "parameters, ~800 ms for 10 B, against ~32 ms / ~320 ms for the replicated update it "
         "replaces. Within a node the sharded step is ~3x faster than the replicated update.",
         '- "bf16 sync" is the same step with the all-gather in bfloat16 (half the bytes; the '
-        "library does not do this yet). Overlapping the all-gather with the next forward, or "
-        "replacing DDP's all-reduce with a reduce-scatter (so that gradients plus parameters "
-        "cost one all-reduce's worth of traffic), are the other ways to hide it.",
+        "library does not do this yet). Overlapping the all-gather with the next forward "
+        "(`overlap_param_sync`) and replacing DDP's all-reduce with a reduce-scatter "
+        "(`reduce_scatter_gradients`: gradients plus parameters cost one all-reduce's worth "
+        "of traffic) are the other ways to hide it; the next section models both.",
         '- "hybrid" shards within each node only (`process_group=node_local_group()`, DDP '
         "over every GPU): the update is that of 8 GPUs and the sync stays on NVLink, so the "
         "step no longer grows with the number of nodes, at the cost of the state of 1/8 of "
@@ -539,7 +540,7 @@ def _iteration_section(cluster: Cluster, rows: list[str], errors: list[float]) -
         f"{c.flops / 1e12:.0f} TFLOP/s, {c.tokens_per_gpu} tokens per GPU); the last bucket's "
         "collective, and whatever does not fit behind the backward, is exposed. The parameter "
         "sync after the update is exposed whole; behind the next forward (2·P·tokens FLOPs) "
-        "all but its first bucket would hide. The same links, latencies and HBM as above; "
+        "all but its first bucket hide. The same links, latencies and HBM as above; "
         "ring collectives. \"bytes\" is what each GPU sends: 2(N−1)/N·4P for DDP's "
         "all-reduce, 3(N−1)/N·4P for ZeRO-1 (all-reduce + all-gather), 2(N−1)/N·4P again "
         "with the reduce-scatter (reduce-scatter + all-gather).",
@@ -551,11 +552,12 @@ def _iteration_section(cluster: Cluster, rows: list[str], errors: list[float]) -
         "",
         "- The reduce-scatter takes ZeRO-1's bytes down to DDP's, and its gradient half hides "
         "behind the backward as DDP's all-reduce does; what stays exposed is the parameter "
-        "sync. So the goal (exposed communication no more than DDP's) is met only by the "
-        "sync behind the forward, which the library does not offer (see the README). Without "
-        "it the sharded step pays the sync on top of DDP, but saves the replicated update: "
-        "it wins within a node, and across nodes only with hybrid sharding, whose sync stays "
-        "on NVLink (at the memory cost of sharding over 8 GPUs instead of N).",
+        "sync. So the goal (exposed communication no more than DDP's) is met by the sync "
+        "behind the forward (`overlap_param_sync`), where the forward is long enough to hide "
+        "it. Without it the sharded step pays the sync on top of DDP, but saves the "
+        "replicated update: it wins within a node, and across nodes only with hybrid "
+        "sharding, whose sync stays on NVLink (at the memory cost of sharding over 8 GPUs "
+        "instead of N).",
     ]
     if rows:
         abs_err = [abs(e) for e in errors]
