@@ -176,8 +176,9 @@ class OverlapSwitch:
         post-hooks are registered. Anything else that reads or changes parameters after
         :meth:`step` (an EMA or SWA update, ``p.clamp_()``, logging a norm) must call
         :meth:`wait_for_params` first: until then the elements this rank does not own read
-        NaN, and an in-place change is an error when the sync is waited for. Parameters are
-        those of the blocking sync, bit for bit. Not with ``torch.compile`` of the model
+        NaN, a change (in place, or through ``p.data`` in the range this rank owns) is an
+        error when the sync is waited for, and copying or pickling the model is refused.
+        Parameters are those of the blocking sync, bit for bit. Not with ``torch.compile`` of the model
         (its hooks wait) or Join. Not a collective: ranks may differ in whether they overlap.
 
         Returns the hooks' owner, whose ``remove()`` makes :meth:`step` blocking again.

@@ -41,10 +41,12 @@ _IN_FLIGHT: weakref.WeakSet[ShardSync] = weakref.WeakSet()
 
 
 def wait_for_every_sync() -> None:
-    """Wait for every sync left in flight in this process (before parameters are read to
-    build another optimizer over them, say)."""
+    """Let every sync left in flight in this process land (before parameters are read to
+    build another optimizer over them, say). Its checks stay for its own optimizer to make."""
     for sync in list(_IN_FLIGHT):
-        sync.wait_all()
+        for works in sync.pending.values():
+            for work in works:
+                work.wait()
 
 
 def _fingerprint(shard: Tensor) -> Tensor:
@@ -136,16 +138,18 @@ class ShardSync:
         """Start the collectives that bring ``bucket``'s other shards, once its own shard is
         updated (they run while the next bucket is). Collective, in bucket order on every
         rank; a host-shared bucket needs none."""
-        if bucket.host_shared or not self.data_parallel.is_distributed:
+        if bucket.host_shared:
             return
-        if self.marks_stale:
+        if self.marks_stale and self.data_parallel.is_distributed:
             start, end = bucket.plan.shard_range(self.data_parallel.rank)
             bucket.flat[:start].fill_(float("nan"))
             bucket.flat[end:].fill_(float("nan"))
             self._fingerprints[bucket] = _fingerprint(bucket.shard)
-        self.pending[bucket] = self.data_parallel.sync_shards(
+        works = self.data_parallel.sync_shards(
             [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
         )
+        if works:  # (none at one rank)
+            self.pending[bucket] = works
 
     def finish(self) -> None:
         """After every bucket was :meth:`start` ed: every rank holds the whole of each flat
