@@ -178,8 +178,9 @@ class OverlapSwitch:
         :meth:`wait_for_params` first: until then the elements this rank does not own read
         NaN, a change (in place, or through ``p.data`` in the range this rank owns) is an
         error when the sync is waited for, and copying or pickling the model is refused.
-        Parameters are those of the blocking sync, bit for bit. Not with ``torch.compile`` of the model
-        (its hooks wait) or Join. Not a collective: ranks may differ in whether they overlap.
+        Parameters are those of the blocking sync, bit for bit. Not with ``torch.compile`` of
+        the model (its hooks wait) or Join. Not a collective: ranks may differ in whether they
+        overlap.
 
         Returns the hooks' owner, whose ``remove()`` makes :meth:`step` blocking again.
         """
