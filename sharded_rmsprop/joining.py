@@ -107,8 +107,7 @@ class Following(Joinable):
         :mod:`sharded_rmsprop.joining`). No keyword arguments. Not with
         ``overlap_param_sync()``: DDP's join hook reads and writes the parameters when the
         last rank joins, with no forward to wait for their sync."""
-        overlap = self.sharding.param_overlap
-        if overlap is not None and overlap.handles:
+        if self.sharding.overlapping:
             raise RuntimeError(
                 "Join with overlap_param_sync(): DDP's join hook syncs the parameters when the "
                 "last rank joins, which may be while the optimizer's sync is in flight; call "

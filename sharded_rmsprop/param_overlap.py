@@ -69,8 +69,8 @@ class ParamSyncOverlap:
             self._children[module] = list(module.children())
             self.handles += [
                 module.register_forward_pre_hook(self._before_forward, prepend=True),
-                module.register_state_dict_pre_hook(self._before_state_dict),
-                module.register_load_state_dict_pre_hook(self._before_load_state_dict),
+                module.register_state_dict_pre_hook(self._wait_for_all),
+                module.register_load_state_dict_pre_hook(self._wait_for_all),
             ]
         sync.marks_stale = True
 
@@ -109,10 +109,8 @@ class ParamSyncOverlap:
         if sync.pending:
             sync.wait(self._waits_of(module, sync))
 
-    def _before_state_dict(self, *args: Any) -> None:
-        self.sync.wait_all()
-
-    def _before_load_state_dict(self, *args: Any) -> None:
+    def _wait_for_all(self, *args: Any) -> None:
+        """Before the model's state dict is read or loaded."""
         self.sync.wait_all()
 
     def _waits_of(self, module: nn.Module, sync: ShardSync) -> list[ShardedBucket]:
@@ -187,7 +185,7 @@ class OverlapSwitch:
         if not isinstance(model, nn.Module):
             raise TypeError(f"overlap_param_sync() takes an nn.Module, got {type(model).__name__}")
         sync = self.sharding.sync
-        if self.sharding.param_overlap is not None and self.sharding.param_overlap.handles:
+        if self.sharding.overlapping:
             raise RuntimeError(
                 "overlap_param_sync() was already called on this optimizer; to hook several "
                 "models, put them in one nn.ModuleList"
@@ -208,11 +206,10 @@ class OverlapSwitch:
 
     def _end_param_sync(self) -> None:
         """The end of :meth:`step`'s sync: left running when it may be, waited for else."""
-        overlap = self.sharding.param_overlap
-        if overlap is None or not overlap.handles or self._has_step_post_hooks():
-            self.sharding.sync.finish()
-        else:
+        if self.sharding.overlapping and not self._has_step_post_hooks():
             self.sharding.sync.hand_over()
+        else:
+            self.sharding.sync.finish()
 
     def _has_step_post_hooks(self) -> bool:
         """Whether hooks run after this optimizer's step (they may read parameters)."""

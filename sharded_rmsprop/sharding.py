@@ -108,6 +108,12 @@ class Sharding:
         #: (``ShardedRMSprop.overlap_param_sync``); None while ``step()`` waits for it.
         self.param_overlap: ParamOverlap | None = None
 
+    @property
+    def overlapping(self) -> bool:
+        """Whether the sync is left running behind the next forward (hooks registered and
+        not removed)."""
+        return self.param_overlap is not None and bool(self.param_overlap.handles)
+
     def __repr__(self) -> str:
         buckets = ", ".join(
             f"{str(b.plan.dtype).removeprefix('torch.')} on {b.plan.device}: "
