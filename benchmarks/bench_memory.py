@@ -132,28 +132,41 @@ def build_optimizer(
 
 
 def live_storages() -> dict[int, int]:
-    """``data_ptr -> nbytes`` of the storage of every tensor alive in this process (via gc)."""
-    out = {}
+    """``data_ptr -> nbytes`` of the storage of every tensor alive in this process (via gc); of
+    storages starting at one address (a flat buffer and its first parameter's), the largest."""
+    out: dict[int, int] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and not obj.is_meta:  # type(): no __class__ lookups
             storage = obj.untyped_storage()
             if storage.nbytes():
-                out[storage.data_ptr()] = storage.nbytes()
+                ptr = storage.data_ptr()
+                out[ptr] = max(out.get(ptr, 0), storage.nbytes())
     return out
 
 
 class StorageCounter:
-    """Bytes per column; each untyped storage counted once, in the first column that meets it."""
+    """Bytes per column; each byte of memory counted once, in the first column that meets it
+    (ShardedRMSprop's parameters have storages of their own inside their flat buffer's)."""
 
     def __init__(self) -> None:
-        self.seen: set[int] = set()
+        self.seen: list[tuple[int, int]] = []  # disjoint [start, end) address ranges, sorted
         self.bytes = dict.fromkeys(COLUMNS, 0)
 
     def add(self, column: str, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in self.seen:
-            self.seen.add(storage.data_ptr())
-            self.bytes[column] += storage.nbytes()
+        self.add_range(column, storage.data_ptr(), storage.nbytes())
+
+    def add_range(self, column: str, start: int, nbytes: int) -> None:
+        end = start + nbytes
+        covered = sum(max(0, min(e, end) - max(s, start)) for s, e in self.seen)
+        self.bytes[column] += nbytes - covered
+        merged = [(start, end)]
+        for s, e in self.seen:
+            if e < merged[0][0] or s > merged[0][1]:
+                merged.append((s, e))
+            else:
+                merged[0] = (min(s, merged[0][0]), max(e, merged[0][1]))
+        self.seen = sorted(merged)
 
 
 def count_bytes(
@@ -174,9 +187,8 @@ def count_bytes(
             for tensor in tensors:
                 counter.add("state" if kind == "steps" else kind, tensor)
     for ptr, nbytes in live_storages().items():
-        if ptr not in before and ptr not in counter.seen:
-            counter.seen.add(ptr)
-            counter.bytes["unaccounted"] += nbytes
+        if ptr not in before:
+            counter.add_range("unaccounted", ptr, nbytes)
     return counter.bytes
 
 

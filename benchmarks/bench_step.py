@@ -25,6 +25,11 @@ noise hits all of them alike:
 - ``ours host_shared``: the same with ``host_shared=True`` (ranks of this host map one copy of
   the parameters; the sync is a barrier);
 - ``ours fused=False``: ``ShardedRMSprop`` on the reference update (torch's ops).
+- ``ours copy-out`` (only when named with ``--contenders``): ``ours`` plus a copy of every
+  parameter out of the flat buffer into memory of its own after each step, the work and the
+  memory (counted as the optimizer's) that parameters with their own memory would cost, as
+  torch ZeRO's default has them; ShardedRMSprop's parameters instead get a storage of their
+  own over their range of the flat buffer, which costs neither (README, "Model files").
 
 For the ShardedRMSprop contenders it also times, inside the same steps, the agreement that
 starts each ``step()`` (building the facts and the one host all-reduce of their digests).
@@ -104,6 +109,8 @@ CONTENDERS = (
     "ours host_shared",
     "ours fused=False",
 )
+#: Contenders measured only when named (``--contenders``).
+EXTRA_CONTENDERS = ("ours copy-out",)
 #: Plot styles: one colour per optimizer, dashed for the variants.
 STYLE = {
     "replicated": dict(color="tab:blue", marker="o"),
@@ -114,6 +121,7 @@ STYLE = {
     "ours": dict(color="black", marker="D", linewidth=2),
     "ours host_shared": dict(color="tab:purple", marker="D", linestyle=":"),
     "ours fused=False": dict(color="black", marker="D", linestyle="--", mfc="none"),
+    "ours copy-out": dict(color="tab:gray", marker="D", linestyle="-."),
 }
 
 
@@ -374,6 +382,22 @@ class Ours(Contender):
         return sum(self.opt.memory_bytes().values())
 
 
+class OursCopyOut(Ours):
+    """``ours`` with every parameter copied out of the flat buffer after each step."""
+
+    def __init__(self, module, grads, cfg: Config) -> None:
+        super().__init__(module, grads, cfg, fused=None)
+        self.copies = [p.detach().clone() for p in self.params]
+
+    def step(self) -> None:
+        super().step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, [p.detach() for p in self.params])
+
+    def optimizer_bytes(self) -> int:
+        return super().optimizer_bytes() + sum(_tensor_bytes(c) for c in self.copies)
+
+
 def make_contender(name: str, set_name: str, grads, cfg: Config, device: torch.device) -> Contender:
     torch.manual_seed(0)  # the same initial parameters for every contender and rank
     module = build_set(set_name).to(device)
@@ -391,6 +415,8 @@ def make_contender(name: str, set_name: str, grads, cfg: Config, device: torch.d
         return Ours(module, grads, cfg, fused=None, host_shared=True)
     if name == "ours fused=False":
         return Ours(module, grads, cfg, fused=False)
+    if name == "ours copy-out":
+        return OursCopyOut(module, grads, cfg)
     raise ValueError(f"unknown contender {name!r}")
 
 
@@ -681,7 +707,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
         "--world-sizes", type=int, nargs="+", help="default: 1 2 3 4 (CPU), 1..GPUs (CUDA)"
     )
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS + EXTRA_CONTENDERS,
+        default=list(CONTENDERS),
+    )
     parser.add_argument("--repeats", type=int, default=Config.repeats)
     parser.add_argument("--warmup", type=int, default=Config.warmup)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -2,9 +2,13 @@
 
 A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` into tensors:
 
-- ``flat``: every parameter of the bucket end to end; the parameters become views of it, so
+- ``flat``: every parameter of the bucket end to end; each parameter's tensor lies in it, so
   the parameter sync writes them in place. It may be one buffer that all ranks of the host map
-  (``host_shared``): then each rank's update is everyone's.
+  (``host_shared``): then each rank's update is everyone's. Each parameter's tensor has a
+  storage of its own over its range of ``flat`` (:func:`own_storage_view`), not a view of
+  ``flat``'s storage: what saves a parameter or a model's state dict (``torch.save``,
+  safetensors) writes that parameter's bytes alone and sees no storage shared between
+  parameters.
 - ``shard``: the rank's range of ``flat`` (a view).
 - ``grad_window``: where the owned slices of the gradients are staged for the update, one
   window of at most :data:`GRAD_WINDOW_NUMEL` elements of the shard at a time: the update
@@ -43,6 +47,7 @@ __all__ = [
     "MASTER_KEY",
     "STATE_KEYS",
     "ShardedBucket",
+    "own_storage_view",
     "state_keys_for",
     "update_dtype_for",
 ]
@@ -134,7 +139,9 @@ class ShardedBucket:
             flat = torch.zeros(
                 self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device
             )
-        self.views = [flat[slot.offset : slot.end].view(slot.shape) for slot in self.plan.slots]
+        self.views = [
+            own_storage_view(flat, slot.offset, slot.end, slot.shape) for slot in self.plan.slots
+        ]
         self._view_layouts = [(v.data_ptr(), v.shape, v.stride()) for v in self.views]
         self._view_flat(range(len(self.params)))
         return flat
@@ -225,8 +232,8 @@ class ShardedBucket:
             param, view = self.params[position], self.views[position]
             if self.fills_flat:
                 values = param.detach()
-                if values.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
-                    values = values.clone()  # another view of the flat buffer (a transpose)
+                if _overlaps(values, view):
+                    values = values.clone()  # another view of the same memory (a transpose)
                 view.copy_(values)
             param.data = view
 
@@ -434,6 +441,28 @@ class ShardedBucket:
             pieces = self.plan.pieces(rank)
             self._windows_of[rank] = plan_windows(pieces, self.position_of, self.grad_window)
         return self._windows_of[rank]
+
+
+def own_storage_view(flat: Tensor, start: int, end: int, shape: Sequence[int]) -> Tensor:
+    """Elements ``[start, end)`` of ``flat`` shaped as ``shape``, as a tensor whose storage is
+    its own: a storage over that memory alone, which keeps ``flat``'s memory alive (through
+    DLPack), rather than a view of ``flat``'s storage. Writes to either are seen by the
+    other, as for a view; but ``torch.save`` of it writes its own bytes, not the whole
+    buffer, and tools that look for tensors sharing a storage (safetensors, accelerate,
+    ``save_pretrained``) see none between parameters. Meta tensors have no memory to share:
+    there it is a plain view."""
+    piece = flat[start:end]
+    if piece.device.type != "meta":
+        piece = torch.from_dlpack(piece)
+    return piece.view(shape)
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory of ``a``'s storage and ``b``'s storage overlap."""
+    a_start, b_start = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+    a_end = a_start + a.untyped_storage().nbytes()
+    b_end = b_start + b.untyped_storage().nbytes()
+    return a_start < b_end and b_start < a_end
 
 
 def _as_float(value: float | Tensor) -> float:

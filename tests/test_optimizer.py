@@ -142,8 +142,13 @@ def memory_on_rank(rank: int, world_size: int) -> dict:
         "state_numel": sum(
             t.numel() for p in params for k, t in opt.state[p].items() if k != "step"
         ),
-        "shares_storage": all(
-            p.untyped_storage().data_ptr() == bucket.flat.untyped_storage().data_ptr()
+        # each parameter's own storage is its range of the flat buffer's memory, no more
+        "in_flat": all(
+            p.untyped_storage().data_ptr() == p.data_ptr()
+            and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+            and bucket.flat.data_ptr()
+            <= p.data_ptr()
+            < bucket.flat.data_ptr() + bucket.flat.numel() * bucket.flat.element_size()
             for p in params
         ),
     }
@@ -163,7 +168,7 @@ def test_state_exists_only_for_the_owned_range() -> None:
         assert r["grad_window"] == min(r["shard_numel"], GRAD_WINDOW_NUMEL)
         # padding only: at most ALIGNMENT per parameter (6 of them) and per rank
         assert r["shard_numel"] * world_size < total + ALIGNMENT * (6 + world_size)
-        assert r["shares_storage"]  # parameters are views of the flat buffer, not copies
+        assert r["in_flat"]  # parameters lie in the flat buffer, not copies of it
     # the per-parameter state views add up to each element exactly once across ranks
     assert sum(r["state_numel"] for r in results) == 3 * total
 
