@@ -153,7 +153,11 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
 
 
 def assembled_full_state_dict(
-    opt: ShardedOptimizer, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    opt: ShardedOptimizer,
+    to: int | None = 0,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    operation: str = "full_state_dict()",
 ) -> dict[str, Any] | None:
     """torch.optim.RMSprop's state dict on rank ``to`` (every rank if None); collective.
 
@@ -164,7 +168,7 @@ def assembled_full_state_dict(
     The ranks first agree on the arguments and on every parameter's step count.
     """
     data_parallel = opt.sharding.data_parallel
-    with Agreement(data_parallel, "full_state_dict()") as agreement:
+    with Agreement(data_parallel, operation) as agreement:
         if to is not None and not (isinstance(to, int) and 0 <= to < data_parallel.world_size):
             raise ValueError(
                 f"to={to!r} is not a rank of a process group of size {data_parallel.world_size}"
@@ -204,6 +208,18 @@ def assembled_full_state_dict(
     }
     state.update(user_entries(opt))
     return {"state": state, "param_groups": _packed_groups(opt), "checksums": checksums}
+
+
+def with_current_groups(opt: ShardedOptimizer, consolidated: Mapping[str, Any]) -> dict[str, Any]:
+    """A consolidated torch-format state dict with the optimizer's param groups and non-parameter
+    state entries as they are now (a scheduler may have changed ``lr`` since), as torch's
+    ZeroRedundancyOptimizer gives them."""
+    state = {index: consolidated["state"][index] for index in consolidated["checksums"]}
+    return {
+        "state": {**state, **user_entries(opt)},
+        "param_groups": _packed_groups(opt),
+        "checksums": consolidated["checksums"],
+    }
 
 
 def _cpu_zeros(
@@ -291,20 +307,58 @@ class StateDicts:
     """``ShardedRMSprop``'s state-dict methods, on top of the functions above; torch's
     state-dict and load-state-dict hooks run as torch runs them."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``.
+    #: The torch-format state dict :meth:`consolidate_state_dict` assembled on this rank, until
+    #: the state changes (:meth:`_forget_consolidated`).
+    _consolidated: dict[str, Any] | None = None
 
-        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use it (the optimizer is
-        a DCP ``Stateful``): each rank writes only its ranges, and a load at another world size
-        reads the ranges it now owns. Every tensor comes with checksums (``checksums``), which
-        a load verifies. For torch's own single-file format use :meth:`full_state_dict`. No
-        collectives. The hooks of :meth:`register_state_dict_pre_hook` and
-        :meth:`register_state_dict_post_hook` run as torch runs them.
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``; or,
+        on the rank that :meth:`consolidate_state_dict` gathered the state on, and until the
+        next change of the state, that whole state in torch's format.
+
+        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use the sharded format
+        (the optimizer is a DCP ``Stateful``): each rank writes only its ranges, and a load at
+        another world size reads the ranges it now owns. Pickling it on one rank of several
+        (``torch.save``) would keep that rank's ranges alone: it warns once, saying what to
+        call instead. Every tensor comes with checksums (``checksums``), which a load
+        verifies. No collectives. The hooks of :meth:`register_state_dict_pre_hook` and
+        :meth:`register_state_dict_post_hook` run as torch runs them (pre-hooks of a
+        consolidated state ran when it was gathered).
         """
         self.sharding.sync.wait_all()
+        if self._consolidated is not None:
+            return self._after_state_dict_hooks(with_current_groups(self, self._consolidated))
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         return self._after_state_dict_hooks(sharded_state_dict(self))
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the whole state on rank ``to``, whose :meth:`state_dict` then returns it in
+        torch's format (as :meth:`full_state_dict` gives it), until the state next changes
+        (:meth:`step`, :meth:`load_state_dict`, :meth:`add_param_group`,
+        :meth:`reload_master_weights`); param groups are read when :meth:`state_dict` is called.
+
+        The meaning ``torch.distributed.optim.ZeroRedundancyOptimizer`` gives it, so code
+        written for ZeRO works unchanged: Lightning calls it on every rank before saving and
+        then ``state_dict()`` on rank 0 alone, as does this package's callback for HF Trainer
+        (:mod:`sharded_rmsprop.integrations`). Other ranks' :meth:`state_dict` stays sharded.
+        Rank ``to`` keeps the state on the CPU until it changes (``to=None``: every rank).
+
+        .. warning::
+            Collective: every rank of the process group must call it.
+        """
+        self._consolidated = None
+        with shares_failure(self.sharding.data_parallel, "consolidate_state_dict()"):
+            self.sharding.sync.wait_all()
+            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+                pre_hook(self)
+        self._consolidated = assembled_full_state_dict(
+            self, to, operation="consolidate_state_dict()"
+        )
+
+    def _forget_consolidated(self) -> None:
+        """The state is about to change: a consolidated copy would be stale."""
+        self._consolidated = None
 
     def full_state_dict(
         self, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
@@ -352,6 +406,7 @@ class StateDicts:
         .. warning::
             Collective: every rank of the process group must call it.
         """
+        self._forget_consolidated()
         with shares_failure(self.sharding.data_parallel, "load_state_dict()"):
             self.sharding.sync.wait_all()
             if isinstance(state_dict, Mapping):

@@ -135,8 +135,8 @@ class ShardedRMSprop(
 
     .. warning::
         The constructor, :meth:`step`, :meth:`add_param_group`, :meth:`clip_grad_norm_`,
-        :meth:`load_state_dict` and :meth:`full_state_dict` are collective: every rank of
-        ``process_group`` must call them, in the same order.
+        :meth:`load_state_dict`, :meth:`full_state_dict` and :meth:`consolidate_state_dict`
+        are collective: every rank of ``process_group`` must call them, in the same order.
 
     .. note::
         Before it changes anything, each collective method checks that every rank is about
@@ -246,6 +246,7 @@ class ShardedRMSprop(
             Collective once the optimizer is constructed: every rank must add the same group.
         """
         count = len(self.param_groups)
+        self._forget_consolidated()
         # (during construction, __init__ shares the failure)
         sharing = shares_failure(self._data_parallel, "add_param_group()")
         try:
@@ -319,6 +320,7 @@ class ShardedRMSprop(
             Collective: every rank of the process group must call it.
         """
         Join.notify_join_context(self)  # (uneven inputs: see join_hook)
+        self._forget_consolidated()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -427,6 +429,7 @@ class ShardedRMSprop(
         weights into the model, say): otherwise the next step overwrites them with the
         rounded master weights. No collectives; a no-op without master weights.
         """
+        self._forget_consolidated()
         self.sharding.reload_master_weights()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -10,13 +10,16 @@ overlap the ranges it now owns. Its data is ``local``.
 It also survives what users do with a state dict: ``copy.deepcopy``, ``clone()``,
 ``detach()`` and ``to()`` give ShardViews; ``torch.save`` writes it as plain data
 (:func:`as_plain`), which ``torch.load(..., weights_only=True)`` reads back and
-:meth:`ShardedRMSprop.load_state_dict` accepts (:func:`from_plain`). Any other operation, such as
-the arithmetic of ``torch.optim.RMSprop`` given this state dict, is a ``RuntimeError`` that says
-what it is.
+:meth:`ShardedRMSprop.load_state_dict` accepts (:func:`from_plain`). Pickling a range short of
+the whole buffer warns once per process (:class:`IncompleteStateWarning`): that is how a trainer
+saving rank 0's state dict alone would silently lose the other ranks' state. Any other
+operation, such as the arithmetic of ``torch.optim.RMSprop`` given this state dict, is a
+``RuntimeError`` that says what it is.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -29,7 +32,13 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-__all__ = ["ShardView", "as_plain", "from_plain"]
+__all__ = [
+    "IncompleteStateWarning",
+    "ShardView",
+    "as_plain",
+    "from_plain",
+    "warn_incomplete_once",
+]
 
 #: The key that marks a ShardView written as plain data; its value is the buffer's numel.
 PLAIN_MARK = "sharded_rmsprop_shard_of_numel"
@@ -81,7 +90,10 @@ class ShardView(torch.Tensor):
         return ShardView(self.local.clone(), self.offset, self.numel())
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        """Pickled as plain data (:func:`as_plain`), which ``weights_only`` loads read."""
+        """Pickled as plain data (:func:`as_plain`), which ``weights_only`` loads read; a range
+        short of the whole buffer warns once (:func:`warn_incomplete_once`)."""
+        if self.local.numel() < self.numel():
+            warn_incomplete_once()
         return (OrderedDict, (list(as_plain(self).items()),))
 
     def _chunk(self) -> ChunkStorageMetadata:
@@ -112,6 +124,33 @@ class ShardView(torch.Tensor):
 
     def __repr__(self) -> str:  # the default repr would dispatch an op
         return f"ShardView(numel={self.numel()}, offset={self.offset}, local={self.local.numel()})"
+
+
+class IncompleteStateWarning(UserWarning):
+    """One rank's shard of a sharded optimizer state was pickled, as if it were the whole."""
+
+
+_warned_incomplete = False
+
+
+def warn_incomplete_once() -> None:
+    """Warn, once per process, that a state dict holding one rank's ranges is being pickled:
+    saved alone (``torch.save`` on rank 0, as trainers do) it lacks the other ranks' state."""
+    global _warned_incomplete
+    if _warned_incomplete:
+        return
+    _warned_incomplete = True
+    warnings.warn(
+        "pickling ShardedRMSprop.state_dict() of one rank of several (torch.save, say): it "
+        "holds only this rank's shard of the optimizer state (the sharded format, for "
+        "torch.distributed.checkpoint), so a file saved from it alone lacks the other ranks' "
+        "state. Call optimizer.consolidate_state_dict(to=0) on every rank first (rank 0's "
+        "state_dict() then holds the whole state), or full_state_dict(), or save with "
+        "torch.distributed.checkpoint; for HF Trainer, accelerate and Lightning see "
+        "sharded_rmsprop.integrations",
+        IncompleteStateWarning,
+        stacklevel=3,
+    )
 
 
 def as_plain(view: ShardView) -> OrderedDict:
