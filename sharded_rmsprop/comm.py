@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import check_not_launched_as_several
+
 __all__ = ["PARAM_SYNCS", "DataParallelGroup", "Reduction"]
 
 #: The parameter syncs one can ask for (``ShardedRMSprop(param_sync=...)``): "auto", the
@@ -107,7 +109,9 @@ class DataParallelGroup:
 
     @classmethod
     def resolve(cls, process_group: dist.ProcessGroup | None) -> DataParallelGroup:
-        """``process_group``, the default group if None, or a lone process if none exists.
+        """``process_group``, the default group if None, or a lone process if none exists
+        and the launcher did not start several (else an error: see
+        :func:`~sharded_rmsprop.distributed.check_not_launched_as_several`).
 
         Collective when the group is NCCL-only and larger than one rank (its gloo twin is
         created the first time).
@@ -117,6 +121,7 @@ class DataParallelGroup:
                 raise RuntimeError(
                     "a process_group was given but torch.distributed is not initialized"
                 )
+            check_not_launched_as_several()
             return cls(group=None, rank=0, world_size=1, backend=None)
         group = process_group if process_group is not None else dist.group.WORLD
         rank = dist.get_rank(group)

@@ -37,6 +37,7 @@ __all__ = [
     "LaunchInfo",
     "destroy_distributed",
     "detect_launch",
+    "check_not_launched_as_several",
     "distributed",
     "node_local_group",
     "init_distributed",
@@ -135,6 +136,33 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     return LaunchInfo(
         "none", rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None
     )
+
+
+#: Variables by which launchers tell a process how many ranks they started: torchrun's (and
+#: accelerate's, Lightning's), MPI's, and the task count of a Slurm job step (``srun``; not
+#: ``SLURM_NTASKS``, which a batch script's single process also sees).
+_LAUNCHED_SIZE_VARS = ("WORLD_SIZE", *_MPI_SIZE_VARS, "SLURM_STEP_NUM_TASKS")
+
+
+def check_not_launched_as_several(env: Mapping[str, str] | None = None) -> None:
+    """Raise if ``env`` (``os.environ`` by default) says this process is one of several ranks:
+    called when an optimizer finds no process group, it would otherwise keep the whole state on
+    every rank, unsharded, with nothing to show for it."""
+    env = os.environ if env is None else env
+    for name in _LAUNCHED_SIZE_VARS:
+        try:
+            ranks = int(env.get(name, "1"))
+        except ValueError:
+            continue
+        if ranks > 1:
+            raise RuntimeError(
+                f"ShardedRMSprop was built before torch.distributed was initialized, but "
+                f"{name}={ranks} says this process is one of {ranks} ranks: every rank would "
+                "keep the whole optimizer state, unsharded. Initialize the process group first "
+                "(torch.distributed.init_process_group() or sharded_rmsprop.init_distributed(); "
+                "with HF Trainer, build the TrainingArguments, which initialize it, before the "
+                "optimizer; with accelerate, the Accelerator), then build the optimizer"
+            )
 
 
 def _free_port() -> int:

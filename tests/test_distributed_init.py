@@ -7,6 +7,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from sharded_rmsprop.distributed import (
@@ -98,3 +99,49 @@ def test_unreachable_master_is_an_error_not_a_hang() -> None:
     with pytest.raises(RuntimeError, match="could not start torch.distributed \\(slurm launch, rank 1 of 2"):
         init_distributed("gloo", env=env, timeout=timedelta(seconds=3))
     assert not dist.is_initialized()
+
+
+# -- never silently unsharded ------------------------------------------------------------------
+
+
+LAUNCHES_OF_SEVERAL = [
+    {"WORLD_SIZE": "2"},  # torchrun, accelerate launch
+    {"OMPI_COMM_WORLD_SIZE": "4"},  # Open MPI's mpirun
+    {"PMI_SIZE": "3"},  # MPICH's
+    {"SLURM_STEP_NUM_TASKS": "2"},  # srun -n 2
+]
+
+
+@pytest.mark.parametrize("env", LAUNCHES_OF_SEVERAL)
+def test_an_optimizer_built_before_the_group_of_a_multi_rank_launch_is_an_error(
+    monkeypatch, env
+) -> None:
+    """HF Trainer's usual script builds the optimizer before TrainingArguments, which starts
+    the process group: it would run unsharded, each rank holding the whole state."""
+    from sharded_rmsprop import ShardedRMSprop
+
+    assert not torch.distributed.is_initialized()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    param = torch.nn.Parameter(torch.ones(3))
+    ((name, value),) = env.items()
+    expected = f"before torch.distributed was initialized, but {name}={value}"
+    with pytest.raises(RuntimeError, match=expected):
+        ShardedRMSprop([param])
+    assert torch.equal(param, torch.ones(3)) and param.grad is None
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"WORLD_SIZE": "1"}, {"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, {"WORLD_SIZE": "x"}],
+)
+def test_a_lone_process_builds_an_optimizer_without_a_group(monkeypatch, env) -> None:
+    """One process: no launcher, a launcher of one, a Slurm batch script's single process."""
+    from sharded_rmsprop import ShardedRMSprop
+
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opt = ShardedRMSprop([torch.nn.Parameter(torch.ones(3))])
+    assert opt.sharding.data_parallel.world_size == 1
