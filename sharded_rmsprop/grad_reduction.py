@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from .sharding import Sharding
 
 __all__ = [
+    "DDPHookSlot",
     "GradientReduceScatter",
     "ReduceScatterSwitch",
     "ddp_parameters",
@@ -158,7 +159,9 @@ class GradientReduceScatter:
     def __init__(
         self, sharding: Sharding, ddp_params: Sequence[Tensor], label: Callable[[Tensor], str]
     ) -> None:
-        self.sharding = sharding
+        # weakly: the optimizer owns this hook's state, not the other way round, so dropping
+        # the optimizer frees it and its DDP model's hook all-reduces again (DDPHookSlot)
+        self._sharding = weakref.ref(sharding)
         self.label = label
         self._ddp_params = set(ddp_params)
         self._reduced: dict[Tensor, _Reduced] = {}
@@ -172,8 +175,6 @@ class GradientReduceScatter:
         self._buffers: dict[int, _Buffers] = {}
         #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
         self._versions: dict[Tensor, int] = {}
-        #: False until every rank registered the hook: it all-reduces as DDP's own would.
-        self.armed = False
 
     @classmethod
     def for_model(
@@ -225,14 +226,24 @@ class GradientReduceScatter:
             )
         return cls(sharding, params, lambda param: labels[index_of[param]])
 
+    @property
+    def has_optimizer(self) -> bool:
+        """Whether the optimizer (its sharding) this reduction reduces into still lives."""
+        return self._sharding() is not None
+
+    @property
+    def sharding(self) -> Sharding:
+        sharding = self._sharding()
+        if sharding is None:
+            raise RuntimeError("the optimizer of this gradient reduction is gone")
+        return sharding
+
     # -- the hook ------------------------------------------------------------------------------
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         """DDP's communication hook: stage ``bucket``'s gradients and start the reductions of
         the optimizer buckets they complete; the future is done once the averaged ranges are
         written into ``bucket``'s buffer (when DDP's last bucket is in)."""
-        if not self.armed:
-            return default_hooks.allreduce_hook(self.sharding.data_parallel.group, bucket)
         try:
             return self._reduce(bucket)
         except BaseException:
@@ -432,6 +443,55 @@ class GradientReduceScatter:
         self._reduced.clear()
 
 
+class DDPHookSlot:
+    """The communication hook of one DDP model, registered once for its lifetime (DDP takes
+    one and never gives it back): it calls the reduction of the optimizer attached now, held
+    weakly, and all-reduces as DDP's own hook does when none is (before every rank attached,
+    after :meth:`ShardedRMSprop.close`, once the optimizer is gone). So a hook never outlives
+    its optimizer, and another optimizer can train the model, or attach, afterwards."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self._attached: weakref.ref[GradientReduceScatter] | None = None
+
+    @classmethod
+    def of(cls, ddp_model: DistributedDataParallel) -> DDPHookSlot:
+        """``ddp_model``'s slot, registered as its communication hook on first use (DDP
+        refuses it where another hook was registered: a RuntimeError)."""
+        slot = _SLOTS.get(ddp_model)
+        if slot is None:
+            slot = cls(ddp_model.process_group)
+            ddp_model.register_comm_hook(slot, reduce_scatter_hook)
+            _SLOTS[ddp_model] = slot
+        return slot
+
+    @property
+    def attached(self) -> GradientReduceScatter | None:
+        reduction = None if self._attached is None else self._attached()
+        if reduction is not None and not reduction.has_optimizer:
+            return None  # (its optimizer is gone; the reduction lingers in a reference cycle)
+        return reduction
+
+    def attach(self, reduction: GradientReduceScatter) -> None:
+        self._attached = weakref.ref(reduction)
+
+    def detach(self, reduction: GradientReduceScatter) -> None:
+        if self.attached is reduction:
+            self._attached = None
+
+    def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        reduction = self.attached
+        if reduction is None:
+            return default_hooks.allreduce_hook(self.group, bucket)
+        return reduction.reduce(bucket)
+
+
+#: Each DDP model's slot, for as long as the model lives.
+_SLOTS: weakref.WeakKeyDictionary[DistributedDataParallel, DDPHookSlot] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class ReduceScatterSwitch:
     """``ShardedRMSprop``'s switch to reduce-scattered gradients, and the check of them
     before each step."""
@@ -460,10 +520,25 @@ class ReduceScatterSwitch:
         """
         with Agreement(self.sharding.data_parallel, "reduce_scatter_gradients()"):
             hook = GradientReduceScatter.for_model(self.sharding, ddp_model, self.param_groups)
-            # (DDP refuses a second hook; until armed, this one all-reduces as DDP did)
-            ddp_model.register_comm_hook(hook, reduce_scatter_hook)
-        hook.armed = True
+            # (until every rank attached, it all-reduces as DDP did)
+            slot = DDPHookSlot.of(ddp_model)
+            if slot.attached is not None:
+                raise ValueError(
+                    "reduce_scatter_gradients(): this DDP model's gradients are reduce-"
+                    "scattered for another ShardedRMSprop already: call its close() first"
+                )
+        slot.attach(hook)
         self.sharding.grad_reduction = hook
+        self._hook_slot = slot
+
+    def _detach_gradient_reduction(self) -> None:
+        """Give the DDP model back its plain all-reduce (see :meth:`close`)."""
+        reduction = self.sharding.grad_reduction
+        slot = getattr(self, "_hook_slot", None)
+        if reduction is not None and slot is not None:
+            slot.detach(reduction)
+        self.sharding.grad_reduction = None
+        self._hook_slot = None
 
     def _check_reduced_grads(self) -> None:
         """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
@@ -474,14 +549,14 @@ class ReduceScatterSwitch:
 
 
 def reduce_scatter_hook(
-    state: GradientReduceScatter, bucket: dist.GradBucket
+    state: DDPHookSlot, bucket: dist.GradBucket
 ) -> torch.futures.Future[Tensor]:
-    """The communication hook ``reduce_scatter_gradients()`` gives DDP (``state``: the
-    optimizer's :class:`GradientReduceScatter`)."""
+    """The communication hook ``reduce_scatter_gradients()`` gives DDP (``state``: the DDP
+    model's :class:`DDPHookSlot`)."""
     return state.reduce(bucket)
 
 
 # DDP compares the hook's annotations with the classes themselves, not their names.
 reduce_scatter_hook.__annotations__.update(
-    bucket=dist.GradBucket, state=GradientReduceScatter, **{"return": torch.futures.Future[Tensor]}
+    bucket=dist.GradBucket, state=DDPHookSlot, **{"return": torch.futures.Future[Tensor]}
 )

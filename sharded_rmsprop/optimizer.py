@@ -135,8 +135,9 @@ class ShardedRMSprop(
 
     .. warning::
         The constructor, :meth:`step`, :meth:`add_param_group`, :meth:`clip_grad_norm_`,
-        :meth:`load_state_dict`, :meth:`full_state_dict` and :meth:`consolidate_state_dict`
-        are collective: every rank of ``process_group`` must call them, in the same order.
+        :meth:`load_state_dict`, :meth:`full_state_dict`, :meth:`consolidate_state_dict` and
+        :meth:`close` are collective: every rank of ``process_group`` must call them, in the
+        same order.
 
     .. note::
         Before it changes anything, each collective method checks that every rank is about
@@ -431,6 +432,24 @@ class ShardedRMSprop(
         """
         self._forget_consolidated()
         self.sharding.reload_master_weights()
+
+    def close(self) -> None:
+        """Take this optimizer's hooks off the models it was attached to: the DDP model of
+        :meth:`reduce_scatter_gradients` all-reduces its gradients as DDP does again, and the
+        hooks of :meth:`overlap_param_sync` are removed after the sync in flight is waited
+        for. The optimizer keeps working, on all-reduced gradients with a blocking sync; another
+        optimizer can then attach to those models. Dropping the optimizer does the same once
+        Python frees it. Idempotent.
+
+        .. warning::
+            Collective: every rank must call it (the DDP models' collectives must match).
+        """
+        with Agreement(self._data_parallel, "close()"):
+            self.wait_for_params()
+        self._detach_gradient_reduction()
+        if self.sharding.param_overlap is not None:
+            self.sharding.param_overlap.remove()
+            self.sharding.param_overlap = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (see :meth:`torch.optim.Optimizer.zero_grad`) and forget a

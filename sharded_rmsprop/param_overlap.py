@@ -49,7 +49,7 @@ class ParamSyncOverlap:
 
     def __init__(self, sync: ShardSync | _NothingInFlight, model: nn.Module | None) -> None:
         """Hooks on every module of ``model`` (none if None: a copied model's)."""
-        self._sync = weakref.ref(sync)
+        self._sync = weakref.ref(sync, self._take_hooks_off)  # (off once the optimizer is gone)
         #: Each module's own parameters and children, as they were at registration (what a
         #: module holds during ``torch.func.functional_call`` is not the optimizer's).
         self._own: dict[nn.Module, list[Any]] = {}
@@ -94,6 +94,9 @@ class ParamSyncOverlap:
         """Wait for the sync in flight, take the hooks off, and sync in ``step()`` again."""
         self.sync.wait_all()
         self.sync.marks_stale = False
+        self._take_hooks_off()
+
+    def _take_hooks_off(self, *_: Any) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
