@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from .agreement import Agreement, Fact, shares_failure
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .facts import TORCH_ONLY_OPTIONS, state_facts
-from .shard_view import ShardView
+from .shard_view import ShardView, new_origin
 from .shards import MASTER_KEY, ShardedBucket
 from .validation import validated
 
@@ -119,6 +119,7 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     state: dict[int, dict[str, Tensor]] = {}
     checksums: dict[int, dict[str, Tensor]] = {}
     sharding = opt.sharding
+    origin = new_origin()  # (its ShardViews warn once if the dict is pickled on one rank)
     buffers = {
         id(bucket): _saved_buffers(bucket, bucket.needed_keys(opt.param_groups))
         for bucket in sharding.buckets
@@ -136,9 +137,9 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
                 sums[key] = block_checksums(entry[key])
             else:
-                entry[key] = ShardView(local, offset, slot.numel)
+                entry[key] = ShardView(local, offset, slot.numel, origin)
                 sums[key] = ShardView(
-                    block_checksums(local), offset // BLOCK_NUMEL, block_count(slot.numel)
+                    block_checksums(local), offset // BLOCK_NUMEL, block_count(slot.numel), origin
                 )
         state[slot.index], checksums[slot.index] = entry, sums
     return {
@@ -307,42 +308,45 @@ class StateDicts:
     """``ShardedRMSprop``'s state-dict methods, on top of the functions above; torch's
     state-dict and load-state-dict hooks run as torch runs them."""
 
-    #: The torch-format state dict :meth:`consolidate_state_dict` assembled on this rank, until
-    #: the state changes (:meth:`_forget_consolidated`).
+    #: The torch-format state dict :meth:`consolidate_state_dict` assembled on this rank, for
+    #: the next :meth:`state_dict` call unless the state changes first
+    #: (:meth:`_forget_consolidated`).
     _consolidated: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state in the sharded format, for ``torch.distributed.checkpoint``; or,
-        on the rank that :meth:`consolidate_state_dict` gathered the state on, and until the
-        next change of the state, that whole state in torch's format.
+        on the rank that :meth:`consolidate_state_dict` just gathered the state on, that whole
+        state in torch's format (once, and only if the state has not changed since).
 
         ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use the sharded format
         (the optimizer is a DCP ``Stateful``): each rank writes only its ranges, and a load at
         another world size reads the ranges it now owns. Pickling it on one rank of several
-        (``torch.save``) would keep that rank's ranges alone: it warns once, saying what to
-        call instead. Every tensor comes with checksums (``checksums``), which a load
-        verifies. No collectives. The hooks of :meth:`register_state_dict_pre_hook` and
+        (``torch.save``) would keep that rank's ranges alone: it warns, once per state dict,
+        saying what to call instead. Every tensor comes with checksums (``checksums``), which
+        a load verifies. No collectives. The hooks of :meth:`register_state_dict_pre_hook` and
         :meth:`register_state_dict_post_hook` run as torch runs them (pre-hooks of a
         consolidated state ran when it was gathered).
         """
         self.sharding.sync.wait_all()
-        if self._consolidated is not None:
-            return self._after_state_dict_hooks(with_current_groups(self, self._consolidated))
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None and not self.sharding.any_replaced():
+            return self._after_state_dict_hooks(with_current_groups(self, consolidated))
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         return self._after_state_dict_hooks(sharded_state_dict(self))
 
     def consolidate_state_dict(self, to: int = 0) -> None:
-        """Gather the whole state on rank ``to``, whose :meth:`state_dict` then returns it in
-        torch's format (as :meth:`full_state_dict` gives it), until the state next changes
-        (:meth:`step`, :meth:`load_state_dict`, :meth:`add_param_group`,
-        :meth:`reload_master_weights`); param groups are read when :meth:`state_dict` is called.
+        """Gather the whole state on rank ``to``, whose next :meth:`state_dict` call returns it
+        in torch's format (as :meth:`full_state_dict` gives it), unless the state changed in
+        between (:meth:`step`, :meth:`load_state_dict`, :meth:`add_param_group`,
+        :meth:`reload_master_weights`, a replaced parameter): then, and at later calls, the
+        sharded format again. Param groups are read when :meth:`state_dict` is called.
 
         The meaning ``torch.distributed.optim.ZeroRedundancyOptimizer`` gives it, so code
         written for ZeRO works unchanged: Lightning calls it on every rank before saving and
         then ``state_dict()`` on rank 0 alone, as does this package's callback for HF Trainer
         (:mod:`sharded_rmsprop.integrations`). Other ranks' :meth:`state_dict` stays sharded.
-        Rank ``to`` keeps the state on the CPU until it changes (``to=None``: every rank).
+        Rank ``to`` keeps the state on the CPU until then (``to=None``: every rank gets it).
 
         .. warning::
             Collective: every rank of the process group must call it.

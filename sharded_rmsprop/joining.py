@@ -127,6 +127,7 @@ class Following(Joinable):
         """step() on a rank that ran out of data under Join: the leaders' options, clip and
         loss scale (``record``), and the gradients of the elements it owns from ``leader``
         (a global rank), window by window; then the skip decision and the sync with all."""
+        self._forget_consolidated()
         record.apply_options(self)
         if self._skip_this_step(None, following=record):
             return

@@ -11,7 +11,7 @@ It also survives what users do with a state dict: ``copy.deepcopy``, ``clone()``
 ``detach()`` and ``to()`` give ShardViews; ``torch.save`` writes it as plain data
 (:func:`as_plain`), which ``torch.load(..., weights_only=True)`` reads back and
 :meth:`ShardedRMSprop.load_state_dict` accepts (:func:`from_plain`). Pickling a range short of
-the whole buffer warns once per process (:class:`IncompleteStateWarning`): that is how a trainer
+the whole buffer warns once per state dict (:class:`IncompleteStateWarning`): that is how a trainer
 saving rank 0's state dict alone would silently lose the other ranks' state. Any other
 operation, such as the arithmetic of ``torch.optim.RMSprop`` given this state dict, is a
 ``RuntimeError`` that says what it is.
@@ -19,6 +19,7 @@ operation, such as the arithmetic of ``torch.optim.RMSprop`` given this state di
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -37,7 +38,8 @@ __all__ = [
     "ShardView",
     "as_plain",
     "from_plain",
-    "warn_incomplete_once",
+    "new_origin",
+    "warn_incomplete",
 ]
 
 #: The key that marks a ShardView written as plain data; its value is the buffer's numel.
@@ -63,14 +65,18 @@ class ShardView(torch.Tensor):
 
     local: Tensor
     offset: int
+    #: The state dict it was made for (:func:`new_origin`; 0: none known), so that pickling
+    #: a state dict warns once, not once per tensor.
+    origin: int
 
     @staticmethod
-    def __new__(cls, local: Tensor, offset: int, numel: int) -> ShardView:
+    def __new__(cls, local: Tensor, offset: int, numel: int, origin: int = 0) -> ShardView:
         view = torch.Tensor._make_wrapper_subclass(
             cls, (numel,), dtype=local.dtype, device=local.device
         )
         view.local = local
         view.offset = offset
+        view.origin = origin
         return view
 
     @classmethod
@@ -78,7 +84,7 @@ class ShardView(torch.Tensor):
         view = args[0] if args else None
         if func in _SAME_RANGE and isinstance(view, ShardView):
             local = func(view.local, *args[1:], **(kwargs or {}))
-            return ShardView(local, view.offset, view.numel())
+            return ShardView(local, view.offset, view.numel(), view.origin)
         raise RuntimeError(
             f"{func} was called on a ShardView: it is one rank's range of an optimizer buffer, "
             "from ShardedRMSprop.state_dict() (the sharded format for "
@@ -87,13 +93,13 @@ class ShardView(torch.Tensor):
         )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardView:
-        return ShardView(self.local.clone(), self.offset, self.numel())
+        return ShardView(self.local.clone(), self.offset, self.numel(), self.origin)
 
     def __reduce_ex__(self, protocol: int) -> Any:
         """Pickled as plain data (:func:`as_plain`), which ``weights_only`` loads read; a range
-        short of the whole buffer warns once (:func:`warn_incomplete_once`)."""
+        short of the whole buffer warns, once per state dict (:func:`warn_incomplete`)."""
         if self.local.numel() < self.numel():
-            warn_incomplete_once()
+            warn_incomplete(self.origin)
         return (OrderedDict, (list(as_plain(self).items()),))
 
     def _chunk(self) -> ChunkStorageMetadata:
@@ -130,16 +136,22 @@ class IncompleteStateWarning(UserWarning):
     """One rank's shard of a sharded optimizer state was pickled, as if it were the whole."""
 
 
-_warned_incomplete = False
+_origins = itertools.count(1)
+_warned_origins: set[int] = set()
 
 
-def warn_incomplete_once() -> None:
-    """Warn, once per process, that a state dict holding one rank's ranges is being pickled:
-    saved alone (``torch.save`` on rank 0, as trainers do) it lacks the other ranks' state."""
-    global _warned_incomplete
-    if _warned_incomplete:
+def new_origin() -> int:
+    """A number for the ShardViews of one new state dict."""
+    return next(_origins)
+
+
+def warn_incomplete(origin: int) -> None:
+    """Warn, once per state dict (``origin``), that a state dict holding one rank's ranges is
+    being pickled: saved alone (``torch.save`` on rank 0, as trainers do) it lacks the other
+    ranks' state. (Gathering every rank's state dict with ``all_gather_object`` warns too.)"""
+    if origin in _warned_origins:
         return
-    _warned_incomplete = True
+    _warned_origins.add(origin)
     warnings.warn(
         "pickling ShardedRMSprop.state_dict() of one rank of several (torch.save, say): it "
         "holds only this rank's shard of the optimizer state (the sharded format, for "

@@ -188,6 +188,14 @@ class Sharding:
 
     # -- before each collective operation ----------------------------------------------------
 
+    def any_replaced(self) -> bool:
+        """Whether some parameter was replaced since the last step (no checks, no errors)."""
+        return any(
+            bucket.is_replaced(position)
+            for bucket in self.buckets
+            for position in range(len(bucket.params))
+        )
+
     def scan(
         self, groups: Groups, check_grad: Callable[[Tensor], None] | None = None
     ) -> ParameterScan:

@@ -63,10 +63,12 @@ def consolidate_on_rank(rank: int, world_size: int) -> dict:
         out["bad_to"] = str(error)
     out["after_bad_to_sharded"] = has_shard_views(opt.state_dict())
 
-    # the first sharded save on one rank of several warns, once
-    _, first = pickled(opt.state_dict())
-    _, second = pickled(opt.state_dict())
-    out["warnings"] = (len(first), len(second), str(first[0].message) if first else "")
+    # pickling one rank's state dict of several warns, once per state dict
+    sharded = opt.state_dict()
+    _, first = pickled(sharded)
+    _, again = pickled(sharded)
+    _, another = pickled(opt.state_dict())
+    out["warnings"] = (len(first), len(again), len(another), str(first[0].message))
 
     opt.consolidate_state_dict()  # Lightning's call: to=0
     scheduler.step()  # the lr changes after the consolidation, before the save
@@ -76,6 +78,7 @@ def consolidate_on_rank(rank: int, world_size: int) -> dict:
     out["lr"] = opt.param_groups[0]["lr"]
     data, caught = pickled(saved)
     out["warned_for_whole"] = len(caught)
+    out["read_once"] = has_shard_views(opt.state_dict())  # the next call is sharded again
     if rank == 0:
         out["whole"] = opt.full_state_dict(0)
         out["saved"] = torch.load(io.BytesIO(data), weights_only=True)
@@ -92,7 +95,14 @@ def consolidate_on_rank(rank: int, world_size: int) -> dict:
     train(opt, params, 2, seed=2)
     train(twin, twin_params, 2, seed=2)
     out["resumed_equal"] = all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+    # a consolidated state is never returned once the state changed
+    opt.consolidate_state_dict()
+    train(opt, params, 1, seed=3)
     out["stale_after_step"] = has_shard_views(opt.state_dict())
+    opt.consolidate_state_dict()
+    params[0].data = params[0].data.clone()  # replaced: adopted, with its values, at the next step
+    out["stale_after_replacement"] = has_shard_views(opt.state_dict())
     return out
 
 
@@ -102,13 +112,15 @@ def test_consolidated_state_dict_is_torch_format_on_rank_0_until_the_next_step()
     for rank, r in enumerate(results):
         assert "to=2 is not a rank of a process group of size 2" in r["bad_to"], r["bad_to"]
         assert r["after_bad_to_sharded"]  # nothing consolidated by the failed call
-        assert r["warnings"][0] == 1 and r["warnings"][1] == 0  # once per process
-        assert "consolidate_state_dict(to=0)" in r["warnings"][2]
+        assert r["warnings"][:3] == (1, 0, 1)  # once per state dict
+        assert "consolidate_state_dict(to=0)" in r["warnings"][3]
         assert r["consolidated_on_this_rank"] == (rank == 0)
         assert r["saved_lr"] == r["lr"] == OPTIONS["lr"] * 0.5  # groups read at save time
         assert r["warned_for_whole"] == 0 if rank == 0 else True
+        assert r["read_once"]
         assert r["resumed_equal"]
         assert r["stale_after_step"]  # a step makes rank 0's state_dict() sharded again
+        assert r["stale_after_replacement"]
     whole, saved = results[0]["whole"], results[0]["saved"]
     assert whole["state"].keys() == saved["state"].keys()
     for index, entry in whole["state"].items():
@@ -133,3 +145,29 @@ def test_consolidated_state_loads_into_torch_rmsprop_in_one_process() -> None:
     train(resumed, resumed_params, 2, seed=2)
     train(reference, reference_params, 2, seed=2)
     assert all(torch.equal(p, q) for p, q in zip(resumed_params, reference_params))
+
+
+def join_on_rank(rank: int, world_size: int) -> dict:
+    """Rank 0 runs out of data and follows rank 1's second step under Join, after a
+    consolidation: its next state_dict() must not be the state from before that step."""
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = DDP(model())
+    opt = ShardedRMSprop(net.parameters(), **OPTIONS, fused=False)
+    with Join([net, opt]):
+        for i in range(1 + rank):
+            opt.zero_grad()
+            generator = torch.Generator().manual_seed(10 * rank + i)
+            net(torch.randn(4, 7, generator=generator)).square().mean().backward()
+            opt.step()
+            if i == 0:
+                opt.consolidate_state_dict(to=0)
+    return {"sharded": has_shard_views(opt.state_dict()), "whole": opt.full_state_dict(to=0)}
+
+
+@pytest.mark.across_ranks
+def test_a_step_followed_under_join_forgets_the_consolidated_state() -> None:
+    first, _ = run_ranks(2, join_on_rank)
+    assert first["sharded"]
+    assert all(float(entry["step"]) == 2 for entry in first["whole"]["state"].values())

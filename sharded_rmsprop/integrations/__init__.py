@@ -48,12 +48,14 @@ def sharded_optimizer_in(optimizer: Any) -> Any | None:
     return None
 
 
-def consolidate_before_save(optimizer: Any, to: int = 0) -> Callable[..., None]:
+def consolidate_before_save(optimizer: Any, to: int | None = 0) -> Callable[..., None]:
     """A hook for ``accelerator.register_save_state_pre_hook``: it gathers ``optimizer``'s whole
     state on rank ``to`` (accelerate's main process is rank 0) before ``save_state()`` writes
     ``optimizer.bin``. accelerate runs the hook on every process, as the gathering needs.
 
-    ``optimizer``: the ShardedRMSprop, or what ``accelerator.prepare`` made of it.
+    ``optimizer``: the ShardedRMSprop, or what ``accelerator.prepare`` made of it. With
+    ``ProjectConfiguration(save_on_each_node=True)`` each node's first process writes: pass
+    ``to=None`` so that every rank gets the whole state.
     """
     sharded = sharded_optimizer_in(optimizer)
     if sharded is None:
