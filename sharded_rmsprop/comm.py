@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import check_not_launched_as_several
+from .distributed import check_not_launched_as_several, drain_at_exit
 
 __all__ = ["PARAM_SYNCS", "DataParallelGroup", "Reduction"]
 
@@ -130,6 +130,8 @@ class DataParallelGroup:
                 "this process is not a member of the process_group given to ShardedRMSprop"
             )
         world_size = dist.get_world_size(group)
+        if world_size > 1:
+            drain_at_exit()
         backend = str(dist.get_backend(group)).lower()
         host_group = _host_group_for(group, backend) if world_size > 1 else group
         return cls(group, rank, world_size, backend, host_group)

@@ -20,6 +20,7 @@ down. :func:`node_local_group` gives the ranks of this rank's node, for hybrid s
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -27,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,8 @@ __all__ = [
     "detect_launch",
     "check_not_launched_as_several",
     "distributed",
+    "drain_at_exit",
+    "finish_before_teardown",
     "node_local_group",
     "init_distributed",
 ]
@@ -290,6 +293,44 @@ def destroy_distributed() -> None:
     """
     if dist.is_initialized():
         dist.destroy_process_group()
+        time.sleep(_GLOO_DRAIN_S)
+
+
+_drains_at_exit = False
+
+
+def drain_at_exit() -> None:
+    """Make this process tear torch.distributed down as :func:`destroy_distributed` does when
+    the interpreter exits (once per process; called when a collective object of the package is
+    made). Users tear down with ``dist.destroy_process_group()``, or not at all, and the gloo
+    abort described there then fails their job at exit, after training went well: an ``atexit``
+    handler, which runs before Python finalizes, waits for any parameter sync still in flight,
+    destroys a group still there and gives gloo's threads the time to finish either way."""
+    global _drains_at_exit
+    if not _drains_at_exit:
+        _drains_at_exit = True
+        atexit.register(_drain)
+
+
+#: What must land before the group is torn down at exit: the package's collectives in flight
+#: (registered by the modules that start them, :func:`finish_before_teardown`).
+_BEFORE_TEARDOWN: list[Callable[[], None]] = []
+
+
+def finish_before_teardown(finish: Callable[[], None]) -> None:
+    """Have the exit handler of :func:`drain_at_exit` call ``finish`` before tearing down."""
+    if finish not in _BEFORE_TEARDOWN:
+        _BEFORE_TEARDOWN.append(finish)
+
+
+def _drain() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            for finish in _BEFORE_TEARDOWN:
+                finish()
+        finally:
+            destroy_distributed()
+    else:  # (torn down by the user: its threads may still be releasing tensors)
         time.sleep(_GLOO_DRAIN_S)
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .comm import DataParallelGroup
+from .distributed import finish_before_teardown
 from .host_shared import host_shared_zeros
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ def wait_for_every_sync() -> None:
         for works in sync.pending.values():
             for work in works:
                 work.wait()
+
+
+finish_before_teardown(wait_for_every_sync)  # (a sync left running lands before exit)
 
 
 def _fingerprint(shard: Tensor) -> Tensor:
