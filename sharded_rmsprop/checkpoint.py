@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from .agreement import Agreement, Fact, shares_failure
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
+from .distributed_state_dict import full_state_dict_requested
 from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView, new_origin
 from .shards import MASTER_KEY, ShardedBucket
@@ -323,7 +324,10 @@ class StateDicts:
         another world size reads the ranges it now owns. Pickling it on one rank of several
         (``torch.save``) would keep that rank's ranges alone: it warns, once per state dict,
         saying what to call instead. Every tensor comes with checksums (``checksums``), which
-        a load verifies. No collectives. The hooks of :meth:`register_state_dict_pre_hook` and
+        a load verifies. Asked for whole tensors by torch's distributed state-dict API
+        (``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``,
+        which every rank calls), it gives :meth:`full_state_dict`'s on every rank. No
+        collectives otherwise. The hooks of :meth:`register_state_dict_pre_hook` and
         :meth:`register_state_dict_post_hook` run as torch runs them (pre-hooks of a
         consolidated state ran when it was gathered).
         """
@@ -331,8 +335,14 @@ class StateDicts:
         consolidated, self._consolidated = self._consolidated, None
         if consolidated is not None and not self.sharding.any_replaced():
             return self._after_state_dict_hooks(with_current_groups(self, consolidated))
+        whole = full_state_dict_requested()  # (by torch's API, on every rank: collective)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        if whole:
+            state_dict = assembled_full_state_dict(
+                self, None, operation="get_optimizer_state_dict(full_state_dict=True)"
+            )
+            return self._after_state_dict_hooks(state_dict)
         return self._after_state_dict_hooks(sharded_state_dict(self))
 
     def consolidate_state_dict(self, to: int = 0) -> None:

@@ -78,14 +78,17 @@ def validated(opt: ShardedOptimizer, state_dict: Any) -> Validated:
     state = state_dict["state"]
     if not isinstance(state, Mapping):
         raise ValueError(f"state_dict['state'] is of type {type(state).__name__}, not a mapping")
-    extras = {key: entry for key, entry in state.items() if not isinstance(key, int)}
-    state = {key: entry for key, entry in state.items() if isinstance(key, int)}
+    # torch's rule: the ids the groups list (integers, or names as torch's distributed
+    # state-dict API writes them) are parameters, other keys are entries of the user's
+    extras = {key: entry for key, entry in state.items() if key not in places}
+    state = {key: entry for key, entry in state.items() if key in places}
+    unlisted = [key for key in extras if isinstance(key, int) and not isinstance(key, bool)]
+    if unlisted:
+        raise ValueError(
+            f"state dict has state for parameter {unlisted[0]!r}, which no group lists"
+        )
     by_index: dict[int, Mapping[str, Any]] = {}
     for saved_id, entry in state.items():
-        if saved_id not in places:
-            raise ValueError(
-                f"state dict has state for parameter {saved_id!r}, which no group lists"
-            )
         bucket, position = places[saved_id]
         slot = bucket.plan.slots[position]
         _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group])
