@@ -36,9 +36,9 @@ import torch.distributed as dist
 __all__ = [
     "DistributedContext",
     "LaunchInfo",
+    "check_not_launched_as_several",
     "destroy_distributed",
     "detect_launch",
-    "check_not_launched_as_several",
     "distributed",
     "drain_at_exit",
     "finish_before_teardown",

@@ -175,6 +175,8 @@ class GradientReduceScatter:
         self._buffers: dict[int, _Buffers] = {}
         #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
         self._versions: dict[Tensor, int] = {}
+        #: The DDP model's hook that calls this reduction while it is attached there.
+        self.slot: DDPHookSlot | None = None
 
     @classmethod
     def for_model(
@@ -474,10 +476,12 @@ class DDPHookSlot:
 
     def attach(self, reduction: GradientReduceScatter) -> None:
         self._attached = weakref.ref(reduction)
+        reduction.slot = self
 
     def detach(self, reduction: GradientReduceScatter) -> None:
         if self.attached is reduction:
             self._attached = None
+        reduction.slot = None
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         reduction = self.attached
@@ -529,16 +533,13 @@ class ReduceScatterSwitch:
                 )
         slot.attach(hook)
         self.sharding.grad_reduction = hook
-        self._hook_slot = slot
 
     def _detach_gradient_reduction(self) -> None:
         """Give the DDP model back its plain all-reduce (see :meth:`close`)."""
         reduction = self.sharding.grad_reduction
-        slot = getattr(self, "_hook_slot", None)
-        if reduction is not None and slot is not None:
-            slot.detach(reduction)
+        if reduction is not None and reduction.slot is not None:
+            reduction.slot.detach(reduction)
         self.sharding.grad_reduction = None
-        self._hook_slot = None
 
     def _check_reduced_grads(self) -> None:
         """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
