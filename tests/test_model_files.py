@@ -8,6 +8,7 @@ storage (safetensors, accelerate, ``save_pretrained``) keep every parameter.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
@@ -138,3 +139,21 @@ def test_safetensors_save_model_keeps_every_parameter() -> None:
     for name, param in model.named_parameters():
         if name in loaded:
             assert torch.equal(loaded[name], param.detach()), name
+
+
+@pytest.mark.cuda
+def test_parameters_on_a_gpu_have_storages_of_their_own() -> None:
+    """The storages come through DLPack, which CUDA tensors go through as well."""
+    model = nn.Sequential(nn.Linear(13, 32), nn.Tanh(), nn.Linear(32, 5)).cuda()
+    untouched = copy.deepcopy(model)
+    opt = ShardedRMSprop(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 13, device="cuda")).square().mean().backward()
+    opt.step()
+    (bucket,) = opt.sharding.buckets
+    start = bucket.flat.data_ptr()
+    end = start + bucket.flat.numel() * bucket.flat.element_size()
+    for p, q in zip(model.parameters(), untouched.parameters()):
+        storage = p.untyped_storage()
+        assert storage.data_ptr() == p.data_ptr() and start <= p.data_ptr() < end
+        assert storage.nbytes() == p.numel() * p.element_size()
+        assert saved_bytes(p.detach()) == saved_bytes(q.detach())
