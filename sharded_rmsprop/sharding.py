@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from .comm import DataParallelGroup
 from .facts import Groups, ParameterScan, param_labels
@@ -305,12 +306,15 @@ class Sharding:
         device (see :meth:`ShardedBucket.update` for ``has_grad`` and ``receive``), each
         followed by ``after_each(bucket)`` (the start of its sync)."""
         for bucket in self.buckets:
-            bucket.update(
-                groups,
-                grad_scale(bucket.plan.device),
-                None if has_grad is None else (lambda position, b=bucket: has_grad(b, position)),
-                receive,
+            updated = (
+                (lambda position: bucket.params[position].grad is not None)
+                if has_grad is None
+                else (lambda position, b=bucket: has_grad(b, position))
             )
+            bucket.update(groups, grad_scale(bucket.plan.device), updated, receive)
+            # changed in place, as torch's update changes them: a backward through a graph
+            # that saved them before this step is an error, not a gradient of stale values
+            increment_version([p for i, p in enumerate(bucket.params) if updated(i)])
             if after_each is not None:
                 after_each(bucket)
 

@@ -549,3 +549,21 @@ def meta_on_rank(rank: int, world_size: int) -> bool:
 @pytest.mark.across_ranks
 def test_built_on_meta_across_ranks() -> None:
     assert all(run_ranks(2, meta_on_rank))
+
+
+@pytest.mark.parametrize("make", ["torch", "sharded"])
+def test_a_backward_through_a_graph_from_before_the_step_is_an_error(make) -> None:
+    """torch's update changes the parameters in place, so a backward through a graph that saved
+    them before the step raises; it must not silently use the values from before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    options = {"lr": 1e-2, "momentum": 0.9}
+    if make == "torch":
+        opt = torch.optim.RMSprop(model.parameters(), **options)
+    else:
+        opt = ShardedRMSprop(model.parameters(), **options, fused=False)
+    model(torch.randn(3, 5)).square().sum().backward()
+    loss = model(torch.randn(3, 5)).square().sum()  # saves the weights as they are now
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
