@@ -332,10 +332,10 @@ class StateDicts:
         consolidated state ran when it was gathered).
         """
         self.sharding.sync.wait_all()
-        consolidated, self._consolidated = self._consolidated, None
-        if consolidated is not None and not self.sharding.any_replaced():
-            return self._after_state_dict_hooks(with_current_groups(self, consolidated))
         whole = full_state_dict_requested()  # (by torch's API, on every rank: collective)
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None and not whole and not self.sharding.any_replaced():
+            return self._after_state_dict_hooks(with_current_groups(self, consolidated))
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         if whole:

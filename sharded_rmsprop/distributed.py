@@ -159,12 +159,14 @@ def check_not_launched_as_several(env: Mapping[str, str] | None = None) -> None:
             continue
         if ranks > 1:
             raise RuntimeError(
-                f"ShardedRMSprop was built before torch.distributed was initialized, but "
+                f"ShardedRMSprop was built while torch.distributed is not initialized, but "
                 f"{name}={ranks} says this process is one of {ranks} ranks: every rank would "
                 "keep the whole optimizer state, unsharded. Initialize the process group first "
                 "(torch.distributed.init_process_group() or sharded_rmsprop.init_distributed(); "
                 "with HF Trainer, build the TrainingArguments, which initialize it, before the "
-                "optimizer; with accelerate, the Accelerator), then build the optimizer"
+                "optimizer; with accelerate, the Accelerator), then build the optimizer. A "
+                f"process meant to run alone (one a rank started, say) must not inherit {name}: "
+                "remove it from its environment"
             )
 
 
@@ -297,41 +299,55 @@ def destroy_distributed() -> None:
 
 
 _drains_at_exit = False
+#: Whether :func:`_drain` has run (read by the tests of the exit).
+_drained = False
 
 
 def drain_at_exit() -> None:
-    """Make this process tear torch.distributed down as :func:`destroy_distributed` does when
-    the interpreter exits (once per process; called when a collective object of the package is
-    made). Users tear down with ``dist.destroy_process_group()``, or not at all, and the gloo
-    abort described there then fails their job at exit, after training went well: an ``atexit``
-    handler, which runs before Python finalizes, waits for any parameter sync still in flight,
-    destroys a group still there and gives gloo's threads the time to finish either way."""
+    """Make this process let gloo finish before the interpreter exits (called when a
+    collective object of the package is made). After a job's last collectives, gloo's worker
+    threads still release the tensors they used; a process that starts finalizing Python
+    meanwhile aborts (see :func:`destroy_distributed`), and torchrun reports the job failed
+    after training went well, however the user tore down (``dist.destroy_process_group()``,
+    or not at all). The ``atexit`` handler :func:`_drain` waits for any parameter sync still in
+    flight and then gives gloo's threads the time to finish. It tears nothing down.
+
+    The handler is registered when this module is imported, before the user's own exit
+    handlers, so it runs after them (``atexit`` runs the last registered first), just before
+    Python finalizes. NCCL groups are left to torch: no abort is known there, and a wait at
+    exit could block on a peer that failed."""
     global _drains_at_exit
-    if not _drains_at_exit:
-        _drains_at_exit = True
-        atexit.register(_drain)
+    _drains_at_exit = True
 
 
-#: What must land before the group is torn down at exit: the package's collectives in flight
-#: (registered by the modules that start them, :func:`finish_before_teardown`).
+#: What must land before the process exits: the package's collectives in flight (registered
+#: by the modules that start them, :func:`finish_before_teardown`).
 _BEFORE_TEARDOWN: list[Callable[[], None]] = []
 
 
 def finish_before_teardown(finish: Callable[[], None]) -> None:
-    """Have the exit handler of :func:`drain_at_exit` call ``finish`` before tearing down."""
+    """Have the exit handler of :func:`drain_at_exit` call ``finish`` first."""
     if finish not in _BEFORE_TEARDOWN:
         _BEFORE_TEARDOWN.append(finish)
 
 
 def _drain() -> None:
-    if dist.is_available() and dist.is_initialized():
-        try:
+    global _drained
+    if not _drains_at_exit:
+        return
+    group_up = dist.is_available() and dist.is_initialized()
+    if group_up and "gloo" not in str(dist.get_backend()).lower():
+        return
+    try:
+        if group_up:
             for finish in _BEFORE_TEARDOWN:
                 finish()
-        finally:
-            destroy_distributed()
-    else:  # (torn down by the user: its threads may still be releasing tensors)
+    finally:
         time.sleep(_GLOO_DRAIN_S)
+        _drained = True
+
+
+atexit.register(_drain)  # (at import: see drain_at_exit)
 
 
 @contextmanager

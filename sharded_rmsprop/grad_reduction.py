@@ -70,11 +70,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from .agreement import Agreement
+from .distributed_state_dict import initializing_state
 from .facts import param_labels
 from .gradients import has_nonfinite
 
 if TYPE_CHECKING:
-    from .comm import Reduction
+    from .comm import DataParallelGroup, Reduction
     from .sharding import Sharding
 
 __all__ = [
@@ -435,6 +436,15 @@ class GradientReduceScatter:
                     " between. Nothing was changed on any rank."
                 )
 
+    def holds_reduced(self, params: Sequence[Tensor]) -> bool:
+        """Whether the gradient of one of ``params`` is one this hook reduced."""
+        for param in params:
+            known = self._reduced.get(param)
+            if param.grad is not None and known is not None:
+                if known.grad is None or known.grad() is param.grad:
+                    return True
+        return False
+
     def buffers(self) -> list[Tensor]:
         """The staging buffers, shards and inboxes kept from backward to backward."""
         kept = [(b.staging, b.shard, b.inbox) for b in self._buffers.values()]
@@ -450,25 +460,34 @@ class DDPHookSlot:
     one and never gives it back): it calls the reduction of the optimizer attached now, held
     weakly, and all-reduces as DDP's own hook does when none is (before every rank attached,
     after :meth:`ShardedRMSprop.close`, once the optimizer is gone). So a hook never outlives
-    its optimizer, and another optimizer can train the model, or attach, afterwards."""
+    its optimizer, and another optimizer can train the model, or attach, afterwards.
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
+    When Python frees a dropped optimizer depends on each rank's garbage collector, so the
+    ranks agree at the start of each backward whether every rank's is still there (one host
+    all-reduce of a flag, only while one is attached): they reduce-scatter or all-reduce
+    together, never some of each."""
+
+    def __init__(self, data_parallel: DataParallelGroup) -> None:
+        self.data_parallel = data_parallel
         self._attached: weakref.ref[GradientReduceScatter] | None = None
+        self._in_backward = False
 
     @classmethod
-    def of(cls, ddp_model: DistributedDataParallel) -> DDPHookSlot:
+    def of(
+        cls, ddp_model: DistributedDataParallel, data_parallel: DataParallelGroup
+    ) -> DDPHookSlot:
         """``ddp_model``'s slot, registered as its communication hook on first use (DDP
         refuses it where another hook was registered: a RuntimeError)."""
         slot = _SLOTS.get(ddp_model)
         if slot is None:
-            slot = cls(ddp_model.process_group)
+            slot = cls(data_parallel)
             ddp_model.register_comm_hook(slot, reduce_scatter_hook)
             _SLOTS[ddp_model] = slot
         return slot
 
     @property
     def attached(self) -> GradientReduceScatter | None:
+        """The reduction attached here, if its optimizer is still there on this rank."""
         reduction = None if self._attached is None else self._attached()
         if reduction is not None and not reduction.has_optimizer:
             return None  # (its optimizer is gone; the reduction lingers in a reference cycle)
@@ -484,10 +503,26 @@ class DDPHookSlot:
         reduction.slot = None
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        reduction = self.attached
-        if reduction is None:
-            return default_hooks.allreduce_hook(self.group, bucket)
-        return reduction.reduce(bucket)
+        try:
+            if not self._in_backward:
+                self._in_backward = True
+                self._agree_on_the_attached()
+            if bucket.is_last():
+                self._in_backward = False
+            reduction = self.attached
+            if reduction is None:
+                return default_hooks.allreduce_hook(self.data_parallel.group, bucket)
+            return reduction.reduce(bucket)
+        except BaseException:
+            self._in_backward = False
+            raise
+
+    def _agree_on_the_attached(self) -> None:
+        """Detach, on every rank, a reduction whose optimizer is gone on some rank. (Attaching
+        and :meth:`ShardedRMSprop.close` are collective: ``_attached`` is set alike.)"""
+        if self._attached is not None:
+            if not self.data_parallel.all_true(self.attached is not None):
+                self._attached = None
 
 
 #: Each DDP model's slot, for as long as the model lives.
@@ -525,7 +560,7 @@ class ReduceScatterSwitch:
         with Agreement(self.sharding.data_parallel, "reduce_scatter_gradients()"):
             hook = GradientReduceScatter.for_model(self.sharding, ddp_model, self.param_groups)
             # (until every rank attached, it all-reduces as DDP did)
-            slot = DDPHookSlot.of(ddp_model)
+            slot = DDPHookSlot.of(ddp_model, self.sharding.data_parallel)
             if slot.attached is not None:
                 raise ValueError(
                     "reduce_scatter_gradients(): this DDP model's gradients are reduce-"
@@ -533,6 +568,20 @@ class ReduceScatterSwitch:
                 )
         slot.attach(hook)
         self.sharding.grad_reduction = hook
+
+    def _check_no_reduced_grads_held(self) -> None:
+        """``RuntimeError`` (inside the caller's agreement) if ``p.grad`` still holds what the
+        last backward reduce-scattered: a backward after :meth:`close` would add all-reduced
+        gradients to them, whose owned elements are averages already."""
+        reduction = self.sharding.grad_reduction
+        params = [p for group in self.param_groups for p in group["params"]]
+        if reduction is not None and reduction.holds_reduced(params):
+            raise RuntimeError(
+                "close(): p.grad still holds the gradients the last backward reduce-scattered "
+                "(averages in the elements this rank owns, its own gradient elsewhere), to which "
+                "a backward after close() would add all-reduced ones: call step() and "
+                "zero_grad() first. Nothing was changed on any rank."
+            )
 
     def _detach_gradient_reduction(self) -> None:
         """Give the DDP model back its plain all-reduce (see :meth:`close`)."""
@@ -545,7 +594,7 @@ class ReduceScatterSwitch:
         """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
         since (raises, inside the caller's agreement, so every rank gets the error)."""
         reduction = self.sharding.grad_reduction
-        if reduction is not None:
+        if reduction is not None and not initializing_state():  # (zeros alike on every rank)
             reduction.check([p for group in self.param_groups for p in group["params"]])
 
 

@@ -439,13 +439,15 @@ class ShardedRMSprop(
         hooks of :meth:`overlap_param_sync` are removed after the sync in flight is waited
         for. The optimizer keeps working, on all-reduced gradients with a blocking sync; another
         optimizer can then attach to those models. Dropping the optimizer does the same once
-        Python frees it. Idempotent.
+        Python frees it (the ranks agree on that at the next backward). Idempotent. An error on
+        every rank while ``p.grad`` holds reduce-scattered gradients (``zero_grad()`` first).
 
         .. warning::
             Collective: every rank must call it (the DDP models' collectives must match).
         """
         with Agreement(self._data_parallel, "close()"):
             self.wait_for_params()
+            self._check_no_reduced_grads_held()
         self._detach_gradient_reduction()
         if self.sharding.param_overlap is not None:
             self.sharding.param_overlap.remove()

@@ -1,12 +1,12 @@
 """One rank of a 2-rank job for tests/test_clean_exit.py: trains a few steps and exits the way
 its pattern says. Run as ``python exit_rank.py PATTERN RANK WORLD_SIZE STORE_FILE``.
 
-Before anything else it registers an ``atexit`` check, which Python runs after every handler
-registered later (the package's included): it prints whether the process group was still up
-then. Patterns: ``control`` (torch.optim.RMSprop, ``dist.destroy_process_group()``, no
+Before anything else it registers an ``atexit`` report, which Python runs after every handler
+registered later (the package's included): it prints whether the package's exit handler ran. Patterns: ``control`` (torch.optim.RMSprop, ``dist.destroy_process_group()``, no
 sharded_rmsprop), ``destroy`` (the same with ShardedRMSprop), ``none`` (no teardown at all),
 ``error`` (ShardedRMSprop refused on every rank, the error caught, no teardown), ``overlap``
 (the last step's parameter sync left in flight by ``overlap_param_sync``, no teardown),
+``user_atexit`` (the user's own exit handler, registered after the import, uses the group),
 ``accelerate`` and ``lightning`` (ShardedRMSprop inside them, as their users exit).
 """
 
@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def report() -> None:
-    up = dist.is_available() and dist.is_initialized()
-    print(f"group up at the end of exit: {up}", flush=True)
+    package = sys.modules.get("sharded_rmsprop.distributed")
+    print(f"drained at exit: {getattr(package, '_drained', None)}", flush=True)
 
 
 def model() -> nn.Module:
@@ -55,7 +55,15 @@ def main(pattern: str, rank: int, world_size: int, store: str) -> None:
         return
     from sharded_rmsprop import ShardedRMSprop
 
-    if pattern in ("destroy", "none", "overlap"):
+    if pattern == "user_atexit":  # the user's own teardown at exit, which uses the group
+
+        def teardown() -> None:
+            dist.barrier()
+            dist.destroy_process_group()
+            print("user handler done", flush=True)
+
+        atexit.register(teardown)
+    if pattern in ("destroy", "none", "overlap", "user_atexit"):
         net = DDP(model())
         opt = ShardedRMSprop(net.parameters(), lr=1e-3)
         if pattern == "overlap":

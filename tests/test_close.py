@@ -50,14 +50,24 @@ def close_on_rank(rank: int, world_size: int, how: str) -> dict:
     except ValueError as error:
         out["refused"] = str(error)
     if how == "close":
+        try:  # p.grad holds reduce-scattered gradients, which a backward would add to
+            opt.close()
+        except RuntimeError as error:
+            out["held"] = str(error)
+        opt.zero_grad()
         opt.close()
         opt.close()  # idempotent
         backward(ddp, rank, 1)
         opt.step()  # it keeps working, on all-reduced gradients
     else:
+        opt.zero_grad()
+        if rank == 1:  # freed on rank 0 at once, on rank 1 only by a collection
+            gc.disable()
+            cycle: list = [opt]
+            cycle.append(cycle)
         del opt
-        gc.collect()
-    grads = backward(ddp, rank, 2)
+    grads = backward(ddp, rank, 2)  # the ranks agree: all-reduce on every rank
+    gc.enable()
     out["plain_after"] = all(torch.equal(g, h) for g, h in zip(grads, plain_grads(ddp, rank, 2)))
     # another optimizer attaches to the same model and trains as torch.optim.RMSprop would
     second.reduce_scatter_gradients(ddp)
@@ -78,6 +88,8 @@ def close_on_rank(rank: int, world_size: int, how: str) -> dict:
 def test_a_closed_or_dropped_optimizer_gives_ddp_its_all_reduce_back(how) -> None:
     for r in run_ranks(2, close_on_rank, how):
         assert "for another ShardedRMSprop already: call its close() first" in r["refused"]
+        if how == "close":
+            assert "call step() and zero_grad() first" in r["held"]
         assert r["plain_after"]
         assert r["second_trains"]
 

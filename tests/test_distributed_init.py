@@ -125,7 +125,7 @@ def test_an_optimizer_built_before_the_group_of_a_multi_rank_launch_is_an_error(
         monkeypatch.setenv(name, value)
     param = torch.nn.Parameter(torch.ones(3))
     ((name, value),) = env.items()
-    expected = f"before torch.distributed was initialized, but {name}={value}"
+    expected = f"while torch.distributed is not initialized, but {name}={value}"
     with pytest.raises(RuntimeError, match=expected):
         ShardedRMSprop([param])
     assert torch.equal(param, torch.ones(3)) and param.grad is None

@@ -140,3 +140,38 @@ def test_dcp_through_the_api_resumes_at_any_world_size(tmp_path) -> None:
     for r in run_ranks(3, load_on_rank, folder):  # 2 -> 3 ranks: resharded
         assert same(r["whole"], saved[0]["whole"])
     assert os.path.isdir(folder)
+
+
+def reduce_scatter_on_rank(rank: int, world_size: int, folder: str) -> dict:
+    """The API with reduce-scattered gradients, after a consolidation, into a fresh optimizer
+    (whose empty state the API makes exist with a step of its own, on zero gradients)."""
+    net, opt = build("sharded")
+    opt.reduce_scatter_gradients(net)
+    reference, torch_opt = build("torch")
+    for model, optimizer in ((net, opt), (reference, torch_opt)):
+        train(model, optimizer, rank, seed=1)
+    opt.consolidate_state_dict()  # (rank 0's next state_dict() would be the whole state)
+    out = {
+        "full_equal": same(
+            get_optimizer_state_dict(net, opt, options=FULL),
+            get_optimizer_state_dict(reference, torch_opt, options=FULL),
+        )
+    }
+    opt.zero_grad()
+    model_state, optim_state = get_state_dict(net, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+    fresh, fresh_opt = build("sharded")
+    fresh_opt.reduce_scatter_gradients(fresh)
+    model_state, optim_state = get_state_dict(fresh, fresh_opt)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+    set_state_dict(fresh, fresh_opt, model_state_dict=model_state, optim_state_dict=optim_state)
+    for model, optimizer in ((net, opt), (fresh, fresh_opt)):
+        train(model, optimizer, rank, seed=2)
+    out["resumed_equal"] = same(params(fresh), params(net))
+    return out
+
+
+@pytest.mark.across_ranks
+def test_the_api_with_reduce_scattered_gradients_and_after_a_consolidation(tmp_path) -> None:
+    for r in run_ranks(2, reduce_scatter_on_rank, str(tmp_path / "checkpoint")):
+        assert r == {"full_equal": True, "resumed_equal": True}
