@@ -74,8 +74,9 @@ def whole_on_rank(rank: int, world_size: int) -> dict:
     out["full_equal"] = same(got["sharded"][0], got["torch"][0])
     out["full_on_rank_0_equal"] = same(got["sharded"][1], got["torch"][1])
     out["full_on_rank_0_empty_elsewhere"] = rank == 0 or got["sharded"][1] == {}
+    whole_state = got["sharded"][0]["state"]
     out["full_shapes"] = sorted(
-        (name, tuple(entry["square_avg"].shape)) for name, entry in got["sharded"][0]["state"].items()
+        (name, tuple(entry["square_avg"].shape)) for name, entry in whole_state.items()
     )
     # set_optimizer_state_dict with whole tensors, from every rank and broadcast from rank 0,
     # into fresh optimizers: they continue as torch's RMSprop given the same state
@@ -92,6 +93,16 @@ def whole_on_rank(rank: int, world_size: int) -> dict:
         set_optimizer_state_dict(net, opt, state, options=options)
         train(net, opt, rank, seed=2)
         resumed[how] = params(net)
+    # the sharded form, offloaded to the CPU, set back into a fresh optimizer
+    net, opt = build("sharded")
+    offload = StateDictOptions(cpu_offload=True)
+    sharded = get_optimizer_state_dict(*trained["sharded"], options=offload)
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), trained["sharded"][0].parameters()):
+            p.copy_(q)
+    set_optimizer_state_dict(net, opt, sharded, options=offload)
+    train(net, opt, rank, seed=2)
+    resumed["sharded, offloaded"] = params(net)
     net, opt = trained["torch"]
     train(net, opt, rank, seed=2)
     out["resumed_equal"] = {how: same(p, params(net)) for how, p in resumed.items()}
@@ -106,7 +117,9 @@ def test_whole_state_dicts_are_torchs() -> None:
         assert r["full_on_rank_0_empty_elsewhere"], rank
         assert r["full_shapes"] == [("0.bias", (16,)), ("0.weight", (16, 7)), ("2.bias", (3,)),
                                     ("2.weight", (3, 16))]  # fmt: skip
-        assert r["resumed_equal"] == {"every rank": True, "from rank 0": True}, rank
+        assert r["resumed_equal"] == dict.fromkeys(
+            ("every rank", "from rank 0", "sharded, offloaded"), True
+        ), rank
 
 
 def save_on_rank(rank: int, world_size: int, folder: str) -> dict:
