@@ -89,12 +89,22 @@ class ScalerRequest:
 
     @classmethod
     def from_optimizer(cls, optimizer: Any) -> ScalerRequest | None:
+        """What the scaler set, if it did; ``ValueError`` unless each value is a tensor of one
+        element (0-d as GradScaler sets them, or of shape ``(1,)`` as torch's fused
+        optimizers also take them)."""
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is None:
             return None
         scale = getattr(optimizer, "grad_scale", None)
-        inverse = None if scale is None else scale.double().reciprocal().float()
-        return cls(found_inf, inverse)
+        for name, value in (("found_inf", found_inf), ("grad_scale", scale)):
+            if value is not None and not (isinstance(value, Tensor) and value.numel() == 1):
+                what = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
+                raise ValueError(
+                    f"optimizer.{name} must be a tensor of one element, as "
+                    f"torch.amp.GradScaler sets it, got {what}"
+                )
+        inverse = None if scale is None else scale.reshape(()).double().reciprocal().float()
+        return cls(found_inf.reshape(()), inverse)
 
     @staticmethod
     def forget(optimizer: Any) -> None:

@@ -326,9 +326,9 @@ class ShardedRMSprop(
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip, scaler = self._clip, ScalerRequest.from_optimizer(self)
+        clip = self._clip
         try:
-            scan, followers = self._agree_on_step(clip, scaler)
+            scan, followers, scaler = self._agree_on_step(clip)
             leading = joining.leads(self, followers)
             if leading:
                 joining.send_records(self, followers, clip, scaler)
@@ -467,23 +467,25 @@ class ShardedRMSprop(
         return self.sharding.data_parallel
 
     def _agree_on_step(
-        self, clip: PendingClip | None, scaler: ScalerRequest | None
-    ) -> tuple[ParameterScan, tuple[int, ...]]:
-        """Check this rank's gradients and parameters, then agree with the other ranks on
-        what the step is about to do (:func:`~sharded_rmsprop.facts.step_facts`); collective.
-        Returns what the scan found (the parameters to adopt among it) and the ranks that
-        follow this step (out of data under Join; almost always none)."""
+        self, clip: PendingClip | None
+    ) -> tuple[ParameterScan, tuple[int, ...], ScalerRequest | None]:
+        """Check this rank's gradients, parameters and what a GradScaler set, then agree with
+        the other ranks on what the step is about to do
+        (:func:`~sharded_rmsprop.facts.step_facts`); collective. Returns what the scan found
+        (the parameters to adopt among it), the ranks that follow this step (out of data
+        under Join; almost always none) and the scaler's request."""
         with Agreement(self._data_parallel, "step()", followable=True) as agreement:
             self.wait_for_params()  # (the sync the last step left running)
             for g, group in enumerate(self.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
+            scaler = ScalerRequest.from_optimizer(self)
             scan = self.sharding.scan(self.param_groups, check_grad)
             self._check_reduced_grads()
             agreement.facts = step_facts(
                 self.param_groups, self.sharding.buckets, clip, scaler, scan
             )
         joining.check_followable(self, agreement.followers)
-        return scan, agreement.followers
+        return scan, agreement.followers, scaler
 
     def _all_grads(self) -> list[Tensor]:
         """This rank's gradients, whole."""

@@ -567,3 +567,59 @@ def test_a_backward_through_a_graph_from_before_the_step_is_an_error(make) -> No
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_gradscaler_values_of_one_element_in_either_shape(shape) -> None:
+    """GradScaler sets 0-d tensors; torch's fused optimizers also take shape (1,)."""
+    params = [torch.nn.Parameter(torch.ones(3, 2)) for _ in range(2)]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    opt = ShardedRMSprop(params, lr=1e-2, fused=False)
+    torch_opt = torch.optim.RMSprop(reference, lr=1e-2)
+    for p in params + reference:
+        p.grad = torch.full_like(p, 0.5)
+    opt.grad_scale, opt.found_inf = torch.ones(shape), torch.ones(shape)
+    opt.step()  # an inf was found: nothing moves, no state is counted
+    assert all(torch.equal(p, torch.ones(3, 2)) for p in params)
+    assert all(float(opt.state[p].get("step", 0)) == 0 for p in params)
+    opt.grad_scale, opt.found_inf = torch.full(shape, 2.0), torch.zeros(shape)
+    opt.step()  # none found: the gradients are divided by the scale inside the update
+    for p in reference:
+        p.grad = torch.full_like(p, 0.25)
+    torch_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
+def test_gradscaler_values_of_several_elements_are_an_error() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = ShardedRMSprop([param], lr=1e-2, fused=False)
+    param.grad = torch.ones(3)
+    opt.grad_scale, opt.found_inf = torch.ones(2), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"optimizer.found_inf must be a tensor of one element"):
+        opt.step()
+    assert torch.equal(param, torch.ones(3)) and not hasattr(opt, "found_inf")
+
+
+def scaler_values_on_rank(rank: int, world_size: int) -> dict:
+    param = torch.nn.Parameter(torch.ones(5))
+    opt = ShardedRMSprop([param], lr=1e-2, fused=False)
+    param.grad = torch.ones(5)
+    out = {}
+    opt.grad_scale = torch.ones(1)
+    opt.found_inf = torch.zeros(2) if rank == 1 else torch.zeros(1)  # bad on rank 1 alone
+    try:
+        opt.step()
+    except ValueError as error:
+        out["error"] = str(error)
+    opt.grad_scale = torch.ones(1)
+    opt.found_inf = torch.ones(1) if rank == 1 else torch.zeros(1)  # an inf on rank 1 alone
+    opt.step()
+    out["unchanged"] = torch.equal(param, torch.ones(5))
+    return out
+
+
+@pytest.mark.across_ranks
+def test_gradscaler_values_are_checked_on_every_rank() -> None:
+    for r in run_ranks(2, scaler_values_on_rank):
+        assert "optimizer.found_inf must be a tensor of one element" in r["error"]
+        assert r["unchanged"]  # the inf on one rank skipped the step on both
