@@ -594,8 +594,15 @@ class ReduceScatterSwitch:
         """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
         since (raises, inside the caller's agreement, so every rank gets the error)."""
         reduction = self.sharding.grad_reduction
-        if reduction is not None and not initializing_state():  # (zeros alike on every rank)
+        if reduction is None:
+            return
+        try:
             reduction.check([p for group in self.param_groups for p in group["params"]])
+        except RuntimeError:
+            # torch's state-dict API steps once on zeros it set alike on every rank: fine.
+            # (Asked only here: finding that out walks the callers' frames.)
+            if not initializing_state():
+                raise
 
 
 def reduce_scatter_hook(
