@@ -24,7 +24,7 @@ from torch.autograd.graph import increment_version
 
 from .comm import DataParallelGroup
 from .facts import Groups, ParameterScan, param_labels
-from .kernels import UpdateFn, select_update
+from .kernels import UpdateFn, fused_refusal, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .sync import ShardSync, wait_for_every_sync
@@ -213,7 +213,7 @@ class Sharding:
         adoptable, materialize = [], []
         for bucket in self.buckets:
             found = bucket.scan(check_grad)
-            device = _materialized_on(groups, bucket, found.adoptable)
+            device = _materialized_on(groups, bucket, found.adoptable, self.fused)
             if device is not None:
                 self.kernel_for(dataclasses.replace(bucket.plan, device=device))  # or raise
             materialize.append(device)
@@ -382,21 +382,26 @@ class Sharding:
 
 
 def _materialized_on(
-    groups: Groups, bucket: ShardedBucket, moved: Sequence[int]
+    groups: Groups, bucket: ShardedBucket, moved: Sequence[int], fused: bool | None
 ) -> torch.device | None:
     """The one device all parameters of a meta bucket moved to (``module.to_empty(...)``
     after building on ``meta``, swapping tensors), None for a bucket that is not on meta;
-    ``RuntimeError`` if none or only some moved."""
+    ``RuntimeError`` if none or only some moved (with ``fused=True``, in torch's words
+    first: a fused step on meta is refused by torch too)."""
     if not bucket.on_meta:
         return None
     if not moved:
-        raise RuntimeError(
+        still = (
             "ShardedRMSprop was built on parameters on the meta device, and they are still "
             "there: module.to_empty(...) gives the module new Parameter objects, which the "
             "optimizer does not hold (as no torch optimizer would). Build the optimizer after "
             "to_empty(), or call torch.__future__.set_swap_module_params_on_conversion(True) "
             "before it, so that the parameters keep their identity and move"
         )
+        if fused:
+            on_meta = fused_refusal(bucket.plan.device, bucket.plan.dtype, "still on meta")
+            still = f"{on_meta}. {still}"
+        raise RuntimeError(still)
     staying = sorted(set(range(len(bucket.params))) - set(moved))
     devices = sorted({str(bucket.params[position].device) for position in moved})
     if staying:

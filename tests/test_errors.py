@@ -84,11 +84,14 @@ def test_duplicate_parameter_is_a_value_error() -> None:
 
 
 def test_fused_true_without_a_kernel_is_a_clear_error() -> None:
-    float64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    complex64 = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
     with pytest.raises(
-        RuntimeError, match="fused=True was requested, but the CPU kernel takes.*not torch.float64"
+        RuntimeError,
+        match=r"`fused=True` requires all the params to be floating point Tensors of supported "
+        r"devices: \[.cpu., .cuda.\] but torch.complex64 and cpu \(the CPU kernel takes.*not "
+        r"torch.complex64\); pass fused=None or False",
     ):
-        ShardedRMSprop([float64], fused=True)
+        ShardedRMSprop([complex64], fused=True)
     with pytest.raises(TypeError, match="fused must be None, True or False"):
         ShardedRMSprop([torch.zeros(3, requires_grad=True)], fused="yes")
 

@@ -181,7 +181,6 @@ def test_the_table_starts_from_a_good_call(kernel: str, monkeypatch: pytest.Monk
 #: kernels' error). The fused kernels declare it in their KernelRules (dtypes, flat, a
 #: float32 scale); the validator is still the same one.
 REFERENCE_ONLY: dict[str, tuple[Callable[[], dict], dict, type]] = {
-    "float64": (lambda: _tensors(torch.float64), {}, TypeError),
     "complex64": (lambda: _tensors(torch.complex64), {}, TypeError),
     "2-d": (lambda: {k: v.view(2, N // 2) for k, v in _tensors().items()}, {}, ValueError),
     "strided": (lambda: {k: torch.stack([v, v], 1)[:, 0] for k, v in _tensors().items()}, {},
@@ -199,6 +198,17 @@ def test_what_only_the_reference_takes(case: str) -> None:
         tensors = make()
         with pytest.raises(error):
             KERNELS[kernel](*(tensors[k] for k in NAMES), **HP, **options)
+
+
+def test_float64_is_the_cpu_kernels_and_not_tritons() -> None:
+    """The CPU kernel computes float64 shards (in float64); Triton's refuses them."""
+    tensors = _tensors(torch.float64)
+    rmsprop_reference_(*(tensors[k] for k in NAMES), **HP)
+    if cpu_fused_available():
+        KERNELS["cpu_fused"](*(_tensors(torch.float64)[k] for k in NAMES), **HP)
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16 parameters, got "
+                                        "torch.float64"):
+        KERNELS["triton"](*(_tensors(torch.float64)[k] for k in NAMES), **HP)
 
 
 def test_unsupported_device_is_not_an_argument_error() -> None:

@@ -23,7 +23,8 @@ Behaviours deliberately not followed, and why:
 - Built on the meta device, the parameters must keep their objects when materialised
   (``torch.__future__.set_swap_module_params_on_conversion(True)``); plain ``to_empty()`` is
   an error at the next step.
-- ``fused=True`` with float64 or complex parameters is an error: no fused kernel takes them.
+- ``fused=True`` with complex parameters, or float64 ones on CUDA, is an error: no fused
+  kernel takes them.
 - ``capturable=True`` and ``differentiable=True`` are errors (torch's ``foreach`` is accepted
   and changes nothing): a step agrees with the other ranks on the host and updates a shard
   outside autograd.
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from sharded_rmsprop import ShardedRMSprop
+from sharded_rmsprop.kernels import rmsprop_cpu_fused_
 from spawn import run_ranks
 
 SHAPES = [(7, 5), (3,), (40,)]
@@ -525,6 +527,30 @@ def test_built_on_meta_without_swapping_is_an_error_not_a_silent_no_op() -> None
         match="built on parameters on the meta device.*set_swap_module_params_on_conversion",
     ):
         opt.step()
+
+
+def test_a_fused_step_on_meta_is_refused_in_torchs_words(swapping) -> None:
+    """torch's test_fused_error_on_params_on_meta: a fused=True step while the parameters
+    and gradients are on meta is torch's RuntimeError (here with why, and what to do);
+    after materialising, the same optimizer trains with the fused kernel."""
+    model = meta_model()
+    opt = ShardedRMSprop(model.parameters(), fused=True)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    with pytest.raises(
+        RuntimeError,
+        match=r"^`fused=True` requires all the params to be floating point Tensors of supported "
+        r"devices: \['cpu', 'cuda'\] but torch.float32 and meta \(still on meta\)\. "
+        r"ShardedRMSprop was built on parameters on the meta device",
+    ):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    materialise(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_model(model, opt, steps=1)
+    assert opt.sharding.buckets[0].kernel is rmsprop_cpu_fused_
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_some_parameters_left_on_meta_is_an_error(swapping) -> None:

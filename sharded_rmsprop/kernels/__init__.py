@@ -10,8 +10,9 @@ a :class:`~.contract.KernelRules`, data rather than code):
 - :func:`rmsprop_triton_`: one Triton kernel, one pass over memory (CUDA);
 - :func:`rmsprop_cpu_fused_`: one compiled C++ loop, one pass over memory (CPU).
 
-The fused kernels compute in float32 for float32, bfloat16 and float16 parameters; other
-dtypes (float64, complex) always take the reference path.
+The fused kernels compute in float32 for float32, bfloat16 and float16 parameters, the CPU
+one in float64 for float64 parameters; other dtypes (complex, and float64 on CUDA) always
+take the reference path.
 """
 
 from __future__ import annotations
@@ -26,12 +27,30 @@ from .triton_rmsprop import SUPPORTED_DTYPES as _TRITON_DTYPES
 from .triton_rmsprop import rmsprop_triton_, triton_available
 
 __all__ = [
+    "FUSED_DEVICE_TYPES",
     "UpdateFn",
+    "fused_refusal",
     "rmsprop_cpu_fused_",
     "rmsprop_reference_",
     "rmsprop_triton_",
     "select_update",
 ]
+
+
+#: The device types that have a fused kernel.
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def fused_refusal(device: torch.device, dtype: torch.dtype, reason: str) -> str:
+    """Why ``fused=True`` cannot be had for ``dtype`` on ``device``: torch's words where torch
+    refuses too (a device without fused kernels, a dtype that is not floating point), then
+    ``reason``."""
+    if device.type not in FUSED_DEVICE_TYPES or not dtype.is_floating_point:
+        return (
+            "`fused=True` requires all the params to be floating point Tensors of supported "
+            f"devices: {list(FUSED_DEVICE_TYPES)} but {dtype} and {device.type} ({reason})"
+        )
+    return f"fused=True was requested, but {reason}"
 
 
 def _fused_for(device: torch.device, dtype: torch.dtype) -> tuple[UpdateFn | None, str]:
@@ -44,7 +63,7 @@ def _fused_for(device: torch.device, dtype: torch.dtype) -> tuple[UpdateFn | Non
         return rmsprop_triton_, ""
     if device.type == "cpu":
         if dtype not in _CPU_FUSED_DTYPES:
-            return None, f"the CPU kernel takes float32, bfloat16 and float16, not {dtype}"
+            return None, f"the CPU kernel takes float32, bfloat16, float16 and float64, not {dtype}"
         if not cpu_fused_available():
             return None, "the CPU kernel could not be built (see the warning above)"
         return rmsprop_cpu_fused_, ""
@@ -65,5 +84,5 @@ def select_update(fused: bool | None, device: torch.device, dtype: torch.dtype) 
     if kernel is not None:
         return kernel
     if fused:
-        raise RuntimeError(f"fused=True was requested, but {reason}; pass fused=None or False")
+        raise RuntimeError(fused_refusal(device, dtype, reason) + "; pass fused=None or False")
     return rmsprop_reference_

@@ -9,10 +9,11 @@
 // library picks the best one the CPU supports when it loads (``__builtin_cpu_supports``), so
 // one binary runs on any x86-64 machine; elsewhere only the baseline version exists. Float16
 // on AVX2 and AVX-512 converts blocks with the F16C instructions instead of bit manipulation.
-// The arithmetic follows torch's op sequence in float32: the same operations in the same
-// order (``addcmul`` is ``self + (value * t1) * t2``, ``addcdiv`` is ``self + (value * t1) /
-// t2``, ``lerp`` switches formula at weight 0.5), each intermediate kept in float32 instead
-// of being rounded to the storage dtype, and the result rounded once (to nearest even). No
+// The arithmetic follows torch's op sequence in float32 (float64 for float64 storage, as
+// torch computes float64 tensors): the same operations in the same order (``addcmul`` is
+// ``self + (value * t1) * t2``, ``addcdiv`` is ``self + (value * t1) / t2``, ``lerp``
+// switches formula at weight 0.5), each intermediate kept in the compute type instead of
+// being rounded to the storage dtype, and the result rounded once (to nearest even). No
 // fused multiply-adds (-ffp-contract=off), so every instruction set gives the same bits.
 //
 // Two options ride along in the same pass: a gradient scale (clipping, unscaling) is one
@@ -41,15 +42,40 @@ inline uint32_t blend(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b 
 // |x| is a NaN (signed compare: both sides are below 2^31).
 inline uint32_t nan_mask(uint32_t u) { return mask(int32_t(u & 0x7FFFFFFFu) > 0x7F800000); }
 
+// a if c else b, for the compute types, through an integer mask of their width.
+inline float pick(bool c, float a, float b) {
+  return from_bits(blend(mask(c), to_bits(a), to_bits(b)));
+}
+inline double pick(bool c, double a, double b) {
+  uint64_t ua, ub;
+  std::memcpy(&ua, &a, sizeof a);
+  std::memcpy(&ub, &b, sizeof b);
+  const uint64_t m = 0ull - uint64_t(c);
+  const uint64_t u = (ua & m) | (ub & ~m);
+  double r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// A storage dtype: how its values are loaded into the compute type and stored back.
 struct Float32 {
   using storage_t = float;
+  using compute_t = float;
   static inline float load(float x) { return x; }
   static inline float store(float x) { return x; }
+};
+
+struct Float64 {
+  using storage_t = double;
+  using compute_t = double;
+  static inline double load(double x) { return x; }
+  static inline double store(double x) { return x; }
 };
 
 // bfloat16: the top half of a float32; rounding as c10::BFloat16 (nearest even, NaN -> 0x7FC0).
 struct BFloat16 {
   using storage_t = uint16_t;
+  using compute_t = float;
   static inline float load(uint16_t h) { return from_bits(uint32_t(h) << 16); }
   static inline uint16_t store(float f) {
     const uint32_t u = to_bits(f);
@@ -62,6 +88,7 @@ struct BFloat16 {
 // exact in both directions (round to nearest even) and vectorisable without F16C.
 struct Float16 {
   using storage_t = uint16_t;
+  using compute_t = float;
   static inline float load(uint16_t h) {
     const uint32_t w = uint32_t(h) << 16;
     const uint32_t sign = w & 0x80000000u;
@@ -87,10 +114,11 @@ struct Float16 {
 // The low-precision copy's policy when there is none (only float32 master weights have one).
 struct NoCopy {};
 
+// The hyperparameters as Python gave them (double); each loop rounds them to its compute
+// type, as torch rounds a Python number to the type its kernel computes in.
 struct Hyper {
   // grad_factor: grad_scale, negated for maximize (1 or -1 without a scale); see update_span.
-  float neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_factor;
-  bool lerp_small;  // |1 - alpha| < 0.5: torch's lerp computes start + w * (end - start)
+  double neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_factor;
 };
 
 // The whole update of elements [begin, end). Inlined into one function per instruction set
@@ -110,31 +138,33 @@ __attribute__((always_inline)) inline void update_span(
     const Hyper& h, int64_t begin, int64_t end) {
   constexpr bool kCopy = !std::is_same<LP, NoCopy>::value;
   static_assert(!kCopy || std::is_same<S, Float32>::value, "copies need float32 master weights");
-  const float neg_lr = h.neg_lr, alpha = h.alpha, oma = h.one_minus_alpha, eps = h.eps;
-  const float wd = h.weight_decay, mom = h.momentum, factor = h.grad_factor;
-  const uint32_t lerp_from_start = mask(h.lerp_small);
-  const float lerp_w = h.lerp_small ? oma : oma - 1.0f;
+  using C = typename S::compute_t;
+  const C neg_lr = C(h.neg_lr), alpha = C(h.alpha), oma = C(h.one_minus_alpha), eps = C(h.eps);
+  const C wd = C(h.weight_decay), mom = C(h.momentum), factor = C(h.grad_factor);
+  // |1 - alpha| < 0.5: torch's lerp computes start + w * (end - start), else end - ...
+  const bool lerp_from_start = std::fabs(oma) < C(0.5);
+  const C lerp_w = lerp_from_start ? oma : oma - C(1);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float p = S::load(param[i]);
-    float g = S::load(grad[i]) * factor;                    // grad.mul_(scale), maximize: neg_()
+    const C p = S::load(param[i]);
+    C g = S::load(grad[i]) * factor;                        // grad.mul_(scale), maximize: neg_()
     if (WD) g = g + wd * p;                                 // grad.add_(param, alpha=wd)
-    const float sq = S::load(square_avg[i]) * alpha + (oma * g) * g;
+    const C sq = S::load(square_avg[i]) * alpha + (oma * g) * g;
     square_avg[i] = S::store(sq);                           // mul_(alpha).addcmul_(g, g, 1-alpha)
-    float avg;
+    C avg;
     if (CEN) {
-      const float ga0 = S::load(grad_avg[i]);
-      const float base = from_bits(blend(lerp_from_start, to_bits(ga0), to_bits(g)));
-      const float ga = base + lerp_w * (g - ga0);           // grad_avg.lerp_(g, 1 - alpha)
+      const C ga0 = S::load(grad_avg[i]);
+      const C base = pick(lerp_from_start, ga0, g);
+      const C ga = base + lerp_w * (g - ga0);               // grad_avg.lerp_(g, 1 - alpha)
       grad_avg[i] = S::store(ga);
-      avg = std::sqrt(sq + (-1.0f * ga) * ga);             // addcmul(ga, ga, -1).sqrt_()
+      avg = std::sqrt(sq + (C(-1) * ga) * ga);              // addcmul(ga, ga, -1).sqrt_()
     } else {
       avg = std::sqrt(sq);
     }
     avg = avg + eps;
-    float updated;
+    C updated;
     if (MOM) {
-      const float buf = S::load(momentum_buffer[i]) * mom + g / avg;  // mul_(m).addcdiv_(g, avg)
+      const C buf = S::load(momentum_buffer[i]) * mom + g / avg;  // mul_(m).addcdiv_(g, avg)
       momentum_buffer[i] = S::store(buf);
       updated = p + neg_lr * buf;                           // param.add_(buf, alpha=-lr)
     } else {
@@ -249,9 +279,10 @@ SR_COPY16_SPAN_FOR_TARGET(avx512, SR_AVX512)
   t[4] = FN<S, LP, true, false, false>;  t[5] = FN<S, LP, true, false, true>;           \
   t[6] = FN<S, LP, true, true, false>;   t[7] = FN<S, LP, true, true, true>;
 
-// The table's second index: the storage dtype's code (0 float32, 1 bfloat16, 2 float16), or
-// float32 master weights with a copy: 3 for a bfloat16 copy, 4 for a float16 one.
-constexpr int kVariants = 5;
+// The table's second index: the storage dtype's code (0 float32, 1 bfloat16, 2 float16,
+// 3 float64), or float32 master weights with a copy: 4 for a bfloat16 copy, 5 for a float16
+// one.
+constexpr int kVariants = 6;
 
 // fn[isa][variant][options]; without x86 only the baseline row is filled (and ever selected).
 struct Table {
@@ -260,19 +291,22 @@ struct Table {
     SR_FILL(fn[0][0], span_baseline, Float32, NoCopy)
     SR_FILL(fn[0][1], span_baseline, BFloat16, NoCopy)
     SR_FILL(fn[0][2], span_baseline, Float16, NoCopy)
-    SR_FILL(fn[0][3], span_baseline, Float32, BFloat16)
-    SR_FILL(fn[0][4], span_baseline, Float32, Float16)
+    SR_FILL(fn[0][3], span_baseline, Float64, NoCopy)
+    SR_FILL(fn[0][4], span_baseline, Float32, BFloat16)
+    SR_FILL(fn[0][5], span_baseline, Float32, Float16)
 #ifdef SR_X86
     SR_FILL(fn[1][0], span_avx2, Float32, NoCopy)
     SR_FILL(fn[1][1], span_avx2, BFloat16, NoCopy)
     SR_FILL(fn[1][2], half_span_avx2, Float16, NoCopy)
-    SR_FILL(fn[1][3], span_avx2, Float32, BFloat16)
-    SR_FILL(fn[1][4], copy16_span_avx2, Float32, Float16)
+    SR_FILL(fn[1][3], span_avx2, Float64, NoCopy)
+    SR_FILL(fn[1][4], span_avx2, Float32, BFloat16)
+    SR_FILL(fn[1][5], copy16_span_avx2, Float32, Float16)
     SR_FILL(fn[2][0], span_avx512, Float32, NoCopy)
     SR_FILL(fn[2][1], span_avx512, BFloat16, NoCopy)
     SR_FILL(fn[2][2], half_span_avx512, Float16, NoCopy)
-    SR_FILL(fn[2][3], span_avx512, Float32, BFloat16)
-    SR_FILL(fn[2][4], copy16_span_avx512, Float32, Float16)
+    SR_FILL(fn[2][3], span_avx512, Float64, NoCopy)
+    SR_FILL(fn[2][4], span_avx512, Float32, BFloat16)
+    SR_FILL(fn[2][5], copy16_span_avx512, Float32, Float16)
 #endif
   }
 };
@@ -306,26 +340,25 @@ extern "C" int sharded_rmsprop_cpu_isa(int request) {
   return g_isa.load();
 }
 
-// dtype and copy_dtype: 0 float32, 1 bfloat16, 2 float16; momentum_buffer / grad_avg are null
-// when unused; low_precision_param is null without a copy, else a buffer of n elements of
+// dtype: 0 float32, 1 bfloat16, 2 float16, 3 float64; copy_dtype: 1 bfloat16, 2 float16;
+// momentum_buffer / grad_avg are null when unused; low_precision_param is null without a copy, else a buffer of n elements of
 // copy_dtype (1 or 2) that receives the updated float32 (dtype 0) params rounded. grad_scale
 // multiplies the gradient first (1 without a scale). Returns 0, 1 for an unknown dtype, 2
 // for a copy the kernel cannot make.
 extern "C" int sharded_rmsprop_cpu_update(
     int dtype, void* param, void* grad, void* square_avg, void* momentum_buffer, void* grad_avg,
-    void* low_precision_param, int copy_dtype, int64_t n, float neg_lr, float alpha,
-    float one_minus_alpha, float eps, float weight_decay, int has_weight_decay, float momentum,
-    int maximize, float grad_scale, int threads) {
-  if (dtype < 0 || dtype > 2) return 1;
+    void* low_precision_param, int copy_dtype, int64_t n, double neg_lr, double alpha,
+    double one_minus_alpha, double eps, double weight_decay, int has_weight_decay,
+    double momentum, int maximize, double grad_scale, int threads) {
+  if (dtype < 0 || dtype > 3) return 1;
   if ((low_precision_param != nullptr) != (copy_dtype == 1 || copy_dtype == 2)) return 2;
   if (low_precision_param != nullptr && dtype != 0) return 2;
-  const float grad_factor = maximize ? -grad_scale : grad_scale;  // exact: see update_span
+  const double grad_factor = maximize ? -grad_scale : grad_scale;  // exact: see update_span
   const Args a{param, grad, square_avg, momentum_buffer, grad_avg,
                static_cast<uint16_t*>(low_precision_param),
-               Hyper{neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_factor,
-                     std::fabs(one_minus_alpha) < 0.5f}};
+               Hyper{neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_factor}};
   const int k = (has_weight_decay ? 4 : 0) | (momentum_buffer ? 2 : 0) | (grad_avg ? 1 : 0);
-  const int variant = low_precision_param != nullptr ? 2 + copy_dtype : dtype;
+  const int variant = low_precision_param != nullptr ? 3 + copy_dtype : dtype;
   const SpanFn fn = kTable.fn[g_isa.load()][variant][k];
   int64_t tasks = (n + kGrain - 1) / kGrain;
   if (tasks > threads) tasks = threads;

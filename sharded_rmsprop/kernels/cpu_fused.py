@@ -2,10 +2,11 @@
 
 :func:`rmsprop_cpu_fused_` has the signature and semantics of
 :func:`~sharded_rmsprop.kernels.rmsprop_reference_` (``torch.optim.RMSprop``'s algorithm) on
-1-D contiguous CPU shards of float32, bfloat16 or float16. It reads every input once and
-writes every output once (``grad`` is only read): 20 bytes per float32 element plain, 28 with
-momentum or centered, 36 with both, where the reference runs seven eager ops, each a pass of
-its own with temporaries. All arithmetic is float32, rounded once on store. Float32 master
+1-D contiguous CPU shards of float32, bfloat16, float16 or float64. It reads every input once
+and writes every output once (``grad`` is only read): 20 bytes per float32 element plain, 28
+with momentum or centered, 36 with both (twice that for float64), where the reference runs
+seven eager ops, each a pass of its own with temporaries. The arithmetic is float32 (float64
+for float64 shards, as torch computes them), rounded once on store. Float32 master
 weights with a bfloat16 or float16 ``low_precision_param`` write 2 bytes more per element
 (22 / 30 / 38), the new value rounded in the same pass. A ``grad_scale`` costs nothing: it
 joins the factor the gradient is already multiplied by (1, or -1 for ``maximize``).
@@ -85,11 +86,11 @@ _CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 
 #: The kernel's code for each storage dtype, and for the dtype of ``low_precision_param``.
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
-#: The storage dtypes the kernel handles; the caller routes others (float64, complex) to the
+#: The storage dtypes the kernel handles; the caller routes others (complex) to the
 #: reference update.
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPE_CODE)
 
 #: What the kernel takes: 1-D contiguous shards of :data:`SUPPORTED_DTYPES`, and a
 #: ``grad_scale`` tensor of float32 (read once with ``float()``: on the CPU, no sync).
@@ -124,13 +125,13 @@ def cpu_fused_available() -> bool:
 def cpu_fused_preferred(dtype: torch.dtype) -> bool:
     """Whether the fused kernel is available and the faster update for ``dtype`` here.
 
-    float32 always (it is memory-bound: 5-7x the reference with any instruction set);
+    float32 and float64 always (memory-bound: 5-7x the reference with any instruction set);
     bfloat16 and float16 with the AVX2 or AVX-512 loops (1.5-3.2x), not with the baseline
     ones, whose conversions make them slower than the reference (0.3-1.0x).
     """
     if dtype not in _DTYPE_CODE or _load_kernel() is None:
         return False
-    return dtype == torch.float32 or _isa() != "baseline"
+    return dtype in (torch.float32, torch.float64) or _isa() != "baseline"
 
 
 def _load_kernel() -> Callable[..., int] | None:
@@ -189,9 +190,9 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
         + [ctypes.c_void_p] * 5  # param, grad, square_avg, momentum_buffer, grad_avg
         + [ctypes.c_void_p, ctypes.c_int]  # low_precision_param, its dtype code
         + [ctypes.c_int64]  # n
-        + [ctypes.c_float] * 5  # -lr, alpha, 1 - alpha, eps, weight_decay
-        + [ctypes.c_int, ctypes.c_float]  # has_weight_decay, momentum
-        + [ctypes.c_int, ctypes.c_float, ctypes.c_int]  # maximize, grad_scale, threads
+        + [ctypes.c_double] * 5  # -lr, alpha, 1 - alpha, eps, weight_decay
+        + [ctypes.c_int, ctypes.c_double]  # has_weight_decay, momentum
+        + [ctypes.c_int, ctypes.c_double, ctypes.c_int]  # maximize, grad_scale, threads
     )
     _isa_fn = isa
     return fn
@@ -347,9 +348,9 @@ def rmsprop_cpu_fused_(
 
     The :class:`~sharded_rmsprop.kernels.contract.UpdateFn` contract under :data:`RULES`:
     1-D contiguous CPU tensors of one dtype from :data:`SUPPORTED_DTYPES`; the arithmetic is
-    float32 whatever the storage dtype, rounded once on store. ``grad_scale``, a number or
-    a 0-d float32 tensor, is rounded to float32, as torch's ``grad.mul_(number)`` does on a
-    float32 gradient. ``low_precision_param`` receives the new ``param`` rounded to nearest
+    float32 for the 32- and 16-bit dtypes, float64 for float64, rounded once on store.
+    ``grad_scale``, a number or a 0-d float32 tensor, and the hyperparameters are rounded to
+    that type, as torch's ``grad.mul_(number)`` rounds the number. ``low_precision_param`` receives the new ``param`` rounded to nearest
     even: the bits of ``low_precision_param.copy_(param)``. ``RuntimeError`` when
     :func:`cpu_fused_available` is ``False`` or the tensors are not on the CPU.
     """
