@@ -115,12 +115,14 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     that the structure depends only on the parameters and options and a freshly built
     optimizer can receive a checkpoint. The tensors are copies; master weights are saved
     under ``master_weight``. Each rank's range of a parameter is made of whole checksum
-    blocks, so its checksums are a range of the parameter's too.
+    blocks, so its checksums are a range of the parameter's too. At world size 1 the one
+    rank's range is the whole of every buffer: plain (flat) tensors, nothing to shard.
     """
     state: dict[int, dict[str, Tensor]] = {}
     checksums: dict[int, dict[str, Tensor]] = {}
     sharding = opt.sharding
     origin = new_origin()  # (its ShardViews warn once if the dict is pickled on one rank)
+    whole = sharding.data_parallel.world_size == 1
     buffers = {
         id(bucket): _saved_buffers(bucket, bucket.needed_keys(opt.param_groups))
         for bucket in sharding.buckets
@@ -137,6 +139,8 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
             if slot.numel == 0:  # nothing to shard: a replicated empty tensor, as torch has it
                 entry[key] = torch.zeros(slot.shape, dtype=local.dtype)
                 sums[key] = block_checksums(entry[key])
+            elif whole:
+                entry[key], sums[key] = local, block_checksums(local)
             else:
                 entry[key] = ShardView(local, offset, slot.numel, origin)
                 sums[key] = ShardView(

@@ -8,24 +8,37 @@ rank writes only its ranges and a load at another world size reads whatever save
 overlap the ranges it now owns. Its data is ``local``.
 
 It also survives what users do with a state dict: ``copy.deepcopy``, ``clone()``,
-``detach()`` and ``to()`` give ShardViews; ``torch.save`` writes it as plain data
-(:func:`as_plain`), which ``torch.load(..., weights_only=True)`` reads back and
-:meth:`ShardedRMSprop.load_state_dict` accepts (:func:`from_plain`). Pickling a range short of
-the whole buffer warns once per state dict (:class:`IncompleteStateWarning`): that is how a trainer
-saving rank 0's state dict alone would silently lose the other ranks' state. Any other
-operation, such as the arithmetic of ``torch.optim.RMSprop`` given this state dict, is a
-``RuntimeError`` that says what it is.
+``detach()`` and ``to()`` give ShardViews; ``torch.save`` pickles it as itself, and
+``torch.load`` reads it back as a ShardView, ``weights_only=True`` included (the class is
+registered with ``torch.serialization.add_safe_globals`` when this module is imported, as
+torch registers ``DTensor``; its constructor checks what it is given). Files from earlier
+versions hold it as plain data (:func:`as_plain`), which
+:meth:`ShardedRMSprop.load_state_dict` still accepts (:func:`from_plain`). Pickling a range
+short of the whole buffer warns once per state dict (:class:`IncompleteStateWarning`): that
+is how a trainer saving rank 0's state dict alone would silently lose the other ranks' state.
+
+It compares as its range together with its place: element-wise operations (``==``,
+``isclose``, ``abs`` of a difference) between ShardViews of the same place (offset and whole
+length), or with numbers, give a ShardView of that place (in place: the same ShardView); ``all()`` and ``any()``
+of a boolean ShardView, ``torch.equal`` between ShardViews, and ``bool()`` or ``item()`` of
+one that holds its whole tensor answer for the range. So ``torch.equal``,
+``torch.testing.assert_close`` and torch's ``TestCase.assertEqual`` compare two state dicts
+of the same rank. Anything else, such as a reduction over the numbers, or the arithmetic of
+``torch.optim.RMSprop`` given this state dict (whose gradients are whole tensors), is a
+``RuntimeError`` that says what it is: a rank's range is not the tensor.
 """
 
 from __future__ import annotations
 
 import itertools
+import numbers
 import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -54,6 +67,10 @@ _SAME_RANGE = {
     _aten.alias.default,
     _aten._to_copy.default,
 }
+#: Reductions that answer for a boolean range: "every element here", "some element here".
+_BOOLEAN_REDUCTIONS = {_aten.all.default, _aten.any.default}
+#: Reading the one value of a tensor: only a ShardView that holds its whole tensor answers.
+_SCALAR_READS = {_aten._local_scalar_dense.default, _aten.is_nonzero.default}
 
 
 class ShardView(torch.Tensor):
@@ -71,6 +88,16 @@ class ShardView(torch.Tensor):
 
     @staticmethod
     def __new__(cls, local: Tensor, offset: int, numel: int, origin: int = 0) -> ShardView:
+        # (also what unpickling calls, with what a file says: checked)
+        if not (isinstance(local, Tensor) and local.dim() == 1 and not isinstance(local, cls)):
+            raise ValueError(f"a ShardView's local range must be a 1-D tensor, got {local!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (offset, numel)):
+            raise ValueError(f"a ShardView's offset and numel must be integers: {offset!r}, {numel!r}")
+        if not 0 <= offset <= offset + local.numel() <= numel:
+            raise ValueError(
+                f"a ShardView's range [{offset}, {offset + local.numel()}) is not within "
+                f"[0, {numel})"
+            )
         view = torch.Tensor._make_wrapper_subclass(
             cls, (numel,), dtype=local.dtype, device=local.device
         )
@@ -81,26 +108,44 @@ class ShardView(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         view = args[0] if args else None
         if func in _SAME_RANGE and isinstance(view, ShardView):
-            local = func(view.local, *args[1:], **(kwargs or {}))
+            local = func(view.local, *args[1:], **kwargs)
             return ShardView(local, view.offset, view.numel(), view.origin)
+        if func is _aten.equal.default and all(isinstance(a, ShardView) for a in args):
+            return _place(args[0]) == _place(args[1]) and torch.equal(args[0].local, args[1].local)
+        if func in _BOOLEAN_REDUCTIONS and view.dtype == torch.bool and not args[1:] and not kwargs:
+            return func(view.local)
+        if func in _SCALAR_READS and view.local.numel() == view.numel():
+            return func(view.local)
+        if torch.Tag.pointwise in func.tags and "out" not in kwargs:
+            place = _common_place(args, kwargs)
+            in_place = func.overloadpacket.__name__.endswith("_")  # add_, the form that writes self
+            if place is not None and (isinstance(view, ShardView) or not in_place):
+                unwrap = lambda a: a.local if isinstance(a, ShardView) else a  # noqa: E731
+                result = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+                if in_place:
+                    return view
+                return tree_map(lambda t: ShardView(t, *place) if isinstance(t, Tensor) else t, result)
         raise RuntimeError(
             f"{func} was called on a ShardView: it is one rank's range of an optimizer buffer, "
             "from ShardedRMSprop.state_dict() (the sharded format for "
-            "torch.distributed.checkpoint). torch.optim.RMSprop and arithmetic need whole "
-            "tensors: use ShardedRMSprop.full_state_dict()"
+            "torch.distributed.checkpoint). It compares with ShardViews of the same range; "
+            "torch.optim.RMSprop and arithmetic need whole tensors: use "
+            "ShardedRMSprop.full_state_dict()"
         )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardView:
         return ShardView(self.local.clone(), self.offset, self.numel(), self.origin)
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        """Pickled as plain data (:func:`as_plain`), which ``weights_only`` loads read; a range
-        short of the whole buffer warns, once per state dict (:func:`warn_incomplete`)."""
+        """Pickled as itself (the constructor and its arguments), which ``torch.load`` reads
+        back with ``weights_only=True`` too; a range short of the whole buffer warns, once per
+        state dict (:func:`warn_incomplete`)."""
         if self.local.numel() < self.numel():
             warn_incomplete(self.origin)
-        return (OrderedDict, (list(as_plain(self).items()),))
+        return (ShardView, (self.local, self.offset, self.numel()))
 
     def _chunk(self) -> ChunkStorageMetadata:
         return ChunkStorageMetadata(
@@ -130,6 +175,24 @@ class ShardView(torch.Tensor):
 
     def __repr__(self) -> str:  # the default repr would dispatch an op
         return f"ShardView(numel={self.numel()}, offset={self.offset}, local={self.local.numel()})"
+
+
+def _place(view: ShardView) -> tuple[int, int]:
+    return view.offset, view.numel()
+
+
+def _common_place(args: Any, kwargs: Any) -> tuple[int, int] | None:
+    """The place (offset, numel) that every tensor among the arguments shares, None if they
+    do not: each is a ShardView of that place, or a number (a 0-d tensor, a Python scalar)."""
+    places = set()
+    for value in tree_flatten((args, kwargs))[0]:
+        if isinstance(value, ShardView):
+            places.add(_place(value))
+        elif isinstance(value, Tensor) and value.dim() > 0:
+            return None
+        elif not isinstance(value, (Tensor, numbers.Number, type(None), torch.dtype, str)):
+            return None
+    return places.pop() if len(places) == 1 else None
 
 
 class IncompleteStateWarning(UserWarning):
@@ -179,3 +242,6 @@ def from_plain(value: Any) -> Any:
             raise ValueError("a shard of a sharded state dict is damaged: it lacks local or offset")
         return ShardView(local.reshape(-1), offset, numel)
     return value
+
+
+torch.serialization.add_safe_globals([ShardView])

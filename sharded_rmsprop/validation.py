@@ -87,11 +87,13 @@ def validated(opt: ShardedOptimizer, state_dict: Any) -> Validated:
         raise ValueError(
             f"state dict has state for parameter {unlisted[0]!r}, which no group lists"
         )
+    # the sharded format (its shapes checked above) holds flat tensors at world size 1
+    flat = "param_shapes" in state_dict
     by_index: dict[int, Mapping[str, Any]] = {}
     for saved_id, entry in state.items():
         bucket, position = places[saved_id]
         slot = bucket.plan.slots[position]
-        _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group])
+        _check_entry(f"state[{saved_id!r}]", entry, bucket, position, groups[slot.group], flat)
         by_index[slot.index] = entry
     checksums = state_dict.get("checksums")
     if checksums is not None:
@@ -231,7 +233,12 @@ def _places_by_saved_id(
 
 
 def _check_entry(
-    where: str, entry: Any, bucket: ShardedBucket, position: int, options: Mapping[str, Any]
+    where: str,
+    entry: Any,
+    bucket: ShardedBucket,
+    position: int,
+    options: Mapping[str, Any],
+    flat: bool,
 ) -> None:
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} is of type {type(entry).__name__}, not a mapping")
@@ -265,18 +272,27 @@ def _check_entry(
     slot = bucket.plan.slots[position]
     for key in (*STATE_KEYS, MASTER_KEY):  # every buffer there, needed or not: all are loaded
         if key in entry:
-            _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position)
+            _check_buffer(f"{where}[{key!r}]", entry[key], slot.shape, bucket, position, flat)
 
 
 def _check_buffer(
-    where: str, value: Any, shape: tuple[int, ...], bucket: ShardedBucket, position: int
+    where: str,
+    value: Any,
+    shape: tuple[int, ...],
+    bucket: ShardedBucket,
+    position: int,
+    flat: bool,
 ) -> None:
+    """``flat``: a plain tensor may also be flat (the sharded format at world size 1)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{where} is of type {type(value).__name__}, not a tensor")
     numel = math.prod(shape)
     local = value.local if isinstance(value, ShardView) else value
-    expected = (numel,) if isinstance(value, ShardView) else shape
-    if tuple(value.shape) != tuple(expected):
+    if isinstance(value, ShardView):
+        expected = {(numel,)}
+    else:
+        expected = {tuple(shape), (numel,)} if flat else {tuple(shape)}
+    if tuple(value.shape) not in expected:
         raise ValueError(
             f"{where} has shape {tuple(value.shape)} but the parameter has shape {shape}"
         )

@@ -139,7 +139,7 @@ def dcp_resume_on_rank(
     }
 
 
-@pytest.mark.parametrize("saved_on, loaded_on", [(2, 3), (3, 2), (4, 1)])
+@pytest.mark.parametrize("saved_on, loaded_on", [(2, 3), (3, 2), (4, 1), (1, 2)])
 def test_dcp_checkpoint_resumes_at_another_world_size(tmp_path, saved_on, loaded_on) -> None:
     path = str(tmp_path / "ckpt")
     run_ranks(saved_on, dcp_save_on_rank, path, 3)

@@ -18,8 +18,9 @@ Behaviours deliberately not followed, and why:
   (torch would update them): the flat buffers are laid out at construction; use
   ``add_param_group()``.
 - The optimizer cannot be pickled (it is bound to its process group); ``copy.deepcopy`` works.
-- ``state_dict()``'s tensors (ShardViews) refuse arithmetic and comparison: a rank's range is
-  not the whole tensor. ``torch.save`` writes them as plain dicts, which load back.
+- At world size 2 and more, ``state_dict()``'s tensors (ShardViews) compare with ShardViews
+  of the same range but refuse arithmetic with whole tensors and reductions: a rank's range
+  is not the whole tensor. (At world size 1 they are plain flat tensors.)
 - Built on the meta device, the parameters must keep their objects when materialised
   (``torch.__future__.set_swap_module_params_on_conversion(True)``); plain ``to_empty()`` is
   an error at the next step.
@@ -36,6 +37,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
+import warnings
 
 import pytest
 import torch
@@ -43,6 +46,7 @@ import torch.distributed as dist
 
 from sharded_rmsprop import ShardedRMSprop
 from sharded_rmsprop.kernels import rmsprop_cpu_fused_
+from sharded_rmsprop.shard_view import IncompleteStateWarning
 from spawn import run_ranks
 
 SHAPES = [(7, 5), (3,), (40,)]
@@ -415,22 +419,143 @@ def test_one_rank_saving_its_state_dict_for_all_is_a_clear_error(tmp_path) -> No
         assert "state_dict() holds the ranges of the rank that made it" in message
 
 
-def test_state_dict_tensors_copy_and_move_but_refuse_arithmetic() -> None:
+def test_at_world_size_1_the_state_dict_holds_plain_tensors(tmp_path) -> None:
+    """Nothing to shard: plain (flat) tensors, which compare, save and load as torch's do."""
     params, opt = params_and_optimizer()
     train(params, opt)
-    shard = opt.state_dict()["state"][2]["square_avg"]
-    for same_range in (shard.clone(), shard.detach(), shard.to(torch.float64), shard.cpu()):
-        assert type(same_range) is type(shard) and same_range.offset == shard.offset
-    assert shard.to(torch.float64).local.dtype == torch.float64
-    with pytest.raises(
-        RuntimeError, match="one rank's range of an optimizer buffer.*full_state_dict"
-    ):
-        shard * 2
+    saved = opt.state_dict()
+    tensors = [v for entry in saved["state"].values() for v in entry.values()]
+    tensors += [v for entry in saved["checksums"].values() for v in entry.values()]
+    assert all(type(t) is torch.Tensor for t in tensors)
+    full = opt.full_state_dict()
+    for index, entry in full["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(saved["state"][index][key], value.reshape(-1) if value.dim() else value)
+    torch.save(saved, tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    torch.testing.assert_close(loaded, saved, rtol=0, atol=0)
+    params_2, opt_2 = params_and_optimizer()
+    with torch.no_grad():
+        for mine, theirs in zip(params_2, params):
+            mine.copy_(theirs)
+    opt_2.load_state_dict(loaded)
+    train(params, opt, seed=3), train(params_2, opt_2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_2))
 
 
+def shard_views_on_rank(rank: int, world_size: int, path: str) -> dict:
+    """Two optimizers trained alike, one more step on a third: their state dicts compare
+    as tensors compare, per rank; saved and loaded, they come back as ShardViews."""
+    from sharded_rmsprop.shard_view import ShardView
+
+    made = [params_and_optimizer() for _ in range(3)]
+    for params, opt in made:
+        train(params, opt)
+    train(*made[2], seed=5)
+    first, second, third = (opt.state_dict() for _, opt in made)
+    view = first["state"][0]["square_avg"]
+    out: dict = {"types": {type(t).__name__ for e in first["state"].values() for t in e.values()}}
+    out["same_range_ops"] = all(
+        type(v) is ShardView and (v.offset, v.numel()) == (view.offset, view.numel())
+        for v in (view.clone(), view.detach(), view.to(torch.float64), view.cpu(), view == view)
+    )
+    out["equal"] = torch.equal(view, second["state"][0]["square_avg"])
+    out["equal_elsewhere"] = torch.equal(view, ShardView(view.local, view.offset, view.numel() + 1))
+    out["equal_to_third"] = all(  # each rank owns some of what the extra step changed
+        torch.equal(value, third["state"][index][key])
+        for index, entry in first["state"].items()
+        for key, value in entry.items()
+        if key != "step"
+    )
+    out["eq_all"] = bool((view == second["state"][0]["square_avg"]).all())
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # whole state dicts, nested
+    try:
+        torch.testing.assert_close(first, third, rtol=0, atol=0)
+        out["third"] = "no error"
+    except (AssertionError, RuntimeError) as error:
+        out["third"] = type(error).__name__
+    refused = []
+    for name, operation in [
+        ("arithmetic with a whole tensor", lambda: view + torch.ones(view.shape)),
+        ("a sum", lambda: view.sum()),
+        ("another place", lambda: view == ShardView(view.local, view.offset, view.numel() + 1)),
+    ]:
+        try:
+            operation()
+        except RuntimeError as error:
+            refused.append("one rank's range of an optimizer buffer" in str(error))
+        else:
+            refused.append(f"{name}: no error")
+    out["refused"] = refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteStateWarning)
+        torch.save(first, f"{path}/rank{rank}.pt")
+    loaded = torch.load(f"{path}/rank{rank}.pt", weights_only=True)
+    loaded_view = loaded["state"][0]["square_avg"]
+    out["loaded_kind"] = type(loaded_view).__name__
+    torch.testing.assert_close(loaded, first, rtol=0, atol=0)
+    params, opt = params_and_optimizer()
+    with torch.no_grad():
+        for mine, theirs in zip(params, made[0][0]):
+            mine.copy_(theirs)
+    opt.load_state_dict(loaded)
+    train(params, opt, seed=5)
+    out["resumed_as_the_third"] = all(torch.equal(a, b) for a, b in zip(params, made[2][0]))
+    return out
+
+
+@pytest.mark.across_ranks
+def test_shard_views_compare_save_and_load_as_tensors(tmp_path) -> None:
+    for out in run_ranks(2, shard_views_on_rank, str(tmp_path)):
+        assert out["types"] == {"Tensor", "ShardView"}  # step is a plain tensor
+        assert out["same_range_ops"] and out["equal"] and out["eq_all"]
+        assert not out["equal_elsewhere"] and not out["equal_to_third"]
+        assert out["third"] != "no error"
+        assert out["refused"] == [True, True, True]
+        assert out["loaded_kind"] == "ShardView"
+        assert out["resumed_as_the_third"]
+
+
+def crafted_shard_view(tmp_path, local: object, offset: object, numel: object) -> str:
+    """A file whose ShardView says ``local``, ``offset`` and ``numel``."""
+    from sharded_rmsprop.shard_view import ShardView
+
+    class Crafted:
+        def __reduce__(self):
+            return (ShardView, (local, offset, numel))
+
+    path = str(tmp_path / "crafted.pt")
+    torch.save({"x": Crafted()}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "local, offset, numel, message",
+    [
+        (torch.zeros(4), 8, 10, r"range \[8, 12\) is not within \[0, 10\)"),
+        (torch.zeros(4), -1, 10, r"range \[-1, 3\) is not within"),
+        (torch.zeros(2, 2), 0, 4, "must be a 1-D tensor"),
+        ("not a tensor", 0, 4, "must be a 1-D tensor"),
+        (torch.zeros(4), 0.5, 4, "must be integers"),
+    ],
+)
+def test_a_crafted_shard_view_in_a_file_is_refused(tmp_path, local, offset, numel, message) -> None:
+    path = crafted_shard_view(tmp_path, local, offset, numel)
+    with pytest.raises(Exception, match=message):
+        torch.load(path, weights_only=True)
+
+
+@pytest.mark.across_ranks
 def test_torch_rmsprop_given_the_sharded_state_dict_fails_clearly_at_its_first_step() -> None:
     """torch's loader copies the entries as they are (nothing in it can refuse them); its
     first step then meets a ShardView and says what it is."""
+    for message in run_ranks(2, torch_rmsprop_given_shard_views_on_rank):
+        assert re.search(
+            "from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict", message
+        ), message
+
+
+def torch_rmsprop_given_shard_views_on_rank(rank: int, world_size: int) -> str:
     params, opt = params_and_optimizer()
     train(params, opt)
     reference = [p.detach().clone().requires_grad_() for p in params]
@@ -440,11 +565,11 @@ def test_torch_rmsprop_given_the_sharded_state_dict_fails_clearly_at_its_first_s
     ref.load_state_dict(opt.state_dict())
     for p in reference:
         p.grad = torch.ones_like(p)
-    with pytest.raises(
-        RuntimeError,
-        match="from ShardedRMSprop.state_dict\\(\\).*use ShardedRMSprop.full_state_dict",
-    ):
+    try:
         ref.step()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
 
 
 # -- the meta-device pattern -------------------------------------------------------------------------

@@ -10,6 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sharded_rmsprop"
 
 #: torch's own underscore names that torch's optimizers use as well.
 TORCH_PRIVATES = {"_foreach_copy_", "_foreach_norm", "_make_wrapper_subclass", "_to_copy"}
+#: and aten's operator that reads a tensor's one value (what item() dispatches to).
+TORCH_PRIVATES |= {"_local_scalar_dense"}
 #: and those that torch's DDP and FSDP use: the autograd engine's end-of-backward callbacks
 #: and a tensor's version counter.
 TORCH_PRIVATES |= {"_execution_engine", "_version"}
