@@ -10,8 +10,10 @@ weights), and any other DCP ``Stateful`` the job passes as ``extra`` (the float1
 ``step_00000100.tmp/`` first and renamed by rank 0 once every rank has finished, so a
 directory without ``.tmp`` is always complete. A resume takes the newest checkpoint that
 loads: one with a missing or damaged file (the optimizer's and the model's checksums find a
-flipped bit) is logged and passed over for the one before it. Also here: the fault injection
-of the restart tests, and the ``--save-final`` parameter file.
+flipped bit), or with a ``.metadata`` that asks for code to run (read with
+``sharded_rmsprop.dcp_reader.SafeFileSystemReader``, which refuses it before it runs), is
+logged and passed over for the one before it. Also here: the fault injection of the restart
+tests, and the ``--save-final`` parameter file.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from rank_stats import all_ranks_true, broadcast_ints
 from sharded_rmsprop.checkpoint import SafeLoadPlanner
 from sharded_rmsprop.checksums import block_checksums, first_mismatch
+from sharded_rmsprop.dcp_reader import SafeFileSystemReader
 
 if TYPE_CHECKING:
     from config import Config
@@ -101,14 +104,15 @@ def load_checkpoint(
 ) -> int:
     """Load ``path`` into ``model`` (the bare module), ``opt`` and ``extra``; return its step.
 
-    Non-tensor entries are read as plain data only (``SafeLoadPlanner``); the optimizer checks
-    its own checksums, and the model's weights are checked against theirs here.
+    The checkpoint's pickles are read as data only (``SafeFileSystemReader``: a crafted
+    ``.metadata`` is refused before it runs; ``SafeLoadPlanner``: non-tensor entries); the
+    optimizer checks its own checksums, and the model's weights are checked against theirs here.
 
     .. warning::
         Collective: every rank must call it.
     """
     state = _state(model, opt, -1, extra)
-    dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     for name, weight in state["model"].items():
         if first_mismatch(weight, state["meta"]["model_checksums"][name]) is not None:
             raise ValueError(f"the model weight {name} does not match its checksum")
@@ -132,8 +136,8 @@ def resume_from_latest(
     its step, or 0 if there is none.
 
     A checkpoint that fails to load on any rank (a missing or damaged shard file, a checksum
-    that does not match) is logged with its reason and the next older one is tried; if there
-    are checkpoints but none loads, that is an error.
+    that does not match, a ``.metadata`` that asks for code to run) is logged with its reason
+    and the next older one is tried; if there are checkpoints but none loads, that is an error.
 
     .. warning::
         Collective: every rank must call it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .dcp_reader import SafeFileSystemReader
 from .distributed import (
     DistributedContext,
     destroy_distributed,
@@ -13,6 +14,7 @@ from .optimizer import ShardedRMSprop
 
 __all__ = [
     "DistributedContext",
+    "SafeFileSystemReader",
     "ShardedRMSprop",
     "destroy_distributed",
     "distributed",

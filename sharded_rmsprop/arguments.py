@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from .comm import PARAM_SYNCS
+from .memory_order import overlaps_itself
 
 __all__ = [
     "check_grad",
@@ -124,17 +125,13 @@ def check_params(params: list[Tensor]) -> None:
             )
         if param.is_sparse:
             raise TypeError("ShardedRMSprop cannot shard sparse parameters")
-        if not param.is_contiguous():
-            # DDP, built first, keeps bucket views with the strides it saw; once the parameter
-            # is a contiguous view of the flat buffer, DDP reads its gradients wrongly (a
-            # channels_last Conv2d under DDP: wrong gradients on the first iteration, and on
-            # every one with find_unused_parameters)
+        if overlaps_itself(param.shape, param.stride()):
+            # (any other layout is laid out in its own memory order: memory_order.py)
             raise ValueError(
-                "ShardedRMSprop lays each parameter out contiguously in its flat buffer, but one "
-                f"of the params (shape {tuple(param.shape)}, strides {param.stride()}) is not "
-                "contiguous, e.g. channels_last: under DDP its gradients would then be read with "
-                "the strides DDP saw first. Convert the model before wrapping it: "
-                "model.to(memory_format=torch.contiguous_format)"
+                "ShardedRMSprop lays each parameter's elements out once in its flat buffer, but "
+                f"one of the params (shape {tuple(param.shape)}, strides {param.stride()}) "
+                "reaches some of its elements more than once, e.g. an expanded view: pass a "
+                "tensor of its own (param.contiguous(), or clone())"
             )
 
 

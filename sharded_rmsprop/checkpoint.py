@@ -22,8 +22,10 @@ damaged state dict is an error on every rank that leaves the optimizer as it was
 
 Run ``python -m sharded_rmsprop.checkpoint DCP_DIR OUT.pt`` to turn a DCP checkpoint into one
 torch-format file offline. Nothing here unpickles arbitrary objects: non-tensor entries are
-plain data read with ``weights_only=True`` (:class:`SafeLoadPlanner`). DCP's own ``.metadata``
-file is a pickle that torch reads, so checkpoints must come from a place you trust.
+plain data read with ``weights_only=True`` (:class:`SafeLoadPlanner`), and DCP's ``.metadata``
+file, a pickle that torch's own reader unpickles whatever it holds, is read through
+:class:`~sharded_rmsprop.dcp_reader.SafeFileSystemReader`, which admits only what DCP's
+metadata is made of. Pass that reader to ``dcp.load`` to load an untrusted directory.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from .agreement import Agreement, Fact, shares_failure
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
+from .dcp_reader import SafeFileSystemReader, plain_bytes
 from .distributed_state_dict import full_state_dict_requested
+from .memory_order import dense_strides, flat_source, in_order, shaped
 from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView, new_origin
 from .shards import MASTER_KEY, ShardedBucket
@@ -151,6 +155,7 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
         "state": {**state, **user_entries(opt)},
         "param_groups": _packed_groups(opt),
         "param_shapes": sharding.param_shapes(),
+        "param_orders": sharding.param_orders(),
         "checksums": checksums,
     }
 
@@ -232,8 +237,10 @@ def _cpu_zeros(
     bucket: ShardedBucket, position: int, entry: dict[str, Tensor], key: str, dtype: torch.dtype
 ) -> Tensor:
     slot = bucket.plan.slots[position]
-    entry[key] = torch.zeros(slot.shape, dtype=dtype)
-    return entry[key].view(-1)
+    # with the parameter's strides, as torch's zeros_like(param) state has them
+    strides = dense_strides(slot.shape, slot.order)
+    entry[key] = torch.empty_strided(slot.shape, strides, dtype=dtype).zero_()
+    return in_order(entry[key], slot.order)
 
 
 def _scatter_chunk(chunk: Tensor, flat_start: int, targets: list) -> None:
@@ -294,7 +301,8 @@ def load_into(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
                 elif isinstance(source, ShardView):  # validated: exactly the owned range
                     owned.copy_(source.local)
                 else:
-                    owned.copy_(source.reshape(-1)[piece.param_start : piece.param_end])
+                    flat = flat_source(source, piece.slot.order)
+                    owned.copy_(flat[piece.param_start : piece.param_end])
     sharding.refresh_state(opt.state, opt.param_groups)
     opt.state.update(loaded.extras)
 
@@ -444,15 +452,13 @@ class StateDicts:
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that non-tensor entries are read with
     ``torch.load(..., weights_only=True)``: plain Python data loads, and a pickled object
-    that would run code is refused. Pass it to ``dcp.load(..., planner=SafeLoadPlanner())``.
+    that would run code is refused. Pass it to ``dcp.load(..., planner=SafeLoadPlanner())``
+    with another storage reader than :class:`~sharded_rmsprop.dcp_reader.SafeFileSystemReader`
+    (which has any planner read them so).
     """
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        data = torch.load(value, weights_only=True)
-        plain = io.BytesIO()
-        torch.save(data, plain)  # our own pickle of plain data, for the default path to read
-        plain.seek(0)
-        super().load_bytes(read_item, plain)
+        super().load_bytes(read_item, plain_bytes(value))
 
 
 def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, Any]:
@@ -460,10 +466,12 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
 
     Runs in a single process without a process group and needs memory for the whole state.
     Every tensor is checked against its checksums; non-tensor entries are read as plain data
-    only. Parameters that had not stepped are left out, as torch leaves them out.
+    only, and a ``.metadata`` holding anything DCP's metadata is not made of is refused
+    (:class:`~sharded_rmsprop.dcp_reader.UnsafeMetadataError`) before any of it runs.
+    Parameters that had not stepped are left out, as torch leaves them out.
     """
-    reader = FileSystemReader(checkpoint_dir)
-    metadata = reader.read_metadata()  # DCP's pickle: the checkpoint must be trusted (README)
+    reader = SafeFileSystemReader(checkpoint_dir)
+    metadata = reader.read_metadata()  # (DCP's objects only: see sharded_rmsprop.dcp_reader)
     prefix = f"{key}."
     template = {
         fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -488,19 +496,28 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
         )
     groups = [saved["param_groups"][i] for i in sorted(saved["param_groups"])]
     shapes = saved["param_shapes"]
+    orders = saved.get("param_orders") or [list(range(len(shape))) for shape in shapes]
     full: dict[str, Any] = {"state": {}, "param_groups": groups}
     params = sorted((key for key in saved["state"] if str(key).isdigit()), key=int)
-    for index in params:
-        entry = saved["state"][index]
-        if float(entry["step"]) > 0:
-            shape = tuple(shapes[int(index)])
-            full["state"][int(index)] = {
-                name: value if name == "step" else value.reshape(shape)
-                for name, value in entry.items()
+    stepped = [index for index in params if float(saved["state"][index]["step"]) > 0]
+    if "checksums" in saved:  # the saved (flat) values against their checksums
+        _verify_whole(
+            {
+                "state": {index: saved["state"][index] for index in stepped},
+                "checksums": {index: saved["checksums"][str(index)] for index in stepped},
             }
-    if "checksums" in saved:
-        full["checksums"] = {index: saved["checksums"][str(index)] for index in full["state"]}
-        _verify_whole(full)
+        )
+    for index in stepped:
+        shape, order = tuple(shapes[int(index)]), tuple(orders[int(index)])
+        full["state"][int(index)] = {  # with the parameter's strides, as torch's state has
+            name: value if name == "step" else shaped(value, shape, order)
+            for name, value in saved["state"][index].items()
+        }
+    if "checksums" in saved:  # torch's format: checksums of the shaped tensors
+        full["checksums"] = {
+            index: {name: block_checksums(value) for name, value in entry.items()}
+            for index, entry in full["state"].items()
+        }
     else:
         warnings.warn(
             f"{checkpoint_dir} was written before checkpoints carried checksums: its values "

@@ -267,6 +267,9 @@ class GradientReduceScatter:
                     "reduce_scatter_gradients() did not lay out (frozen or added after it was "
                     "called?): call it again on a new optimizer for the model as it is now"
                 )
+            # DDP hands each gradient as a row-major view of its bucket's slice, which holds
+            # the gradient in the parameter's memory layout (contiguous if it is not dense):
+            # the slice, flat, is in the parameter's order (memory_order.py) as it is
             torch.div(grad.reshape(-1), world_size, out=route.staging)
             self._note_reduced(param)
             backward.remaining[route.index] -= 1

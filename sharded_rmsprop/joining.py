@@ -32,6 +32,7 @@ from . import gradients
 from .agreement import cannot_follow, digest_of, follow
 from .facts import OPTION_KEYS
 from .gradients import PendingClip
+from .memory_order import in_order
 from .windows import pack
 
 if TYPE_CHECKING:
@@ -207,7 +208,8 @@ def followers_grads(opt: ShardedOptimizer, followers: tuple[int, ...]) -> list[T
             for piece in bucket.plan.pieces(follower):
                 grad = bucket.params[bucket.position_of(piece)].grad
                 if grad is not None:
-                    owned.append(grad.reshape(-1)[piece.param_start : piece.param_end])
+                    flat = in_order(grad, piece.slot.order)
+                    owned.append(flat[piece.param_start : piece.param_end])
     return owned
 
 

@@ -34,6 +34,8 @@ class ParamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    #: its dimensions from the outermost in memory (:mod:`sharded_rmsprop.memory_order`)
+    order: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -52,6 +54,8 @@ class ParamSlot:
     shape: tuple[int, ...]
     offset: int  # first element in the flat buffer
     numel: int
+    #: the order its elements lie in (:mod:`sharded_rmsprop.memory_order`); row-major if ()
+    order: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -124,7 +128,8 @@ def _plan_one_bucket(specs: Sequence[ParamSpec], world_size: int, alignment: int
     offset = 0
     for spec in specs:
         offset = _round_up(offset, alignment)
-        slots.append(ParamSlot(spec.index, spec.group, spec.shape, offset, spec.numel))
+        order = spec.order or tuple(range(len(spec.shape)))
+        slots.append(ParamSlot(spec.index, spec.group, spec.shape, offset, spec.numel, order))
         offset += spec.numel
     shard_numel = _round_up(offset, world_size * alignment) // world_size
     return BucketPlan(

@@ -26,6 +26,7 @@ from .comm import DataParallelGroup
 from .facts import Groups, ParameterScan, param_labels
 from .kernels import UpdateFn, fused_refusal, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
+from .memory_order import order_of
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .sync import ShardSync, wait_for_every_sync
 
@@ -135,7 +136,14 @@ class Sharding:
         params = [param for group in groups[first:] for param in group["params"]]
         groups_of = [g for g in range(first, len(groups)) for _ in groups[g]["params"]]
         specs = [
-            ParamSpec(offset + i, g, tuple(param.shape), param.dtype, param.device)
+            ParamSpec(
+                offset + i,
+                g,
+                tuple(param.shape),
+                param.dtype,
+                param.device,
+                order_of(param.shape, param.stride()),
+            )
             for i, (param, g) in enumerate(zip(params, groups_of))
         ]
         return [
@@ -360,6 +368,14 @@ class Sharding:
         ]
         found.sort(key=lambda home: home[0].plan.slots[home[1]].index)
         return found
+
+    def param_orders(self) -> list[list[int]]:
+        """The order each parameter's elements lie in, in the optimizer's parameter order
+        (:mod:`sharded_rmsprop.memory_order`)."""
+        return [
+            list(bucket.plan.slots[position].order)
+            for bucket, position in self.positions_by_index()
+        ]
 
     def param_shapes(self) -> list[list[int]]:
         """Every parameter's shape, in the optimizer's parameter order."""

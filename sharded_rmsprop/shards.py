@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .kernels import UpdateFn
 from .layout import BucketPlan, Piece
+from .memory_order import in_order, shaped
 from .windows import Span, Window, pack, plan_windows
 
 __all__ = [
@@ -140,7 +141,8 @@ class ShardedBucket:
                 self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device
             )
         self.views = [
-            own_storage_view(flat, slot.offset, slot.end, slot.shape) for slot in self.plan.slots
+            own_storage_view(flat, slot.offset, slot.end, slot.shape, slot.order)
+            for slot in self.plan.slots
         ]
         self._view_layouts = [(v.data_ptr(), v.shape, v.stride()) for v in self.views]
         self._view_flat(range(len(self.params)))
@@ -256,7 +258,7 @@ class ShardedBucket:
         """The owned elements of ``piece``'s parameter as the parameter holds them now
         (replaced or not), as a new tensor in the compute dtype."""
         param = self.params[self.position_of(piece)].detach()
-        return param.reshape(-1)[piece.param_start : piece.param_end].to(
+        return in_order(param, piece.slot.order)[piece.param_start : piece.param_end].to(
             self.compute_dtype, copy=True
         )
 
@@ -403,7 +405,8 @@ class ShardedBucket:
         for piece in self.pieces:
             grad = self.params[self.position_of(piece)].grad
             if grad is not None:
-                owned.append((piece, grad.reshape(-1)[piece.param_start : piece.param_end]))
+                flat = in_order(grad, piece.slot.order)
+                owned.append((piece, flat[piece.param_start : piece.param_end]))
         return owned
 
     def staged_grads(
@@ -443,8 +446,12 @@ class ShardedBucket:
         return self._windows_of[rank]
 
 
-def own_storage_view(flat: Tensor, start: int, end: int, shape: Sequence[int]) -> Tensor:
-    """Elements ``[start, end)`` of ``flat`` shaped as ``shape``, as a tensor whose storage is
+def own_storage_view(
+    flat: Tensor, start: int, end: int, shape: Sequence[int], order: Sequence[int]
+) -> Tensor:
+    """Elements ``[start, end)`` of ``flat`` shaped as ``shape`` in ``order`` (its strides are
+    the dense layout in that order: :func:`~sharded_rmsprop.memory_order.shaped`), as a
+    tensor whose storage is
     its own: a storage over that memory alone, which keeps ``flat``'s memory alive (through
     DLPack), rather than a view of ``flat``'s storage. Writes to either are seen by the
     other, as for a view; but ``torch.save`` of it writes its own bytes, not the whole
@@ -454,7 +461,7 @@ def own_storage_view(flat: Tensor, start: int, end: int, shape: Sequence[int]) -
     piece = flat[start:end]
     if piece.device.type != "meta":
         piece = torch.from_dlpack(piece)
-    return piece.view(shape)
+    return shaped(piece, shape, order)
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:

@@ -22,6 +22,7 @@ from .agreement import Fact
 from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS, options_fact
+from .memory_order import flat_source, is_row_major
 from .shard_view import ShardView, from_plain
 from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, state_keys_for
 
@@ -209,6 +210,8 @@ def _check_shapes(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     except (TypeError, ValueError):
         raise ValueError("state_dict['param_shapes'] must be a list of shapes") from None
     if saved_shapes == shapes:
+        if "param_shapes" in state_dict:  # the sharded format
+            _check_orders(opt, state_dict)
         return
     if len(saved_shapes) != len(shapes):
         detail = f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
@@ -219,6 +222,30 @@ def _check_shapes(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
             f"{tuple(shapes[i])} in the optimizer"
         )
     raise ValueError(f"the state dict is for other parameters: {detail}")
+
+
+def _check_orders(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
+    """The sharded format's flat tensors lie in the order their parameters had (row-major
+    before orders were saved); it must be ours, or their elements would land elsewhere."""
+    orders = opt.sharding.param_orders()
+    saved = state_dict.get("param_orders")
+    if saved is None:
+        saved = [list(range(len(shape))) for shape in opt.sharding.param_shapes()]
+    try:
+        saved_orders = [[int(d) for d in order] for order in saved]
+    except (TypeError, ValueError):
+        raise ValueError("state_dict['param_orders'] must be a list of dimension orders") from None
+    for i, (was, now) in enumerate(zip(saved_orders, orders)):
+        if was != now:
+            raise ValueError(
+                f"the state dict holds parameter {i}'s state in memory order {tuple(was)} "
+                f"(outermost dimension first), but the parameter is laid out in order "
+                f"{tuple(now)} now (its memory format changed, e.g. to or from channels_last): "
+                "give it the memory format it had, or load a torch-format state dict "
+                "(full_state_dict()), which holds whole tensors"
+            )
+    if len(saved_orders) != len(orders):
+        raise ValueError("state_dict['param_orders'] does not list every parameter")
 
 
 def _places_by_saved_id(
@@ -364,7 +391,13 @@ def verify_checksums(checksums: Any, state: Mapping[Any, Any], places: Mapping[A
                 continue  # a plain step number carries no checksum
             if not isinstance(expected, Tensor):
                 raise ValueError(f"the checkpoint has no checksum for {where}{_DELETE_CHECKSUMS}")
-            _verify(where, value, expected, bucket, position, whole=key == "step")
+            # a tensor shaped like a parameter laid out in another order than row-major:
+            # its checksums are of the row-major flattening (torch's format), so all of it
+            shaped_out_of_order = value.dim() > 1 and not is_row_major(
+                bucket.plan.slots[position].order
+            )
+            whole = key == "step" or (not isinstance(value, ShardView) and shaped_out_of_order)
+            _verify(where, value, expected, bucket, position, whole)
 
 
 def _verify(
@@ -376,7 +409,7 @@ def _verify(
         values, start = value.local, value.offset
     else:
         start, end = _owned_range(bucket, position)
-        values = value.reshape(-1)[start:end]
+        values = flat_source(value, bucket.plan.slots[position].order)[start:end]
     first_block = start // BLOCK_NUMEL
     blocks = block_count(values.numel())
     if isinstance(expected, ShardView):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .layout import Piece
+from .memory_order import in_order
 
 __all__ = ["Part", "Span", "Window", "merge_spans", "pack", "plan_windows"]
 
@@ -46,10 +47,11 @@ class Part:
     """The stretch of one owned piece that falls in one gradient window."""
 
     position: int  # of the parameter in the bucket
-    param_start: int  # where the stretch lies in the flattened parameter
+    param_start: int  # where the stretch lies in the flattened parameter (in its order)
     param_end: int
     span: Span  # in the shard
     target: Tensor  # its place in the window buffer
+    order: tuple[int, ...]  # the parameter's (sharded_rmsprop.memory_order)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def plan_windows(
                     param_end=param_start + end - start,
                     span=Span(piece.slot.group, start, end),
                     target=buffer[start - window_start : end - window_start],
+                    order=piece.slot.order,
                 )
             )
             start = end
@@ -105,7 +108,7 @@ def pack(parts: Sequence[Part], params: Sequence[Tensor]) -> None:
     torch._foreach_copy_(
         [part.target for part in parts],
         [
-            params[part.position].grad.reshape(-1)[part.param_start : part.param_end]
+            in_order(params[part.position].grad, part.order)[part.param_start : part.param_end]
             for part in parts
         ],
     )

@@ -65,15 +65,16 @@ def test_integer_parameters_are_a_type_error() -> None:
         ShardedRMSprop([torch.zeros(3, dtype=torch.int64)])
 
 
-def test_channels_last_parameters_are_a_value_error() -> None:
-    # Under DDP (built first) such a parameter's gradients came out wrong once the optimizer
-    # made it a contiguous view of its flat buffer: refused, with the conversion to make
-    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match=r"is not contiguous, e.g. channels_last.*contiguous_format"):
-        ShardedRMSprop(conv.parameters())
+def test_parameters_that_overlap_themselves_are_a_value_error() -> None:
+    """An expanded view reaches elements more than once: it has no layout of its own to keep
+    (any dense or strided one is laid out: tests/test_memory_layouts.py)."""
+    expanded = torch.nn.Parameter(torch.randn(3, 1).expand(3, 4))
+    with pytest.raises(ValueError, match=r"strides \(1, 0\)\) reaches some of its elements more "
+                                         r"than once, e.g. an expanded view"):
+        ShardedRMSprop([expanded])
     opt = ShardedRMSprop([torch.nn.Parameter(torch.randn(3))])
-    with pytest.raises(ValueError, match="is not contiguous"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 5).t())]})
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [expanded]})
     assert len(opt.param_groups) == 1
 
 
