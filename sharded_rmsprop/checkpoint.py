@@ -47,7 +47,7 @@ from .agreement import Agreement, Fact, shares_failure
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .dcp_reader import SafeFileSystemReader, plain_bytes
 from .distributed_state_dict import full_state_dict_requested
-from .memory_order import dense_strides, flat_source, in_order, shaped
+from .memory_order import flat_source, in_order, parse_layout_entry, shaped
 from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView, new_origin
 from .shards import MASTER_KEY, ShardedBucket
@@ -154,8 +154,7 @@ def sharded_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
     return {
         "state": {**state, **user_entries(opt)},
         "param_groups": _packed_groups(opt),
-        "param_shapes": sharding.param_shapes(),
-        "param_orders": sharding.param_orders(),
+        "param_shapes": sharding.param_layouts(),
         "checksums": checksums,
     }
 
@@ -238,8 +237,7 @@ def _cpu_zeros(
 ) -> Tensor:
     slot = bucket.plan.slots[position]
     # with the parameter's strides, as torch's zeros_like(param) state has them
-    strides = dense_strides(slot.shape, slot.order)
-    entry[key] = torch.empty_strided(slot.shape, strides, dtype=dtype).zero_()
+    entry[key] = torch.empty_strided(slot.shape, slot.strides, dtype=dtype).zero_()
     return in_order(entry[key], slot.order)
 
 
@@ -495,8 +493,7 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
             f"{sorted(saved)}, not state, param_groups and param_shapes)"
         )
     groups = [saved["param_groups"][i] for i in sorted(saved["param_groups"])]
-    shapes = saved["param_shapes"]
-    orders = saved.get("param_orders") or [list(range(len(shape))) for shape in shapes]
+    layouts = [parse_layout_entry(entry) for entry in saved["param_shapes"]]
     full: dict[str, Any] = {"state": {}, "param_groups": groups}
     params = sorted((key for key in saved["state"] if str(key).isdigit()), key=int)
     stepped = [index for index in params if float(saved["state"][index]["step"]) > 0]
@@ -508,7 +505,7 @@ def dcp_to_torch_format(checkpoint_dir: str, key: str = "optim") -> dict[str, An
             }
         )
     for index in stepped:
-        shape, order = tuple(shapes[int(index)]), tuple(orders[int(index)])
+        shape, order = layouts[int(index)]
         full["state"][int(index)] = {  # with the parameter's strides, as torch's state has
             name: value if name == "step" else shaped(value, shape, order)
             for name, value in saved["state"][index].items()

@@ -68,8 +68,13 @@ METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),  # a layout from its name (torch.strided)
         *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
-        # StorageMeta.checkpoint_id: the directory it was written to
-        *((cls.__module__, cls.__name__) for cls in (pathlib.PosixPath, pathlib.WindowsPath)),
+        # StorageMeta.checkpoint_id: the directory it was written to (pickled as pathlib's up
+        # to Python 3.12, as pathlib._local's from 3.13: a checkpoint from either reads)
+        *(
+            (module, cls.__name__)
+            for cls in (pathlib.PosixPath, pathlib.WindowsPath)
+            for module in ("pathlib", "pathlib._local")
+        ),
     }
 )
 
@@ -92,6 +97,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 f"refusing to load {self.path}: it asks for {module}.{name}, which a DCP "
                 "checkpoint's metadata never holds"
             )
+        if module.startswith("pathlib"):  # either Python's name for it resolves here
+            return getattr(pathlib, name)
         return super().find_class(module, name)
 
 

@@ -34,8 +34,10 @@ class ParamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    #: its dimensions from the outermost in memory (:mod:`sharded_rmsprop.memory_order`)
+    #: its dimensions from the outermost in memory, and the strides it keeps
+    #: (:mod:`sharded_rmsprop.memory_order`); row-major and contiguous if ()
     order: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -54,8 +56,10 @@ class ParamSlot:
     shape: tuple[int, ...]
     offset: int  # first element in the flat buffer
     numel: int
-    #: the order its elements lie in (:mod:`sharded_rmsprop.memory_order`); row-major if ()
+    #: the order its elements lie in and the strides of its view of them
+    #: (:mod:`sharded_rmsprop.memory_order`)
     order: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -119,6 +123,14 @@ class BucketPlan:
         return tuple(pieces)
 
 
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, inner = [], 1
+    for size in reversed(shape):
+        strides.append(inner)
+        inner *= size
+    return tuple(reversed(strides))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -129,7 +141,10 @@ def _plan_one_bucket(specs: Sequence[ParamSpec], world_size: int, alignment: int
     for spec in specs:
         offset = _round_up(offset, alignment)
         order = spec.order or tuple(range(len(spec.shape)))
-        slots.append(ParamSlot(spec.index, spec.group, spec.shape, offset, spec.numel, order))
+        strides = spec.strides or _contiguous_strides(spec.shape)
+        slots.append(
+            ParamSlot(spec.index, spec.group, spec.shape, offset, spec.numel, order, strides)
+        )
         offset += spec.numel
     shard_numel = _round_up(offset, world_size * alignment) // world_size
     return BucketPlan(

@@ -27,14 +27,20 @@ __all__ = [
     "flat_source",
     "in_order",
     "is_row_major",
+    "kept_strides",
+    "layout_entry",
     "order_of",
     "overlaps_itself",
+    "parse_layout_entry",
     "shaped",
 ]
 
 
 def overlaps_itself(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    """Whether two indices of a tensor of ``shape`` and ``stride`` reach one element."""
+    """Whether two indices of a tensor of ``shape`` and ``stride`` reach one element (never,
+    for a tensor of no elements)."""
+    if 0 in shape:
+        return False
     dims = sorted((st, size) for size, st in zip(shape, stride) if size > 1)
     reach = 0  # how far (in elements) the dimensions inside this one reach
     for st, size in dims:
@@ -70,6 +76,19 @@ def dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]
     return tuple(strides)
 
 
+def kept_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """The strides a parameter keeps as a view of its flat buffer: its own if it is dense
+    (those of its dimensions of size 1 included, which DDP compares) or if it has no
+    elements, else contiguous ones."""
+    if 0 in shape:
+        return tuple(stride)
+    order = order_of(shape, stride)
+    dense = dense_strides(shape, order)
+    if all(size <= 1 or have == want for size, have, want in zip(shape, stride, dense)):
+        return tuple(stride)
+    return dense
+
+
 def is_row_major(order: Sequence[int]) -> bool:
     return list(order) == sorted(order)
 
@@ -97,3 +116,28 @@ def flat_source(tensor: Tensor, order: Sequence[int]) -> Tensor:
     format at world size 1, or a 1-D parameter's) as it is, one shaped like the parameter
     (torch's format, whatever its strides) in ``order``."""
     return tensor.reshape(-1) if tensor.dim() <= 1 else in_order(tensor, order)
+
+
+#: In a sharded state dict's ``param_shapes``, what separates a shape from its order.
+ORDER_MARK = -1
+
+
+def layout_entry(shape: Sequence[int], order: Sequence[int]) -> list[int]:
+    """A parameter's entry in a sharded state dict's ``param_shapes``: its shape, then, if its
+    order is not row-major, :data:`ORDER_MARK` and the order. One entry per parameter under
+    one key, so that a checkpoint from before orders were saved still has every key a load
+    asks for, and reads as row-major."""
+    return list(shape) if is_row_major(order) else [*shape, ORDER_MARK, *order]
+
+
+def parse_layout_entry(entry: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(shape, order)`` from a :func:`layout_entry` (``ValueError`` or ``TypeError`` if it
+    is none)."""
+    numbers = [int(n) for n in entry]
+    if ORDER_MARK not in numbers:
+        return tuple(numbers), tuple(range(len(numbers)))
+    cut = numbers.index(ORDER_MARK)
+    shape, order = tuple(numbers[:cut]), tuple(numbers[cut + 1 :])
+    if sorted(order) != list(range(len(shape))):
+        raise ValueError(f"{entry!r} is not a shape and a memory order")
+    return shape, order

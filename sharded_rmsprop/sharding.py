@@ -26,7 +26,7 @@ from .comm import DataParallelGroup
 from .facts import Groups, ParameterScan, param_labels
 from .kernels import UpdateFn, fused_refusal, select_update
 from .layout import BucketPlan, ParamSpec, plan_buckets
-from .memory_order import order_of
+from .memory_order import kept_strides, layout_entry, order_of
 from .shards import MASTER_KEY, ShardedBucket, update_dtype_for
 from .sync import ShardSync, wait_for_every_sync
 
@@ -143,6 +143,7 @@ class Sharding:
                 param.dtype,
                 param.device,
                 order_of(param.shape, param.stride()),
+                kept_strides(param.shape, param.stride()),
             )
             for i, (param, g) in enumerate(zip(params, groups_of))
         ]
@@ -369,18 +370,11 @@ class Sharding:
         found.sort(key=lambda home: home[0].plan.slots[home[1]].index)
         return found
 
-    def param_orders(self) -> list[list[int]]:
-        """The order each parameter's elements lie in, in the optimizer's parameter order
-        (:mod:`sharded_rmsprop.memory_order`)."""
+    def param_layouts(self) -> list[list[int]]:
+        """Every parameter's shape, and its memory order where not row-major
+        (:func:`~sharded_rmsprop.memory_order.layout_entry`), in the optimizer's order."""
         return [
-            list(bucket.plan.slots[position].order)
-            for bucket, position in self.positions_by_index()
-        ]
-
-    def param_shapes(self) -> list[list[int]]:
-        """Every parameter's shape, in the optimizer's parameter order."""
-        return [
-            list(bucket.plan.slots[position].shape)
+            layout_entry(bucket.plan.slots[position].shape, bucket.plan.slots[position].order)
             for bucket, position in self.positions_by_index()
         ]
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .kernels import UpdateFn
 from .layout import BucketPlan, Piece
-from .memory_order import in_order, shaped
+from .memory_order import in_order, order_of
 from .windows import Span, Window, pack, plan_windows
 
 __all__ = [
@@ -141,7 +141,7 @@ class ShardedBucket:
                 self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device
             )
         self.views = [
-            own_storage_view(flat, slot.offset, slot.end, slot.shape, slot.order)
+            own_storage_view(flat, slot.offset, slot.end, slot.shape, slot.strides)
             for slot in self.plan.slots
         ]
         self._view_layouts = [(v.data_ptr(), v.shape, v.stride()) for v in self.views]
@@ -192,7 +192,11 @@ class ShardedBucket:
 
     def _change(self, position: int) -> str:
         """What makes a replaced parameter impossible to adopt, in words ("" if nothing).
-        Leaving the meta device is no such change: the bucket is then made anew there."""
+        Leaving the meta device is no such change: the bucket is then made anew there. A
+        new memory format is one (``model.to(memory_format=...)`` after building the
+        optimizer): adopting it would lay the parameter out as before, under a DDP model
+        built since with the new strides, whose buckets then hold its gradients in another
+        order than the optimizer reads."""
         param, slot = self.params[position], self.plan.slots[position]
         return ", ".join(
             f"{what} {now}, not {was}"
@@ -200,6 +204,7 @@ class ShardedBucket:
                 ("dtype", param.dtype, self.plan.dtype),
                 ("device", param.device, self.plan.device),
                 ("shape", tuple(param.shape), slot.shape),
+                ("memory order", order_of(param.shape, param.stride()), slot.order),
             )
             if now != was and not (what == "device" and self.on_meta)
         )
@@ -447,11 +452,11 @@ class ShardedBucket:
 
 
 def own_storage_view(
-    flat: Tensor, start: int, end: int, shape: Sequence[int], order: Sequence[int]
+    flat: Tensor, start: int, end: int, shape: Sequence[int], strides: Sequence[int]
 ) -> Tensor:
-    """Elements ``[start, end)`` of ``flat`` shaped as ``shape`` in ``order`` (its strides are
-    the dense layout in that order: :func:`~sharded_rmsprop.memory_order.shaped`), as a
-    tensor whose storage is
+    """Elements ``[start, end)`` of ``flat`` as a tensor of ``shape`` and ``strides`` (the
+    parameter's own, dense: :func:`~sharded_rmsprop.memory_order.kept_strides`), whose
+    storage is
     its own: a storage over that memory alone, which keeps ``flat``'s memory alive (through
     DLPack), rather than a view of ``flat``'s storage. Writes to either are seen by the
     other, as for a view; but ``torch.save`` of it writes its own bytes, not the whole
@@ -461,7 +466,7 @@ def own_storage_view(
     piece = flat[start:end]
     if piece.device.type != "meta":
         piece = torch.from_dlpack(piece)
-    return shaped(piece, shape, order)
+    return piece.as_strided(tuple(shape), tuple(strides))
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:

@@ -22,7 +22,7 @@ from .agreement import Fact
 from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
 from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS, options_fact
-from .memory_order import flat_source, is_row_major
+from .memory_order import flat_source, is_row_major, parse_layout_entry
 from .shard_view import ShardView, from_plain
 from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, state_keys_for
 
@@ -202,50 +202,33 @@ def _check_options(where: str, options: Mapping[str, Any]) -> None:
 
 
 def _check_shapes(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
-    """The sharded format says which shapes it was saved for; they must be ours."""
-    shapes = opt.sharding.param_shapes()
-    saved = state_dict.get("param_shapes", shapes)
+    """The sharded format says which shapes it was saved for, and in which memory order its
+    flat tensors lie (:func:`~sharded_rmsprop.memory_order.layout_entry`): both must be ours,
+    or elements would land elsewhere."""
+    if "param_shapes" not in state_dict:
+        return  # torch's format: whole tensors, checked one by one
+    layouts = [parse_layout_entry(entry) for entry in opt.sharding.param_layouts()]
     try:
-        saved_shapes = [[int(size) for size in shape] for shape in saved]
+        saved = [parse_layout_entry(entry) for entry in state_dict["param_shapes"]]
     except (TypeError, ValueError):
         raise ValueError("state_dict['param_shapes'] must be a list of shapes") from None
-    if saved_shapes == shapes:
-        if "param_shapes" in state_dict:  # the sharded format
-            _check_orders(opt, state_dict)
-        return
-    if len(saved_shapes) != len(shapes):
-        detail = f"{len(saved_shapes)} parameters in the state dict, {len(shapes)} in the optimizer"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(saved_shapes, shapes)) if a != b)
-        detail = (
-            f"parameter {i} has shape {tuple(saved_shapes[i])} in the state dict and "
-            f"{tuple(shapes[i])} in the optimizer"
-        )
-    raise ValueError(f"the state dict is for other parameters: {detail}")
-
-
-def _check_orders(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
-    """The sharded format's flat tensors lie in the order their parameters had (row-major
-    before orders were saved); it must be ours, or their elements would land elsewhere."""
-    orders = opt.sharding.param_orders()
-    saved = state_dict.get("param_orders")
-    if saved is None:
-        saved = [list(range(len(shape))) for shape in opt.sharding.param_shapes()]
-    try:
-        saved_orders = [[int(d) for d in order] for order in saved]
-    except (TypeError, ValueError):
-        raise ValueError("state_dict['param_orders'] must be a list of dimension orders") from None
-    for i, (was, now) in enumerate(zip(saved_orders, orders)):
+    if len(saved) != len(layouts):
+        detail = f"{len(saved)} parameters in the state dict, {len(layouts)} in the optimizer"
+        raise ValueError(f"the state dict is for other parameters: {detail}")
+    for i, ((saved_shape, was), (shape, now)) in enumerate(zip(saved, layouts)):
+        if saved_shape != shape:
+            raise ValueError(
+                f"the state dict is for other parameters: parameter {i} has shape "
+                f"{saved_shape} in the state dict and {shape} in the optimizer"
+            )
         if was != now:
             raise ValueError(
-                f"the state dict holds parameter {i}'s state in memory order {tuple(was)} "
+                f"the state dict holds parameter {i}'s state in memory order {was} "
                 f"(outermost dimension first), but the parameter is laid out in order "
-                f"{tuple(now)} now (its memory format changed, e.g. to or from channels_last): "
+                f"{now} now (its memory format changed, e.g. to or from channels_last): "
                 "give it the memory format it had, or load a torch-format state dict "
                 "(full_state_dict()), which holds whole tensors"
             )
-    if len(saved_orders) != len(orders):
-        raise ValueError("state_dict['param_orders'] does not list every parameter")
 
 
 def _places_by_saved_id(

@@ -101,6 +101,20 @@ def test_real_metadata_reads_as_pickle_reads_it(saved, tmp_path) -> None:
             assert read_metadata_file(path) == pickle.load(file)
 
 
+def test_metadata_written_by_another_python_reads(tmp_path) -> None:
+    """StorageMeta holds the checkpoint's path, pickled as pathlib.PosixPath up to Python
+    3.12 and as pathlib._local.PosixPath from 3.13: either reads, on either Python."""
+    quietly(dcp.save, {"x": torch.ones(2)}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    path = tmp_path / "ckpt" / ".metadata"
+    metadata = pickle.loads(path.read_bytes())
+    as_written = pickle.dumps(metadata, protocol=2)  # GLOBAL opcodes: module and name as text
+    module = type(metadata.storage_meta.checkpoint_id).__module__.encode()
+    assert b"c" + module + b"\nPosixPath\n" in as_written
+    for other in (b"pathlib", b"pathlib._local"):
+        path.write_bytes(as_written.replace(b"c" + module + b"\n", b"c" + other + b"\n"))
+        assert read_metadata_file(path) == metadata
+
+
 def load_through_the_reader_on_rank(rank: int, world_size: int, path: str) -> dict:
     params = initial_params()
     opt = ShardedRMSprop(groups(params), **OPTIONS, fused=False)  # fresh: never stepped

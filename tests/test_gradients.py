@@ -142,6 +142,23 @@ def test_clip_with_the_fused_kernel_matches_torch_within_rounding() -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_clip_with_float64_parameters_on_the_fused_path() -> None:
+    """A float64 model's clipping factor is float64: the fused CPU kernel takes it (it once
+    refused it after the step count had moved; at several ranks, a hang)."""
+    ours = [torch.randn(300, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = ShardedRMSprop(ours, fused=None), torch.optim.RMSprop(theirs)
+    for step in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.full_like(p, 10.0 + step)
+            q.grad = p.grad.clone()
+        opt.clip_grad_norm_(1.0)
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        opt.step(), ref.step()
+    for p, q in zip(ours, theirs):  # float64 computed in float64: a few float64 ulps
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
+
+
 def nonfinite_norm_on_rank(rank: int, world_size: int) -> str:
     params = make_params()
     opt = ShardedRMSprop(params, fused=False)

@@ -185,8 +185,6 @@ REFERENCE_ONLY: dict[str, tuple[Callable[[], dict], dict, type]] = {
     "2-d": (lambda: {k: v.view(2, N // 2) for k, v in _tensors().items()}, {}, ValueError),
     "strided": (lambda: {k: torch.stack([v, v], 1)[:, 0] for k, v in _tensors().items()}, {},
                 ValueError),
-    "float64-scale": (_tensors, {"grad_scale": torch.tensor(0.5, dtype=torch.float64)},
-                      TypeError),
 }  # fmt: skip
 
 
@@ -209,6 +207,22 @@ def test_float64_is_the_cpu_kernels_and_not_tritons() -> None:
     with pytest.raises(TypeError, match="float32, bfloat16 and float16 parameters, got "
                                         "torch.float64"):
         KERNELS["triton"](*(_tensors(torch.float64)[k] for k in NAMES), **HP)
+
+
+def test_a_float64_scale_is_the_cpu_kernels_and_not_tritons() -> None:
+    """A float64 model's clipping factor is float64: the CPU kernel rounds it to its compute
+    type as torch's grad.mul_(scale) does (bit for bit the reference); Triton's refuses it."""
+    scale = torch.tensor(0.3, dtype=torch.float64)
+    if cpu_fused_available():
+        for dtype in (torch.float32, torch.float64):
+            ours, theirs = _tensors(dtype), _tensors(dtype)
+            KERNELS["cpu_fused"](*(ours[k] for k in NAMES), **HP, grad_scale=scale)
+            theirs["grad"].mul_(scale)
+            rmsprop_reference_(*(theirs[k] for k in NAMES), **HP)
+            torch.testing.assert_close(ours["param"], theirs["param"])
+    with pytest.raises(TypeError, match="grad_scale must be a float32 tensor, got dtype "
+                                        "torch.float64"):
+        KERNELS["triton"](*(_tensors()[k] for k in NAMES), **HP, grad_scale=scale)
 
 
 def test_unsupported_device_is_not_an_argument_error() -> None:

@@ -91,6 +91,41 @@ def test_a_sharded_state_dict_of_another_layout_is_refused() -> None:
         other.load_state_dict(saved)
 
 
+def test_a_dcp_checkpoint_of_a_contiguous_model_is_refused_by_a_channels_last_one(tmp_path) -> None:
+    """A checkpoint that names no memory order (one of a contiguous model, or from before
+    orders were saved) reads as row-major: it loads into a contiguous model and is refused,
+    with a clear error, by a channels_last one, whose flat state lies in another order."""
+    import warnings
+
+    contiguous = nn.Parameter(torch.randn(4, 3, 5, 6))
+    opt = ShardedRMSprop([contiguous], **OPTIONS, fused=False)
+    contiguous.grad = torch.randn(contiguous.shape)
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": opt}, checkpoint_id=tmp_path / "c", no_dist=True)
+        again = ShardedRMSprop([nn.Parameter(contiguous.detach().clone())], **OPTIONS)
+        dcp.load({"optim": again}, checkpoint_id=tmp_path / "c", no_dist=True)
+        other = ShardedRMSprop(
+            [nn.Parameter(contiguous.detach().to(memory_format=torch.channels_last))], **OPTIONS
+        )
+        with pytest.raises(ValueError, match=r"memory order \(0, 1, 2, 3\).*\(0, 2, 3, 1\)"):
+            dcp.load({"optim": other}, checkpoint_id=tmp_path / "c", no_dist=True)
+
+
+def test_size_1_dimensions_keep_their_strides_and_empty_parameters_are_taken() -> None:
+    """DDP compares a parameter's strides with its bucket's, size-1 dimensions included;
+    an empty channels_last parameter (strides of 0) overlaps nothing."""
+    one_channel = nn.Parameter(torch.randn(8, 1, 3, 3).to(memory_format=torch.channels_last))
+    empty = nn.Parameter(torch.randn(3, 0, 2, 2).to(memory_format=torch.channels_last))
+    strides = (one_channel.stride(), empty.stride())
+    opt = ShardedRMSprop([one_channel, empty], **OPTIONS, fused=False)
+    assert (one_channel.stride(), empty.stride()) == strides
+    one_channel.grad, empty.grad = torch.ones_like(one_channel), torch.ones_like(empty)
+    opt.step()
+    assert opt.full_state_dict()["state"][0]["square_avg"].stride() == one_channel.stride()
+
+
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

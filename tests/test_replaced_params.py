@@ -122,21 +122,46 @@ def test_replaced_16_bit_parameters_renew_their_master_weights(dtype: torch.dtyp
     assert torch.equal(opt.state[p]["master_weight"], torch.full((40,), 3.0))
 
 
-def test_a_square_parameter_replaced_by_its_transpose_is_adopted_as_torch_keeps_it() -> None:
-    """Another view of the same memory: same address, other strides. torch updates the
-    transposed view in place; so must we (not the old, untransposed layout)."""
+@pytest.mark.parametrize(
+    "replace, change",
+    [
+        (lambda p: setattr(p, "data", p.data.t()), r"memory order \(1, 0\), not \(0, 1\)"),
+        (lambda p: setattr(p, "data", p.data.clone()), None),  # the same order: adopted
+    ],
+    ids=["transposed", "same order"],
+)
+def test_a_parameter_replaced_in_another_memory_format_is_an_error(replace, change) -> None:
+    """A new memory format (``p.data = p.data.t()``, ``model.to(memory_format=...)`` after
+    building the optimizer) cannot be adopted: the optimizer would lay the parameter out as
+    before, and a DDP model built since keeps its gradients in the new layout (wrong numbers
+    with reduce_scatter_gradients). An error on the step, nothing changed."""
     ours = torch.randn(6, 6, requires_grad=True)
     theirs = ours.detach().clone().requires_grad_()
     opt = ShardedRMSprop([ours], **OPTIONS, fused=False)
     ref = torch.optim.RMSprop([theirs], **OPTIONS)
     generator = torch.Generator().manual_seed(3)
-    for step in range(4):
-        if step == 2:
-            ours.data, theirs.data = ours.data.t(), theirs.data.t()
+    for step in range(3):
         grad = torch.randn(6, 6, generator=generator)
         ours.grad, theirs.grad = grad.clone(), grad.clone()
+        if step == 2:
+            replace(ours)
+            if change is not None:
+                before = ours.detach().clone()
+                with pytest.raises(RuntimeError, match=change):
+                    opt.step()
+                assert torch.equal(ours, before) and float(opt.state[ours]["step"]) == 2
+                return
         opt.step(), ref.step()
         assert torch.equal(ours, theirs), step
+
+
+def test_a_model_made_channels_last_after_the_optimizer_is_an_error() -> None:
+    model = torch.nn.Conv2d(3, 4, 3)
+    opt = ShardedRMSprop(model.parameters(), fused=False)
+    model.to(memory_format=torch.channels_last)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"memory order \(0, 2, 3, 1\), not \(0, 1, 2, 3\)"):
+        opt.step()
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def check_update_arguments(
             )
         if not _dtype_allowed(grad_scale.dtype, rules.scale_dtypes, complex_too=False):
             raise TypeError(
-                f"grad_scale must be a {_dtypes_text(rules.scale_dtypes, 'floating-point')} "
+                f"grad_scale must be a {_dtypes_text(rules.scale_dtypes, 'floating-point', 'or')} "
                 f"tensor, got dtype {grad_scale.dtype}"
             )
         if grad_scale.device != device:
@@ -218,12 +218,14 @@ def _dtype_allowed(
     return dtype.is_floating_point or (complex_too and dtype.is_complex)
 
 
-def _dtypes_text(dtypes: tuple[torch.dtype, ...] | None, otherwise: str) -> str:
+def _dtypes_text(
+    dtypes: tuple[torch.dtype, ...] | None, otherwise: str, last: str = "and"
+) -> str:
     """``float32, bfloat16 and float16``, or ``otherwise`` for ``None``."""
     if dtypes is None:
         return otherwise
     names = [str(d).removeprefix("torch.") for d in dtypes]
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 def _check_no_overlap(named: list[tuple[str, Tensor]]) -> None:

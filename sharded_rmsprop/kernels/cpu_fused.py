@@ -93,9 +93,13 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPE_CODE)
 
 #: What the kernel takes: 1-D contiguous shards of :data:`SUPPORTED_DTYPES`, and a
-#: ``grad_scale`` tensor of float32 (read once with ``float()``: on the CPU, no sync).
+#: ``grad_scale`` tensor of float32 or float64 (a float64 model's clipping factor; read once
+#: with ``float()``: on the CPU, no sync).
 RULES = KernelRules(
-    "rmsprop_cpu_fused_", dtypes=SUPPORTED_DTYPES, flat=True, scale_dtypes=(torch.float32,)
+    "rmsprop_cpu_fused_",
+    dtypes=SUPPORTED_DTYPES,
+    flat=True,
+    scale_dtypes=(torch.float32, torch.float64),
 )
 
 #: How long a process waits for another one that is building the same library before it
@@ -349,7 +353,8 @@ def rmsprop_cpu_fused_(
     The :class:`~sharded_rmsprop.kernels.contract.UpdateFn` contract under :data:`RULES`:
     1-D contiguous CPU tensors of one dtype from :data:`SUPPORTED_DTYPES`; the arithmetic is
     float32 for the 32- and 16-bit dtypes, float64 for float64, rounded once on store.
-    ``grad_scale``, a number or a 0-d float32 tensor, and the hyperparameters are rounded to
+    ``grad_scale``, a number or a 0-d float32 or float64 tensor, and the hyperparameters are
+    rounded to
     that type, as torch's ``grad.mul_(number)`` rounds the number. ``low_precision_param`` receives the new ``param`` rounded to nearest
     even: the bits of ``low_precision_param.copy_(param)``. ``RuntimeError`` when
     :func:`cpu_fused_available` is ``False`` or the tensors are not on the CPU.
