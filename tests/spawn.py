@@ -102,6 +102,10 @@ def _forked(world_size: int, fn: Callable[..., Any], workdir: str, args: tuple, 
         if isinstance(pids, str):  # the zygote could not even read the task
             raise RuntimeError(f"the rank zygote could not start {fn.__name__}:\n{pids}")
         _wait_for_ranks(conn, pids, fn, world_size, workdir, timeout)
+    except TimeoutError:  # (an OSError: first)
+        process.kill()  # (exits it may still report would read as the next call's): a new one
+        _zygote = None
+        raise
     except (EOFError, OSError):
         process.kill()
         _zygote = None
@@ -149,6 +153,8 @@ def _drain_exits(conn: Connection, running: set[int]) -> None:
     while running and conn.poll(10):
         rank, _ = conn.recv()
         running.discard(rank)
+    if running:
+        raise TimeoutError(f"ranks {sorted(running)} did not exit when killed")
 
 
 def _serve(conn: Connection) -> None:
