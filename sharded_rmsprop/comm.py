@@ -160,13 +160,6 @@ class DataParallelGroup:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
         return tensor.tolist()
 
-    def host_all_equal(self, values: Sequence[int]) -> bool:
-        """Whether every rank passed the same ``values`` (one all-reduce of twice their length)."""
-        reduced = self.host_all_reduce_max([*values, *(-value for value in values)])
-        return all(
-            high == -low for high, low in zip(reduced[: len(values)], reduced[len(values) :])
-        )
-
     def host_all_gather(self, values: Sequence[int]) -> list[list[int]]:
         """Every rank's ``values`` (int64, the same count on every rank), by rank."""
         if not self.is_distributed:

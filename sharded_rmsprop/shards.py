@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .kernels import UpdateFn
+from .kernels.contract import LOW_PRECISION_DTYPES  # (those that get float32 master weights)
 from .layout import BucketPlan, Piece
 from .memory_order import in_order, order_of
 from .windows import Span, Window, pack, plan_windows
@@ -44,7 +45,6 @@ from .windows import Span, Window, pack, plan_windows
 __all__ = [
     "BucketScan",
     "GRAD_WINDOW_NUMEL",
-    "LOW_PRECISION_DTYPES",
     "MASTER_KEY",
     "STATE_KEYS",
     "ShardedBucket",
@@ -63,10 +63,6 @@ STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
 
 #: The float32 copy of a 16-bit parameter that the update runs on, in the state beside them.
 MASTER_KEY = "master_weight"
-
-#: Parameter dtypes that get float32 master weights when asked for.
-LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
-
 
 def update_dtype_for(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
     """The dtype in which parameters of ``dtype`` are updated and their state is kept:
