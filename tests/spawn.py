@@ -10,7 +10,8 @@ runs one thread and joins a gloo group through a file store in a temporary direc
 
 A rank that raises or dies makes ``run_ranks`` stop the others and raise, with the rank's
 traceback or signal; a run that outlives ``timeout`` is killed and reported, so a hang fails
-the test instead of stalling the suite. ``SHARDED_RMSPROP_TEST_SPAWN=1`` spawns fresh
+the test instead of stalling the suite. What the ranks print is replayed into the calling
+test's captured output. ``SHARDED_RMSPROP_TEST_SPAWN=1`` spawns fresh
 interpreters instead (the slow way, for comparison).
 """
 
@@ -56,7 +57,10 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
         if os.environ.get("SHARDED_RMSPROP_TEST_SPAWN") == "1":
             _spawned(world_size, fn, workdir, args, timeout)
         else:
-            _forked(world_size, fn, workdir, args, timeout)
+            try:
+                _forked(world_size, fn, workdir, args, timeout)
+            finally:  # what the ranks printed, into this test's captured output
+                _replay_output(workdir, world_size)
         return [
             torch.load(os.path.join(workdir, f"result{rank}.pt"), weights_only=False)
             for rank in range(world_size)
@@ -141,6 +145,14 @@ def _wait_for_ranks(
         raise RuntimeError(f"process {rank} terminated with {how}")
 
 
+def _replay_output(workdir: str, world_size: int) -> None:
+    for rank in range(world_size):
+        path = os.path.join(workdir, f"output{rank}.txt")
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, errors="replace") as f:
+                sys.stderr.write(f"--- rank {rank} ---\n{f.read()}")
+
+
 def _kill(pids: list[int], ranks: set[int]) -> None:
     for rank in ranks:
         try:
@@ -191,6 +203,11 @@ def _fork_rank(
         return pid
     code = 1
     try:
+        # the zygote's stdout and stderr are those of the test that started it: this rank's
+        # own file instead, which run_ranks replays into the calling test's output
+        output = os.open(os.path.join(workdir, f"output{rank}.txt"), os.O_WRONLY | os.O_CREAT)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
         conn.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ.clear()
