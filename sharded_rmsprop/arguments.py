@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .comm import PARAM_SYNCS
 from .memory_order import overlaps_itself
+from .options import NUMBER_KEYS, OPTIONS
 
 __all__ = [
     "check_grad",
@@ -20,22 +21,16 @@ __all__ = [
 ]
 
 
-def check_hyperparameters(
-    lr: float | Tensor, alpha: float, eps: float, weight_decay: float, momentum: float
-) -> None:
-    """torch.optim.RMSprop's checks, in its order and with its messages."""
+def check_hyperparameters(options: Mapping[str, Any]) -> None:
+    """torch.optim.RMSprop's checks of the options (:data:`~sharded_rmsprop.options.OPTIONS`),
+    in its order and with its messages."""
+    lr = options["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= momentum:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not 0.0 <= alpha:
-        raise ValueError(f"Invalid alpha value: {alpha}")
+    for option in OPTIONS:
+        value = options[option.name]
+        if option.invalid and not option.minimum <= value:
+            raise ValueError(option.invalid.format(value))
 
 
 def check_torch_implementation(capturable: Any, foreach: Any, differentiable: Any) -> None:
@@ -99,8 +94,8 @@ def is_real(value: Any) -> bool:
 def check_numeric_options(where: str, group: Mapping[str, Any]) -> None:
     """The options the update computes with are numbers (``lr`` may be a one-element float
     tensor): ``ValueError`` naming the one that is not."""
-    for key in ("alpha", "eps", "weight_decay", "momentum"):
-        if not is_real(group[key]):
+    for key in NUMBER_KEYS:
+        if key != "lr" and not is_real(group[key]):
             raise ValueError(f"{where}['{key}'] is {group[key]!r}, not a number")
     lr = group["lr"]
     if isinstance(lr, Tensor):

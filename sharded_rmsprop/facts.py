@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from .agreement import Fact, plain
+from .options import OPTION_KEYS
 
 if TYPE_CHECKING:
     from .gradients import PendingClip, ScalerRequest
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 Groups = Sequence[Mapping[str, Any]]
 
 __all__ = [
-    "OPTION_KEYS",
     "TORCH_ONLY_OPTIONS",
     "construction_facts",
     "options_fact",
@@ -32,9 +32,6 @@ __all__ = [
     "state_facts",
     "step_facts",
 ]
-
-#: The param-group options that the update reads.
-OPTION_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
 
 #: The entries torch.optim.RMSprop's groups have beyond ours, with the values we write for them.
 TORCH_ONLY_OPTIONS = {"capturable": False, "foreach": None, "differentiable": False}

@@ -30,9 +30,9 @@ from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from . import gradients
 from .agreement import cannot_follow, digest_of, follow
-from .facts import OPTION_KEYS
 from .gradients import PendingClip
 from .memory_order import in_order
+from .options import OPTION_KEYS
 from .windows import pack
 
 if TYPE_CHECKING:

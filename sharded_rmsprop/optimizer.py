@@ -217,26 +217,24 @@ class ShardedRMSprop(
         self.skipped_steps = 0
         self._clip: PendingClip | None = None
         self._constructed = False
+        options = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
         with shares_failure(self._data_parallel, "__init__()"):
-            check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+            check_hyperparameters(options)
             check_torch_implementation(capturable, foreach, differentiable)
             #: The settings every rank must share (compared at construction).
             self._settings = checked_settings(
                 fused, master_weights, skip_nonfinite, host_shared, bucket_numel, param_sync
             )
-            defaults = dict(
-                lr=lr,
-                alpha=alpha,
-                eps=eps,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                centered=centered,
-                capturable=capturable,
-                foreach=foreach,
-                maximize=maximize,
-                differentiable=differentiable,
-            )
-            super().__init__(params, defaults)
+            torch_only = dict(capturable=capturable, foreach=foreach, differentiable=differentiable)
+            super().__init__(params, {**options, **torch_only})
         self._shard_new_groups("__init__()")
         self._constructed = True
 

@@ -40,6 +40,7 @@ from .kernels import UpdateFn
 from .kernels.contract import LOW_PRECISION_DTYPES  # (those that get float32 master weights)
 from .layout import BucketPlan, Piece
 from .memory_order import in_order, order_of
+from .options import OPTION_KEYS
 from .windows import Span, Window, pack, plan_windows
 
 __all__ = [
@@ -385,13 +386,8 @@ class ShardedBucket:
             self.state["square_avg"][owned],
             momentum_buffer,
             grad_avg,
-            lr=_as_float(options["lr"]),
-            alpha=options["alpha"],
-            eps=options["eps"],
-            weight_decay=options["weight_decay"],
-            momentum=options["momentum"],
-            centered=options["centered"],
-            maximize=options["maximize"],
+            **{key: options[key] for key in OPTION_KEYS if key != "lr"},  # every option
+            lr=_as_float(options["lr"]),  # (a tensor lr, read on the host)
             grad_scale=grad_scale,
             low_precision_param=self.shard[owned] if self.master_weights else None,
         )

@@ -21,8 +21,9 @@ from torch import Tensor
 from .agreement import Fact
 from .arguments import check_hyperparameters, check_numeric_options, is_real
 from .checksums import BLOCK_NUMEL, block_checksums, block_count, first_mismatch
-from .facts import OPTION_KEYS, TORCH_ONLY_OPTIONS, options_fact
+from .facts import TORCH_ONLY_OPTIONS, options_fact
 from .memory_order import flat_source, is_row_major, parse_layout_entry
+from .options import FLAG_KEYS, IMPLIED, OPTION_KEYS
 from .shard_view import ShardView, from_plain
 from .shards import MASTER_KEY, STATE_KEYS, ShardedBucket, state_keys_for
 
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
     from .sharding import ShardedOptimizer
 
 __all__ = ["Validated", "validated", "verify_checksums"]
-
-#: Options that older torch versions did not write, with the defaults torch fills in.
-_OPTION_DEFAULTS = {"momentum": 0, "centered": False, "maximize": False}
 
 #: Group entries that are not options to load.
 _NOT_OPTIONS = ("params", "param_names", *TORCH_ONLY_OPTIONS)
@@ -163,13 +161,13 @@ def _checked_groups(opt: ShardedOptimizer, saved_groups: Any) -> list[dict[str, 
                     f"{where}['params'] holds {saved_id!r}: ids must be distinct integers"
                 )
             seen.add(saved_id)
-        lacking = [key for key in OPTION_KEYS if key not in saved and key not in _OPTION_DEFAULTS]
+        lacking = [key for key in OPTION_KEYS if key not in saved and key not in IMPLIED]
         if lacking:
             raise ValueError(
                 f"parameter group {i} of the state dict lacks the RMSprop options {lacking}: "
                 "is this a state dict of another optimizer?"
             )
-        options = {**_OPTION_DEFAULTS, **{k: v for k, v in saved.items() if k not in _NOT_OPTIONS}}
+        options = {**IMPLIED, **{k: v for k, v in saved.items() if k not in _NOT_OPTIONS}}
         _check_options(where, options)
         names = saved.get("param_names")
         if names is not None:
@@ -186,17 +184,11 @@ def _checked_groups(opt: ShardedOptimizer, saved_groups: Any) -> list[dict[str, 
 
 def _check_options(where: str, options: Mapping[str, Any]) -> None:
     check_numeric_options(where, options)
-    for key in ("centered", "maximize"):
+    for key in FLAG_KEYS:
         if not isinstance(options[key], bool):
             raise ValueError(f"{where}['{key}'] is {options[key]!r}, not True or False")
     try:
-        check_hyperparameters(
-            options["lr"],
-            options["alpha"],
-            options["eps"],
-            options["weight_decay"],
-            options["momentum"],
-        )
+        check_hyperparameters(options)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 
