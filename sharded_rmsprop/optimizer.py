@@ -203,16 +203,6 @@ class ShardedRMSprop(
         param_sync: str = "auto",
     ) -> None:
         joining.Following.__init__(self)
-        #: This rank's flat buckets and the ranks they are sharded over (read them; the
-        #: optimizer changes them).
-        self.sharding = Sharding(
-            process_group,
-            fused=fused,
-            master_weights=master_weights is not False,
-            host_shared=host_shared,
-            bucket_numel=bucket_numel,
-            param_sync=param_sync,
-        )
         #: Steps skipped because of inf or NaN gradients (``skip_nonfinite`` or GradScaler).
         self.skipped_steps = 0
         self._clip: PendingClip | None = None
@@ -226,12 +216,19 @@ class ShardedRMSprop(
             centered=centered,
             maximize=maximize,
         )
-        with shares_failure(self._data_parallel, "__init__()"):
+        data_parallel = DataParallelGroup.resolve(process_group)
+        with shares_failure(data_parallel, "__init__()"):
             check_hyperparameters(options)
             check_torch_implementation(capturable, foreach, differentiable)
             #: The settings every rank must share (compared at construction).
             self._settings = checked_settings(
                 fused, master_weights, skip_nonfinite, host_shared, bucket_numel, param_sync
+            )
+            #: This rank's flat buckets and the ranks they are sharded over (read them; the
+            #: optimizer changes them).
+            self.sharding = Sharding(
+                data_parallel,
+                **{k: v for k, v in self._settings.items() if k != "skip_nonfinite"},
             )
             torch_only = dict(capturable=capturable, foreach=foreach, differentiable=differentiable)
             super().__init__(params, {**options, **torch_only})

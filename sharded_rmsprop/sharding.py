@@ -87,7 +87,7 @@ class Sharding:
 
     def __init__(
         self,
-        process_group: torch.distributed.ProcessGroup | None,
+        data_parallel: DataParallelGroup,
         *,
         fused: bool | None,
         master_weights: bool,
@@ -95,7 +95,7 @@ class Sharding:
         bucket_numel: int | None = None,
         param_sync: str = "auto",
     ) -> None:
-        self.data_parallel = DataParallelGroup.resolve(process_group)
+        self.data_parallel = data_parallel
         self.fused = fused
         self.master_weights = master_weights
         self.bucket_numel = bucket_numel
