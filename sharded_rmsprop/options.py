@@ -7,6 +7,13 @@ recompiles) or a *flag* (a switch that picks the kernels' variant). ``minimum`` 
 the order torch checks them. ``implied`` is the value a saved param group without the option
 gets (torch's own older state dicts lack ``momentum``, ``centered`` and ``maximize``); an
 option without one must be in every saved group.
+
+Adding an option: an entry here; the parameter (with its docstring) in
+``ShardedRMSprop.__init__``, whose signature is torch's; the keyword in the kernels
+(``kernels/reference.py``, ``cpu_fused.py`` with its C++ loop, ``triton_rmsprop.py``), which
+the kernel call passes every option to; a buffer it needs in ``shards.py``'s
+``state_keys_for``; the README. The checks, the ranks' agreement, Join and the state-dict
+validation follow from the entry.
 """
 
 from __future__ import annotations
