@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .memory_order import dense_strides
+
 __all__ = ["ALIGNMENT", "BucketPlan", "ParamSlot", "ParamSpec", "Piece", "plan_buckets"]
 
 #: Every parameter and every shard starts at a multiple of this many elements (256 bytes for
@@ -123,14 +125,6 @@ class BucketPlan:
         return tuple(pieces)
 
 
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, inner = [], 1
-    for size in reversed(shape):
-        strides.append(inner)
-        inner *= size
-    return tuple(reversed(strides))
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -141,7 +135,7 @@ def _plan_one_bucket(specs: Sequence[ParamSpec], world_size: int, alignment: int
     for spec in specs:
         offset = _round_up(offset, alignment)
         order = spec.order or tuple(range(len(spec.shape)))
-        strides = spec.strides or _contiguous_strides(spec.shape)
+        strides = spec.strides or dense_strides(spec.shape, order)
         slots.append(
             ParamSlot(spec.index, spec.group, spec.shape, offset, spec.numel, order, strides)
         )

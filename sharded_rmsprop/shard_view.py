@@ -12,18 +12,19 @@ It also survives what users do with a state dict: ``copy.deepcopy``, ``clone()``
 ``torch.load`` reads it back as a ShardView, ``weights_only=True`` included (the class is
 registered with ``torch.serialization.add_safe_globals`` when this module is imported, as
 torch registers ``DTensor``; its constructor checks what it is given). Files from earlier
-versions hold it as plain data (:func:`as_plain`), which
-:meth:`ShardedRMSprop.load_state_dict` still accepts (:func:`from_plain`). Pickling a range
+versions hold it as plain data (an ``OrderedDict`` of its numel under :data:`PLAIN_MARK`, its
+offset and its local tensor), which :meth:`ShardedRMSprop.load_state_dict` still accepts
+(:func:`from_plain`). Pickling a range
 short of the whole buffer warns once per state dict (:class:`IncompleteStateWarning`): that
 is how a trainer saving rank 0's state dict alone would silently lose the other ranks' state.
 
-It compares as its range together with its place: element-wise operations (``==``,
-``isclose``, ``abs`` of a difference) between ShardViews of the same place (offset and whole
-length), or with numbers, give a ShardView of that place (in place: the same ShardView); ``all()`` and ``any()``
-of a boolean ShardView, ``torch.equal`` between ShardViews, and ``bool()`` or ``item()`` of
-one that holds its whole tensor answer for the range. So ``torch.equal``,
-``torch.testing.assert_close`` and torch's ``TestCase.assertEqual`` compare two state dicts
-of the same rank. Anything else, such as a reduction over the numbers, or the arithmetic of
+It compares as its range together with its place: element-wise operations (``==``, ``isclose``,
+``abs`` of a difference) between ShardViews of the same place (offset and whole length), or
+with numbers, give a ShardView of that place (in place: the same ShardView); ``all()`` and
+``any()`` of a boolean ShardView, ``torch.equal`` between ShardViews, and ``bool()`` or
+``item()`` of one that holds its whole tensor answer for the range. So ``torch.equal``,
+``torch.testing.assert_close`` and torch's ``TestCase.assertEqual`` compare two state dicts of
+the same rank. Anything else, such as a reduction over the numbers, or the arithmetic of
 ``torch.optim.RMSprop`` given this state dict (whose gradients are whole tensors), is a
 ``RuntimeError`` that says what it is: a rank's range is not the tensor.
 """
@@ -49,13 +50,13 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 __all__ = [
     "IncompleteStateWarning",
     "ShardView",
-    "as_plain",
     "from_plain",
     "new_origin",
     "warn_incomplete",
 ]
 
-#: The key that marks a ShardView written as plain data; its value is the buffer's numel.
+#: The key that marks a ShardView written as plain data (by earlier versions); its value is
+#: the buffer's numel.
 PLAIN_MARK = "sharded_rmsprop_shard_of_numel"
 
 _aten = torch.ops.aten
@@ -228,13 +229,9 @@ def warn_incomplete(origin: int) -> None:
     )
 
 
-def as_plain(view: ShardView) -> OrderedDict:
-    """``view`` as plain data: its numel (under :data:`PLAIN_MARK`), offset and local tensor."""
-    return OrderedDict([(PLAIN_MARK, view.numel()), ("offset", view.offset), ("local", view.local)])
-
-
 def from_plain(value: Any) -> Any:
-    """A ShardView again from what :func:`as_plain` made of it; anything else as it is."""
+    """A ShardView again from the plain data earlier versions pickled it as; anything else
+    as it is."""
     if isinstance(value, OrderedDict) and PLAIN_MARK in value:
         local = value.get("local")
         numel, offset = value[PLAIN_MARK], value.get("offset")

@@ -443,6 +443,30 @@ def test_at_world_size_1_the_state_dict_holds_plain_tensors(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(params, params_2))
 
 
+def test_a_state_dict_saved_by_earlier_versions_loads(tmp_path) -> None:
+    """Earlier versions pickled each ShardView as plain data (an OrderedDict of its numel,
+    offset and local range): such a file still loads, to the same state."""
+    from collections import OrderedDict
+
+    from sharded_rmsprop.shard_view import PLAIN_MARK
+
+    params, opt = params_and_optimizer()
+    train(params, opt)
+    saved = opt.state_dict()
+    old = copy.deepcopy(saved)
+    for section in ("state", "checksums"):
+        for entry in old[section].values():
+            for key, value in entry.items():
+                if value.dim() == 1 and key != "step":
+                    entry[key] = OrderedDict(
+                        [(PLAIN_MARK, value.numel()), ("offset", 0), ("local", value)]
+                    )
+    torch.save(old, tmp_path / "old.pt")
+    params_2, opt_2 = params_and_optimizer()
+    opt_2.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    torch.testing.assert_close(opt_2.state_dict(), saved, rtol=0, atol=0)
+
+
 def shard_views_on_rank(rank: int, world_size: int, path: str) -> dict:
     """Two optimizers trained alike, one more step on a third: their state dicts compare
     as tensors compare, per rank; saved and loaded, they come back as ShardViews."""
