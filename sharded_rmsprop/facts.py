@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from .agreement import Fact, plain
+from .memory_order import is_row_major, order_of
 from .options import OPTION_KEYS
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def construction_facts(all_groups: Groups, first: int, settings: Mapping[str, An
     groups = all_groups[first:]
     offset = sum(len(group["params"]) for group in all_groups[:first])
     params = tuple(
-        f"{str(p.dtype).removeprefix('torch.')} {tuple(p.shape)} on {p.device.type}, "
+        f"{str(p.dtype).removeprefix('torch.')} {tuple(p.shape)}{_layout(p)} on {p.device.type}, "
         f"param group {first + g}"
         for g, group in enumerate(groups)
         for p in group["params"]
@@ -98,6 +99,13 @@ def construction_facts(all_groups: Groups, first: int, settings: Mapping[str, An
         ),
         Fact(options.subject, options.values, options.name, _SAME_PARAMETERS),
     ]
+
+
+def _layout(param: torch.Tensor) -> str:
+    """The memory order the parameter is laid out in, where it is not row-major (the ranks
+    must share it: they exchange flat shards in that order)."""
+    order = order_of(param.shape, param.stride())
+    return "" if is_row_major(order) else f" in memory order {order}"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ DDP at several ranks, with reduce-scattered gradients and through checkpoints.""
 from __future__ import annotations
 
 import copy
+import re
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -124,6 +125,25 @@ def test_size_1_dimensions_keep_their_strides_and_empty_parameters_are_taken() -
     one_channel.grad, empty.grad = torch.ones_like(one_channel), torch.ones_like(empty)
     opt.step()
     assert opt.full_state_dict()["state"][0]["square_avg"].stride() == one_channel.stride()
+
+
+def layouts_differ_on_rank(rank: int, world_size: int) -> str:
+    weight = torch.randn(4, 3, 5, 6)
+    if rank == 1:  # one rank converted its model, the other did not
+        weight = weight.to(memory_format=torch.channels_last)
+    param = nn.Parameter(weight)
+    try:
+        ShardedRMSprop([param], **OPTIONS)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_ranks_whose_parameters_differ_in_memory_format_are_an_error_on_every_rank() -> None:
+    """They would exchange flat shards in two orders: every rank says which parameter."""
+    for message in run_ranks(2, layouts_differ_on_rank):
+        layout = r"parameter 0.*\(4, 3, 5, 6\) in memory order \(0, 2, 3, 1\)"
+        assert re.search(layout, message), message
 
 
 class ConvNet(nn.Module):
