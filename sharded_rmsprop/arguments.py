@@ -6,9 +6,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from .comm import PARAM_SYNCS
 from .memory_order import overlaps_itself
-from .options import NUMBER_KEYS, OPTIONS
+from .options import NUMBER_KEYS, OPTIONS, SETTINGS
 
 __all__ = [
     "check_grad",
@@ -51,33 +50,23 @@ def check_torch_implementation(capturable: Any, foreach: Any, differentiable: An
         )
 
 
-def checked_settings(
-    fused: Any,
-    master_weights: Any,
-    skip_nonfinite: Any,
-    host_shared: Any,
-    bucket_numel: Any,
-    param_sync: Any,
-) -> dict[str, bool | int | str | None]:
-    """ShardedRMSprop's own settings by name, checked, ``master_weights=None`` resolved (it
-    means True; ``bucket_numel`` is checked where the buckets are planned)."""
-    if not isinstance(param_sync, str) or param_sync not in PARAM_SYNCS:
-        choices = ", ".join(repr(choice) for choice in PARAM_SYNCS)
-        raise ValueError(f"param_sync must be one of {choices}, got {param_sync!r}")
-    for name, value in (("fused", fused), ("master_weights", master_weights)):
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"{name} must be None, True or False, got {value!r}")
-    for name, value in (("skip_nonfinite", skip_nonfinite), ("host_shared", host_shared)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    return dict(
-        fused=fused,
-        master_weights=master_weights is not False,
-        skip_nonfinite=skip_nonfinite,
-        host_shared=host_shared,
-        bucket_numel=bucket_numel,
-        param_sync=param_sync,
-    )
+def checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """ShardedRMSprop's own settings (:data:`~sharded_rmsprop.options.SETTINGS`) but the
+    process group, checked by kind, ``master_weights=None`` resolved (it means True)."""
+    checked = {}
+    for setting in SETTINGS:
+        value = settings[setting.name]
+        if setting.kind == "choice" and not (isinstance(value, str) and value in setting.choices):
+            choices = ", ".join(repr(choice) for choice in setting.choices)
+            raise ValueError(f"{setting.name} must be one of {choices}, got {value!r}")
+        if setting.kind == "optional flag" and not (value is None or isinstance(value, bool)):
+            raise TypeError(f"{setting.name} must be None, True or False, got {value!r}")
+        if setting.kind == "flag" and not isinstance(value, bool):
+            raise TypeError(f"{setting.name} must be True or False, got {value!r}")
+        checked[setting.name] = value
+    checked["master_weights"] = checked["master_weights"] is not False
+    del checked["process_group"]  # (resolved into a DataParallelGroup first)
+    return checked
 
 
 def is_real(value: Any) -> bool:

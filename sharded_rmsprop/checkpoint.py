@@ -43,10 +43,9 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from .agreement import Agreement, Fact, shares_failure
+from .agreement import Agreement, Fact
 from .checksums import BLOCK_NUMEL, block_checksums, block_count
 from .dcp_reader import SafeFileSystemReader, plain_bytes
-from .distributed_state_dict import full_state_dict_requested
 from .memory_order import flat_source, in_order, parse_layout_entry, shaped
 from .facts import TORCH_ONLY_OPTIONS, state_facts
 from .shard_view import ShardView, new_origin
@@ -57,12 +56,13 @@ if TYPE_CHECKING:
     from .sharding import ShardedOptimizer
 
 __all__ = [
+    "DEFAULT_CHUNK_NUMEL",
     "SafeLoadPlanner",
-    "StateDicts",
     "assembled_full_state_dict",
     "dcp_to_torch_format",
     "load_into",
     "sharded_state_dict",
+    "with_current_groups",
 ]
 
 #: Elements streamed per message by :func:`full_state_dict` unless told otherwise (16 MiB fp32).
@@ -310,138 +310,6 @@ def _unreadable(error: Exception) -> Exception:
     if isinstance(error, (ValueError, RuntimeError)):
         return error
     return ValueError(f"the state dict cannot be read: {type(error).__name__}: {error}")
-
-
-# -- the optimizer's methods --------------------------------------------------------------------
-
-
-class StateDicts:
-    """``ShardedRMSprop``'s state-dict methods, on top of the functions above; torch's
-    state-dict and load-state-dict hooks run as torch runs them."""
-
-    #: The torch-format state dict :meth:`consolidate_state_dict` assembled on this rank, for
-    #: the next :meth:`state_dict` call unless the state changes first
-    #: (:meth:`_forget_consolidated`).
-    _consolidated: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state in the sharded format, for ``torch.distributed.checkpoint``; or,
-        on the rank that :meth:`consolidate_state_dict` just gathered the state on, that whole
-        state in torch's format (once, and only if the state has not changed since).
-
-        ``dcp.save({"optim": optimizer}, ...)`` and ``dcp.load(...)`` use the sharded format
-        (the optimizer is a DCP ``Stateful``): each rank writes only its ranges, and a load at
-        another world size reads the ranges it now owns. Pickling it on one rank of several
-        (``torch.save``) would keep that rank's ranges alone: it warns, once per state dict,
-        saying what to call instead. Every tensor comes with checksums (``checksums``), which
-        a load verifies. Asked for whole tensors by torch's distributed state-dict API
-        (``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``,
-        which every rank calls), it gives :meth:`full_state_dict`'s on every rank. No
-        collectives otherwise. The hooks of :meth:`register_state_dict_pre_hook` and
-        :meth:`register_state_dict_post_hook` run as torch runs them (pre-hooks of a
-        consolidated state ran when it was gathered).
-        """
-        self.sharding.sync.wait_all()
-        whole = full_state_dict_requested()  # (by torch's API, on every rank: collective)
-        consolidated, self._consolidated = self._consolidated, None
-        if consolidated is not None and not whole and not self.sharding.any_replaced():
-            return self._after_state_dict_hooks(with_current_groups(self, consolidated))
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        if whole:
-            state_dict = assembled_full_state_dict(
-                self, None, operation="get_optimizer_state_dict(full_state_dict=True)"
-            )
-            return self._after_state_dict_hooks(state_dict)
-        return self._after_state_dict_hooks(sharded_state_dict(self))
-
-    def consolidate_state_dict(self, to: int = 0) -> None:
-        """Gather the whole state on rank ``to``, whose next :meth:`state_dict` call returns it
-        in torch's format (as :meth:`full_state_dict` gives it), unless the state changed in
-        between (:meth:`step`, :meth:`load_state_dict`, :meth:`add_param_group`,
-        :meth:`reload_master_weights`, a replaced parameter): then, and at later calls, the
-        sharded format again. Param groups are read when :meth:`state_dict` is called.
-
-        The meaning ``torch.distributed.optim.ZeroRedundancyOptimizer`` gives it, so code
-        written for ZeRO works unchanged: Lightning calls it on every rank before saving and
-        then ``state_dict()`` on rank 0 alone, as does this package's callback for HF Trainer
-        (:mod:`sharded_rmsprop.integrations`). Other ranks' :meth:`state_dict` stays sharded.
-        Rank ``to`` keeps the state on the CPU until then (``to=None``: every rank gets it).
-
-        .. warning::
-            Collective: every rank of the process group must call it.
-        """
-        self._consolidated = None
-        with shares_failure(self.sharding.data_parallel, "consolidate_state_dict()"):
-            self.sharding.sync.wait_all()
-            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-                pre_hook(self)
-        self._consolidated = assembled_full_state_dict(
-            self, to, operation="consolidate_state_dict()"
-        )
-
-    def _forget_consolidated(self) -> None:
-        """The state is about to change: a consolidated copy would be stale."""
-        self._consolidated = None
-
-    def full_state_dict(
-        self, to: int | None = 0, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
-    ) -> dict[str, Any] | None:
-        """``torch.optim.RMSprop``'s state dict, assembled on rank ``to`` (all ranks if None).
-
-        Its tensors are on the CPU, shaped like the parameters; other ranks get None.
-        ``torch.optim.RMSprop.load_state_dict`` and :meth:`load_state_dict` accept it, and
-        ``torch.load(..., weights_only=True)`` reads it back. It carries the checksums of its
-        tensors (``checksums``, which torch ignores and :meth:`load_state_dict` verifies). The
-        receiving rank needs memory for the output plus one chunk of ``chunk_numel`` elements.
-        State-dict pre-hooks run on every rank, post-hooks on the receiving ranks.
-
-        .. warning::
-            Collective: every rank of the process group must call it.
-        """
-        with shares_failure(self.sharding.data_parallel, "full_state_dict()"):
-            self.sharding.sync.wait_all()
-            for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-                pre_hook(self)
-        state_dict = assembled_full_state_dict(self, to, chunk_numel=chunk_numel)
-        return None if state_dict is None else self._after_state_dict_hooks(state_dict)
-
-    def _after_state_dict_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's format (from ``torch.optim.RMSprop`` or :meth:`full_state_dict`) or
-        the sharded one (from :meth:`state_dict` through DCP).
-
-        Every rank passes the same state dict and keeps the ranges it owns; the group
-        options come from ``state_dict``, as in torch. Everything is checked before anything
-        is changed (every entry's type, shape and dtype, and the checksums of the elements
-        this rank loads), then the ranks agree: a bad or damaged state dict on any rank
-        raises ``ValueError`` on every rank and leaves the optimizer as it was.
-
-        The hooks of :meth:`register_load_state_dict_pre_hook` (given a shallow copy of
-        ``state_dict``, as torch gives them) and :meth:`register_load_state_dict_post_hook`
-        run as torch runs them.
-
-        .. warning::
-            Collective: every rank of the process group must call it.
-        """
-        self._forget_consolidated()
-        with shares_failure(self.sharding.data_parallel, "load_state_dict()"):
-            self.sharding.sync.wait_all()
-            if isinstance(state_dict, Mapping):
-                state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
-            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-                result = pre_hook(self, state_dict)
-                if result is not None:
-                    state_dict = result
-        load_into(self, state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
 
 # -- offline conversion ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from .agreement import Fact, plain
 from .memory_order import is_row_major, order_of
-from .options import OPTION_KEYS
+from .options import OPTION_KEYS, TORCH_SWITCHES
 
 if TYPE_CHECKING:
     from .gradients import PendingClip, ScalerRequest
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The entries torch.optim.RMSprop's groups have beyond ours, with the values we write for them.
-TORCH_ONLY_OPTIONS = {"capturable": False, "foreach": None, "differentiable": False}
+TORCH_ONLY_OPTIONS = {switch.name: switch.default for switch in TORCH_SWITCHES}
 
 _SAME_PARAMETERS = (
     "Every rank must pass the same parameters in the same order, with the same shapes, "

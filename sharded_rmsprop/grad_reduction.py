@@ -71,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .agreement import Agreement
 from .distributed_state_dict import initializing_state
-from .facts import param_labels
+from .facts import Groups, param_labels
 from .gradients import has_nonfinite
 
 if TYPE_CHECKING:
@@ -81,8 +81,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DDPHookSlot",
     "GradientReduceScatter",
-    "ReduceScatterSwitch",
+    "attach",
+    "check_no_reduced_grads_held",
+    "check_reduced_grads",
     "ddp_parameters",
+    "detach",
     "reduce_scatter_hook",
 ]
 
@@ -534,78 +537,58 @@ _SLOTS: weakref.WeakKeyDictionary[DistributedDataParallel, DDPHookSlot] = (
 )
 
 
-class ReduceScatterSwitch:
-    """``ShardedRMSprop``'s switch to reduce-scattered gradients, and the check of them
-    before each step."""
-
-    param_groups: list[dict[str, Any]]
-    sharding: Sharding
-
-    def reduce_scatter_gradients(self, ddp_model: DistributedDataParallel) -> None:
-        """Let ``ddp_model`` reduce-scatter the gradients into this optimizer's shards instead
-        of all-reducing them: with the parameter sync, a step then moves the bytes of one
-        all-reduce, as DDP alone does, instead of 1.5 times that.
-
-        It registers the DDP communication hook of
-        :mod:`sharded_rmsprop.grad_reduction`. After a synchronised backward, ``p.grad``
-        holds the average over the ranks in the elements this rank owns, and this rank's own
-        gradient elsewhere. The step, :meth:`clip_grad_norm_`, ``skip_nonfinite``,
-        GradScaler and master weights work as before; accumulate gradients under
-        ``ddp_model.no_sync()``; do not change ``p.grad`` in place after the backward (scale
-        the loss instead, clip with :meth:`clip_grad_norm_`, not
-        ``torch.nn.utils.clip_grad_norm_``): the next step refuses it; Join is refused.
-        ``ddp_model`` must hold only parameters of this optimizer, on its process group, with
-        ``gradient_as_bucket_view=False``, no DDP mixed precision and no complex parameters.
-
-        .. warning::
-            Collective: every rank must call it, before the first backward.
-        """
-        with Agreement(self.sharding.data_parallel, "reduce_scatter_gradients()"):
-            hook = GradientReduceScatter.for_model(self.sharding, ddp_model, self.param_groups)
-            # (until every rank attached, it all-reduces as DDP did)
-            slot = DDPHookSlot.of(ddp_model, self.sharding.data_parallel)
-            if slot.attached is not None:
-                raise ValueError(
-                    "reduce_scatter_gradients(): this DDP model's gradients are reduce-"
-                    "scattered for another ShardedRMSprop already: call its close() first"
-                )
-        slot.attach(hook)
-        self.sharding.grad_reduction = hook
-
-    def _check_no_reduced_grads_held(self) -> None:
-        """``RuntimeError`` (inside the caller's agreement) if ``p.grad`` still holds what the
-        last backward reduce-scattered: a backward after :meth:`close` would add all-reduced
-        gradients to them, whose owned elements are averages already."""
-        reduction = self.sharding.grad_reduction
-        params = [p for group in self.param_groups for p in group["params"]]
-        if reduction is not None and reduction.holds_reduced(params):
-            raise RuntimeError(
-                "close(): p.grad still holds the gradients the last backward reduce-scattered "
-                "(averages in the elements this rank owns, its own gradient elsewhere), to which "
-                "a backward after close() would add all-reduced ones: call step() and "
-                "zero_grad() first. Nothing was changed on any rank."
+def attach(sharding: Sharding, ddp_model: DistributedDataParallel, groups: Groups) -> None:
+    """Make ``ddp_model`` reduce-scatter its gradients into the shards of ``sharding`` (the
+    parameters of ``groups``): ``ShardedRMSprop.reduce_scatter_gradients``; collective."""
+    with Agreement(sharding.data_parallel, "reduce_scatter_gradients()"):
+        hook = GradientReduceScatter.for_model(sharding, ddp_model, groups)
+        # (until every rank attached, it all-reduces as DDP did)
+        slot = DDPHookSlot.of(ddp_model, sharding.data_parallel)
+        if slot.attached is not None:
+            raise ValueError(
+                "reduce_scatter_gradients(): this DDP model's gradients are reduce-"
+                "scattered for another ShardedRMSprop already: call its close() first"
             )
+    slot.attach(hook)
+    sharding.grad_reduction = hook
 
-    def _detach_gradient_reduction(self) -> None:
-        """Give the DDP model back its plain all-reduce (see :meth:`close`)."""
-        reduction = self.sharding.grad_reduction
-        if reduction is not None and reduction.slot is not None:
-            reduction.slot.detach(reduction)
-        self.sharding.grad_reduction = None
 
-    def _check_reduced_grads(self) -> None:
-        """With reduce-scattered gradients: every gradient is the one DDP reduced, unchanged
-        since (raises, inside the caller's agreement, so every rank gets the error)."""
-        reduction = self.sharding.grad_reduction
-        if reduction is None:
-            return
-        try:
-            reduction.check([p for group in self.param_groups for p in group["params"]])
-        except RuntimeError:
-            # torch's state-dict API steps once on zeros it set alike on every rank: fine.
-            # (Asked only here: finding that out walks the callers' frames.)
-            if not initializing_state():
-                raise
+def detach(sharding: Sharding) -> None:
+    """Give the DDP model back its plain all-reduce (``ShardedRMSprop.close``)."""
+    reduction = sharding.grad_reduction
+    if reduction is not None and reduction.slot is not None:
+        reduction.slot.detach(reduction)
+    sharding.grad_reduction = None
+
+
+def check_reduced_grads(sharding: Sharding, groups: Groups) -> None:
+    """With reduce-scattered gradients: every gradient of ``groups`` is the one DDP reduced,
+    unchanged since (raises, inside the caller's agreement, so every rank gets the error)."""
+    reduction = sharding.grad_reduction
+    if reduction is None:
+        return
+    try:
+        reduction.check([p for group in groups for p in group["params"]])
+    except RuntimeError:
+        # torch's state-dict API steps once on zeros it set alike on every rank: fine.
+        # (Asked only here: finding that out walks the callers' frames.)
+        if not initializing_state():
+            raise
+
+
+def check_no_reduced_grads_held(sharding: Sharding, groups: Groups) -> None:
+    """``RuntimeError`` (inside the caller's agreement) if ``p.grad`` still holds what the
+    last backward reduce-scattered: a backward after ``close()`` would add all-reduced
+    gradients to them, whose owned elements are averages already."""
+    reduction = sharding.grad_reduction
+    params = [p for group in groups for p in group["params"]]
+    if reduction is not None and reduction.holds_reduced(params):
+        raise RuntimeError(
+            "close(): p.grad still holds the gradients the last backward reduce-scattered "
+            "(averages in the elements this rank owns, its own gradient elsewhere), to which "
+            "a backward after close() would add all-reduced ones: call step() and "
+            "zero_grad() first. Nothing was changed on any rank."
+        )
 
 
 def reduce_scatter_hook(

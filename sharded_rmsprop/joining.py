@@ -21,12 +21,12 @@ between steps cannot be followed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.algorithms.join import Joinable, JoinHook
+from torch.distributed.algorithms.join import JoinHook
 
 from . import gradients
 from .agreement import cannot_follow, digest_of, follow
@@ -36,14 +36,16 @@ from .options import OPTION_KEYS
 from .windows import pack
 
 if TYPE_CHECKING:
+    from .comm import DataParallelGroup
     from .shards import ShardedBucket
     from .gradients import ScalerRequest
     from .sharding import ShardedOptimizer
 
 __all__ = [
     "FollowHook",
+    "LeaderGradients",
     "check_followable",
-    "Following",
+    "check_joinable",
     "Record",
     "followers_grads",
     "leader_of",
@@ -73,11 +75,12 @@ _DTYPES = (None, torch.float32, torch.float64)
 
 class FollowHook(JoinHook):
     """The join hook of a ShardedRMSprop: once per iteration of the others, follow them;
-    ``follow_step(record, leader)`` is the optimizer's step on a follower."""
+    ``step_on(gradients)`` runs the optimizer's step phases on a follower's gradients."""
 
-    def __init__(self, opt: ShardedOptimizer, follow_step: Callable[[Record, int], None]) -> None:
+    def __init__(self, opt: ShardedOptimizer, step_on: Callable[[LeaderGradients], None]) -> None:
+        check_joinable(opt)
         self.opt = opt
-        self.follow_step = follow_step
+        self.step_on = step_on
 
     def main_hook(self) -> None:
         data_parallel = self.opt.sharding.data_parallel
@@ -91,55 +94,54 @@ class FollowHook(JoinHook):
             if operation == _CLIP:
                 _follow_clip(self.opt, leader)
             elif operation == _STEP:
-                self.follow_step(Record.receive(self.opt, leader), leader)
+                record = Record.receive(self.opt, leader)
+                record.apply_options(self.opt)
+                self.step_on(LeaderGradients(self.opt, record, leader))
                 return
             else:  # the others raise too (agree)
                 raise cannot_follow(followers, None)
 
 
-class Following(Joinable):
-    """``ShardedRMSprop`` as a :class:`~torch.distributed.algorithms.join.Joinable`: its join
-    hook, and the step of a rank that follows the others."""
+def check_joinable(opt: ShardedOptimizer) -> None:
+    """``RuntimeError`` if the optimizer cannot follow under Join: not with
+    ``overlap_param_sync()``, since DDP's join hook reads and writes the parameters when the
+    last rank joins, with no forward to wait for their sync."""
+    if opt.sharding.overlapping:
+        raise RuntimeError(
+            "Join with overlap_param_sync(): DDP's join hook syncs the parameters when the "
+            "last rank joins, which may be while the optimizer's sync is in flight; call "
+            "remove() on what overlap_param_sync() returned to use Join"
+        )
 
-    def join_hook(self, **kwargs: Any) -> JoinHook:
-        """The hook that lets a rank out of data follow the others' steps under
-        ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])``: it still updates
-        the shard it owns, with the others' options and gradients (see
-        :mod:`sharded_rmsprop.joining`). No keyword arguments. Not with
-        ``overlap_param_sync()``: DDP's join hook reads and writes the parameters when the
-        last rank joins, with no forward to wait for their sync."""
-        if self.sharding.overlapping:
-            raise RuntimeError(
-                "Join with overlap_param_sync(): DDP's join hook syncs the parameters when the "
-                "last rank joins, which may be while the optimizer's sync is in flight; call "
-                "remove() on what overlap_param_sync() returned to use Join"
-            )
-        return FollowHook(self, self._follow_step)
 
-    @property
-    def join_device(self) -> torch.device:
-        return self.sharding.data_parallel.control_device()
+class LeaderGradients:
+    """A follower's gradients (a :class:`~sharded_rmsprop.grad_sources.GradSource`): those
+    of the elements it owns as its ``leader`` (a global rank) sends them, window by window,
+    with the leaders' clip and loss scale (``record``). It adopts nothing and has no say in
+    the skip decision."""
 
-    @property
-    def join_process_group(self) -> Any:
-        return self.sharding.data_parallel.group
+    scan = None
 
-    def _follow_step(self, record: Record, leader: int) -> None:
-        """step() on a rank that ran out of data under Join: the leaders' options, clip and
-        loss scale (``record``), and the gradients of the elements it owns from ``leader``
-        (a global rank), window by window; then the skip decision and the sync with all."""
-        self._forget_consolidated()
-        record.apply_options(self)
-        if self._skip_this_step(None, following=record):
-            return
+    def __init__(self, opt: ShardedOptimizer, record: Record, leader: int) -> None:
+        self.record = record
+        self.scaled = record.scaled
+        self.receive = receiver(opt, leader)
 
-        def has_grad(bucket: ShardedBucket, position: int) -> bool:
-            return record.has_grad[bucket.plan.slots[position].index]
+    def has_grad(self, bucket: ShardedBucket, position: int) -> bool:
+        return self.record.has_grad[bucket.plan.slots[position].index]
 
-        self.sharding.begin_step(self.param_groups, self.state, has_grad)
-        self.sharding.sync.before_update()
-        self.sharding.update(self.param_groups, record.grad_scale, has_grad, receiver(self, leader))
-        self.sharding.sync.after_update()
+    def grad_scale(self, device: torch.device) -> Tensor | None:
+        return self.record.grad_scale(device)
+
+    def nonfinite_on_some_rank(
+        self, data_parallel: DataParallelGroup, device: torch.device, read_grads: bool
+    ) -> bool:
+        return gradients.nonfinite_on_some_rank(
+            data_parallel, device, scaler=None, grads=None, following=True
+        )
+
+    def before_update(self) -> None:
+        pass
 
 
 def check_followable(opt: ShardedOptimizer, followers: tuple[int, ...]) -> None:

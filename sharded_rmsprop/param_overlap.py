@@ -31,7 +31,6 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.optim import optimizer as torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from .shards import ShardedBucket
     from .sync import ShardSync
 
-__all__ = ["OverlapSwitch", "ParamSyncOverlap"]
+__all__ = ["ParamSyncOverlap", "overlap"]
 
 
 class ParamSyncOverlap:
@@ -162,59 +161,21 @@ class _NothingInFlight:
 _NOTHING_IN_FLIGHT = _NothingInFlight()
 
 
-class OverlapSwitch:
-    """``ShardedRMSprop``'s switch to the parameter sync behind the next forward."""
-
-    sharding: Sharding
-
-    def overlap_param_sync(self, model: nn.Module) -> ParamSyncOverlap:
-        """Leave the parameter sync running after :meth:`step` until ``model``'s forward
-        needs each parameter, so it overlaps with the forward instead of ending the step.
-
-        Each module's forward waits for the buckets that hold its parameters (see
-        :mod:`sharded_rmsprop.param_overlap`), and so do ``model.state_dict()``,
-        ``model.load_state_dict()``, every method of the optimizer and ``step()`` when step
-        post-hooks are registered. Anything else that reads or changes parameters after
-        :meth:`step` (an EMA or SWA update, ``p.clamp_()``, logging a norm) must call
-        :meth:`wait_for_params` first: until then the elements this rank does not own read
-        NaN, a change (in place, or through ``p.data`` in the range this rank owns) is an
-        error when the sync is waited for, and copying or pickling the model is refused.
-        Parameters are those of the blocking sync, bit for bit. Not with ``torch.compile`` of
-        the model (its hooks wait) or Join. Not a collective: ranks may differ in whether they
-        overlap.
-
-        Returns the hooks' owner, whose ``remove()`` makes :meth:`step` blocking again.
-        """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"overlap_param_sync() takes an nn.Module, got {type(model).__name__}")
-        sync = self.sharding.sync
-        if self.sharding.overlapping:
-            raise RuntimeError(
-                "overlap_param_sync() was already called on this optimizer; to hook several "
-                "models, put them in one nn.ModuleList"
-            )
-        mine = {id(p) for bucket in sync.buckets for p in bucket.params}
-        if not any(id(p) in mine for p in model.parameters()):
-            raise ValueError(
-                "overlap_param_sync(): the model holds none of this optimizer's parameters"
-            )
-        self.sharding.param_overlap = ParamSyncOverlap(sync, model)
-        return self.sharding.param_overlap
-
-    def wait_for_params(self) -> None:
-        """Wait for the parameter sync that :meth:`step` left running
-        (:meth:`overlap_param_sync`): every parameter is whole on return. Call it before
-        reading or changing parameters outside the model's forward. A no-op otherwise."""
-        self.sharding.sync.wait_all()
-
-    def _end_param_sync(self) -> None:
-        """The end of :meth:`step`'s sync: left running when it may be, waited for else."""
-        if self.sharding.overlapping and not self._has_step_post_hooks():
-            self.sharding.sync.hand_over()
-        else:
-            self.sharding.sync.finish()
-
-    def _has_step_post_hooks(self) -> bool:
-        """Whether hooks run after this optimizer's step (they may read parameters)."""
-        mine = getattr(self, "_optimizer_step_post_hooks", None)
-        return bool(mine) or bool(torch_optimizer._global_optimizer_post_hooks)
+def overlap(sharding: Sharding, model: nn.Module) -> ParamSyncOverlap:
+    """Leave the sync of ``sharding`` running behind ``model``'s forward
+    (``ShardedRMSprop.overlap_param_sync``): the hooks, registered."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"overlap_param_sync() takes an nn.Module, got {type(model).__name__}")
+    sync = sharding.sync
+    if sharding.overlapping:
+        raise RuntimeError(
+            "overlap_param_sync() was already called on this optimizer; to hook several "
+            "models, put them in one nn.ModuleList"
+        )
+    mine = {id(p) for bucket in sync.buckets for p in bucket.params}
+    if not any(id(p) in mine for p in model.parameters()):
+        raise ValueError(
+            "overlap_param_sync(): the model holds none of this optimizer's parameters"
+        )
+    sharding.param_overlap = ParamSyncOverlap(sync, model)
+    return sharding.param_overlap

@@ -120,7 +120,7 @@ class Sharding:
         buckets = ", ".join(
             f"{str(b.plan.dtype).removeprefix('torch.')} on {b.plan.device}: "
             f"{len(b.params)} parameters, {b.plan.padded_numel} elements, "
-            f"{b.plan.shard_numel} owned{', host-shared' if b.host_shared else ''}"
+            f"{b.plan.shard_numel} owned, {b.sync.describe()}"
             for b in self.buckets
         )
         dp = self.data_parallel
@@ -161,13 +161,14 @@ class Sharding:
         buffers are shared by the host)."""
         wait_for_every_sync()  # (another optimizer's, over these parameters, say)
         for new in planned:
-            shared = self.sync.shared_buffer(new.plan)
+            sync, flat = self.sync.place(new.plan)
             self.buckets.append(
                 ShardedBucket(
                     new.plan,
                     self.data_parallel.rank,
                     new.params,
-                    shared,
+                    sync,
+                    flat,
                     self.master_weights,
                     new.kernel,
                 )
@@ -186,11 +187,12 @@ class Sharding:
         """A sharding of its own over copies of the parameters (through ``memo``, the
         copies a model copied with it has), on the same ranks, with private buffers."""
         twin = copy.copy(self)
-        twin.buckets = [
-            bucket.copy(self.data_parallel.rank, [copy.deepcopy(p, memo) for p in bucket.params])
-            for bucket in self.buckets
-        ]
-        twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.param_sync)
+        twin.buckets = []
+        twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.private.param_sync)
+        for bucket in self.buckets:
+            params = [copy.deepcopy(p, memo) for p in bucket.params]
+            sync, flat = twin.sync.place(bucket.plan)
+            twin.buckets.append(bucket.copy(self.data_parallel.rank, params, sync, flat))
         twin.grad_reduction = None  # (the hook of a DDP model, which reduces into this one)
         twin.param_overlap = None  # (the hooks of a model, which wait for this one)
         twin.laid_out = [tuple(copy.deepcopy(p, memo) for p in params) for params in self.laid_out]
@@ -259,12 +261,12 @@ class Sharding:
                     "rather than replacing the parameter"
                 )
 
-    def adopt(self, scan: ParameterScan, state: MutableMapping[Any, Any]) -> None:
-        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed), and
-        make anew on their device the buckets whose parameters all left the meta device
-        (their ``state`` entries go: meta state holds no values, it is made at the next
-        step)."""
-        if not any(scan.replaced):
+    def adopt(self, scan: ParameterScan | None, state: MutableMapping[Any, Any]) -> None:
+        """Adopt the replaced parameters ``scan`` found (the same on every rank: agreed; None
+        on a rank following under Join, which adopts nothing), and make anew on their device
+        the buckets whose parameters all left the meta device (their ``state`` entries go:
+        meta state holds no values, it is made at the next step)."""
+        if scan is None or not any(scan.replaced):
             return
         for i, (bucket, positions, device) in enumerate(
             zip(self.buckets, scan.adoptable, scan.materialize)
@@ -273,8 +275,9 @@ class Sharding:
                 bucket.adopt(positions)
                 continue
             plan = dataclasses.replace(bucket.plan, device=device)
+            sync, flat = self.sync.place(plan)
             self.buckets[i] = bucket.materialized(
-                self.data_parallel.rank, device, self.kernel_for(plan)
+                self.data_parallel.rank, plan, sync, flat, self.kernel_for(plan)
             )
             for param in bucket.params:
                 state.pop(param, None)

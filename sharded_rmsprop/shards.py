@@ -3,12 +3,12 @@
 A :class:`ShardedBucket` turns a :class:`~sharded_rmsprop.layout.BucketPlan` into tensors:
 
 - ``flat``: every parameter of the bucket end to end; each parameter's tensor lies in it, so
-  the parameter sync writes them in place. It may be one buffer that all ranks of the host map
-  (``host_shared``): then each rank's update is everyone's. Each parameter's tensor has a
-  storage of its own over its range of ``flat`` (:func:`own_storage_view`), not a view of
-  ``flat``'s storage: what saves a parameter or a model's state dict (``torch.save``,
-  safetensors) writes that parameter's bytes alone and sees no storage shared between
-  parameters.
+  the parameter sync writes them in place. Its sync strategy (``sync``,
+  :mod:`sharded_rmsprop.buffer_sync`) made it: private, or one buffer that all ranks of the
+  host map (then each rank's update is everyone's). Each parameter's tensor has a storage
+  of its own over its range of ``flat`` (:func:`own_storage_view`), not a view of ``flat``'s
+  storage: what saves a parameter or a model's state dict (``torch.save``, safetensors)
+  writes that parameter's bytes alone and sees no storage shared between parameters.
 - ``shard``: the rank's range of ``flat`` (a view).
 - ``grad_window``: where the owned slices of the gradients are staged for the update, one
   window of at most :data:`GRAD_WINDOW_NUMEL` elements of the shard at a time: the update
@@ -29,9 +29,8 @@ param group's options: allocation, ``optimizer.state[p]`` and checkpoints all fo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +41,9 @@ from .layout import BucketPlan, Piece
 from .memory_order import in_order, order_of
 from .options import OPTION_KEYS
 from .windows import Span, Window, pack, plan_windows
+
+if TYPE_CHECKING:
+    from .buffer_sync import BufferSync
 
 __all__ = [
     "BucketScan",
@@ -64,6 +66,7 @@ STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
 
 #: The float32 copy of a 16-bit parameter that the update runs on, in the state beside them.
 MASTER_KEY = "master_weight"
+
 
 def update_dtype_for(dtype: torch.dtype, master_weights: bool) -> torch.dtype:
     """The dtype in which parameters of ``dtype`` are updated and their state is kept:
@@ -90,13 +93,14 @@ class ShardedBucket:
         plan: BucketPlan,
         rank: int,
         params: Sequence[Tensor],
-        host_shared_flat: Tensor | None = None,
+        sync: BufferSync,
+        flat: Tensor,
         master_weights: bool = False,
         kernel: UpdateFn | None = None,
     ) -> None:
-        """``host_shared_flat``: a zero buffer that all ranks map (rank 0 fills it).
-        ``master_weights``: keep float32 master weights (for 16-bit parameters only).
-        ``kernel``: the update (None while on the meta device)."""
+        """``sync``: how ``flat``, a zero buffer it made for ``plan``, gets the other ranks'
+        shards (:mod:`sharded_rmsprop.buffer_sync`). ``master_weights``: keep float32 master
+        weights (for 16-bit parameters only). ``kernel``: the update (None while on the meta device)."""
         if len(params) != len(plan.slots):
             raise ValueError(f"the plan has {len(plan.slots)} slots, got {len(params)} params")
         self.plan = plan
@@ -106,14 +110,13 @@ class ShardedBucket:
         self._owned_piece = {piece.slot.index: piece for piece in self.pieces}
         self._position = {slot.index: i for i, slot in enumerate(plan.slots)}
         self.group_indices = sorted({slot.group for slot in plan.slots})
-        self.host_shared = host_shared_flat is not None
+        #: How ``flat`` gets the other ranks' shards.
+        self.sync = sync
         #: Positions whose master weights are to be copied from the parameters at the next
         #: step (a checkpoint without them was loaded, the parameter was replaced, or the
         #: user asked for it; the model's weights may be loaded after the optimizer's).
         self.master_pending: set[int] = set()
-        #: Whether this rank writes the parameters into ``flat`` (one rank does for a shared one).
-        self.fills_flat = rank == 0 or not self.host_shared
-        self.flat = self._flatten_params(host_shared_flat)
+        self.flat = self._flatten_params(flat)
         start, end = plan.shard_range(rank)
         self.shard = self.flat[start:end]
         #: The dtype of the update's arithmetic, of the state and of ``grad_window``.
@@ -130,13 +133,9 @@ class ShardedBucket:
         self.viewed_keys: list[tuple[str, ...]] = []
         self.steps = torch.zeros(len(self.params), dtype=_step_dtype())
 
-    def _flatten_params(self, flat: Tensor | None) -> Tensor:
-        """Copy the parameters into one padded buffer (unless another rank fills a shared
-        one) and make them views of it."""
-        if flat is None:
-            flat = torch.zeros(
-                self.plan.padded_numel, dtype=self.plan.dtype, device=self.plan.device
-            )
+    def _flatten_params(self, flat: Tensor) -> Tensor:
+        """Copy the parameters into ``flat`` (where this rank fills it) and make them views
+        of it."""
         self.views = [
             own_storage_view(flat, slot.offset, slot.end, slot.shape, slot.strides)
             for slot in self.plan.slots
@@ -145,11 +144,13 @@ class ShardedBucket:
         self._view_flat(range(len(self.params)))
         return flat
 
-    def copy(self, rank: int, params: Sequence[Tensor]) -> ShardedBucket:
+    def copy(
+        self, rank: int, params: Sequence[Tensor], sync: BufferSync, flat: Tensor
+    ) -> ShardedBucket:
         """A bucket of its own for ``params`` (copies of this one's parameters, with their
-        values), holding copies of this one's state, step counts and pending reloads; its flat
-        buffer is private even where this one's is shared by the host."""
-        twin = ShardedBucket(self.plan, rank, params, None, self.master_weights, self.kernel)
+        values) in ``flat``, synced by ``sync``, holding copies of this one's state, step
+        counts and pending reloads."""
+        twin = ShardedBucket(self.plan, rank, params, sync, flat, self.master_weights, self.kernel)
         twin.state = {key: buffer.clone() for key, buffer in self.state.items()}
         twin.steps = self.steps.clone()
         twin.master_pending = set(self.master_pending)
@@ -211,13 +212,14 @@ class ShardedBucket:
         """Whether the bucket was laid out on the meta device (to be made on a real one)."""
         return self.plan.device.type == "meta"
 
-    def materialized(self, rank: int, device: torch.device, kernel: UpdateFn) -> ShardedBucket:
-        """This meta bucket made on ``device``, where all its parameters now are, running
-        ``kernel``: a flat buffer there holding their values, their step counts and pending
-        reloads (a meta bucket's state holds no values: buffers are made anew at the next
-        step)."""
-        plan = dataclasses.replace(self.plan, device=device)
-        real = ShardedBucket(plan, rank, self.params, None, self.master_weights, kernel)
+    def materialized(
+        self, rank: int, plan: BucketPlan, sync: BufferSync, flat: Tensor, kernel: UpdateFn
+    ) -> ShardedBucket:
+        """This meta bucket made anew by ``plan`` on the device where all its parameters now
+        are, running ``kernel``: ``flat`` (synced by ``sync``) holding their values, their
+        step counts and pending reloads (a meta bucket's state holds no values: buffers are
+        made anew at the next step)."""
+        real = ShardedBucket(plan, rank, self.params, sync, flat, self.master_weights, kernel)
         real.steps = self.steps.clone()
         real.master_pending = set(self.master_pending)
         return real
@@ -234,7 +236,7 @@ class ShardedBucket:
         shared one) and make them views of it."""
         for position in positions:
             param, view = self.params[position], self.views[position]
-            if self.fills_flat:
+            if self.sync.fills_flat:
                 values = param.detach()
                 if _overlaps(values, view):
                     values = values.clone()  # another view of the same memory (a transpose)

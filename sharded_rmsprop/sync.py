@@ -1,10 +1,10 @@
-"""How the updated shards reach every rank: the one place that knows about host-shared buffers.
+"""How the updated shards reach every rank: the sync strategies, and the phases that run them.
 
 After each rank updates the shard it owns, every rank needs the whole of every flat buffer.
-A private buffer gets the other ranks' shards through collectives
-(:meth:`DataParallelGroup.sync_shards`); a buffer that all ranks of a host map
-(``host_shared=True``) already holds them once every rank has written, so a barrier does. The
-optimizer calls the phases of :class:`ShardSync` and never asks which kind a buffer is.
+Each bucket has a strategy (:mod:`sharded_rmsprop.buffer_sync`: private buffers synced by
+collectives, or one buffer the host's ranks share), which decides where its flat buffer lives
+and how the other ranks' shards reach it. The optimizer calls the phases of :class:`ShardSync`,
+which runs each bucket's strategy and never asks which kind it is.
 
 A bucket's collectives start as soon as its shard is updated (:meth:`ShardSync.start`), while
 the next bucket is updated, and ``step()`` returns once all have ended
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .comm import DataParallelGroup
 from .distributed import finish_before_teardown
-from .host_shared import host_shared_zeros
+from .buffer_sync import BufferSync, CollectiveSync, HostSharedSync
 
 if TYPE_CHECKING:
     from .layout import BucketPlan
@@ -66,8 +66,9 @@ def _fingerprint(shard: Tensor) -> Tensor:
 
 class ShardSync:
     """The sync of a list of buckets (``buckets``, the list itself: buckets added to it later
-    are synced too), by collectives (``param_sync``, one of ``comm.PARAM_SYNCS``) and, for
-    host-shared ones, barriers."""
+    are synced too), each by its own strategy (``bucket.sync``), in phases: see the module
+    docstring. ``host_shared`` asks for host-shared buffers first; ``param_sync`` names the
+    collective of private ones."""
 
     def __init__(
         self,
@@ -78,11 +79,12 @@ class ShardSync:
     ) -> None:
         self.data_parallel = data_parallel
         self.buckets = buckets
-        #: The collective asked for (see :attr:`collective` for what it is on this backend).
-        self.param_sync = param_sync
-        #: Whether buffers are to be shared by the host (``host_shared=True``, until a
-        #: fallback to private buffers).
-        self.host_shared = host_shared
+        #: The strategy of private buffers, which every bucket can have.
+        self.private = CollectiveSync(data_parallel, param_sync)
+        #: The strategies to try for a new bucket, in order (the last always has one).
+        self.preferred: list[BufferSync] = [self.private]
+        if host_shared:
+            self.preferred.insert(0, HostSharedSync(data_parallel))
         #: The collectives started for each bucket and not yet waited for (from :meth:`start`
         #: to :meth:`wait`).
         self.pending: dict[ShardedBucket, list[dist.Work]] = {}
@@ -96,77 +98,70 @@ class ShardSync:
         #: Why the parameters cannot be trusted any more (a change raced with the sync).
         self.raced: str | None = None
 
-    def shared_buffer(self, plan: BucketPlan) -> Tensor | None:
-        """A flat buffer for ``plan`` that every rank of the host maps, where that was asked
-        for and can be had (CPU buckets, verified); None for a private one. Collective when
-        asked for."""
-        if not (self.host_shared and plan.device.type == "cpu"):
-            return None
-        shared = host_shared_zeros(self.data_parallel, plan.padded_numel, plan.dtype)
-        self.host_shared = shared is not None  # after a fallback (one warning), no more
-        return shared
+    def place(self, plan: BucketPlan) -> tuple[BufferSync, Tensor]:
+        """The strategy of a new bucket for ``plan``, and its zero flat buffer: the first of
+        :attr:`preferred` that has one. Collective where one allocates shared memory."""
+        for strategy in self.preferred:
+            flat = strategy.new_flat(plan)
+            if flat is not None:
+                return strategy, flat
+        raise AssertionError("the private strategy always has a buffer")
 
-    @property
-    def collective(self) -> str:
-        """The collective of the sync, ``param_sync`` resolved for the backend."""
-        return self.data_parallel.param_sync(self.param_sync)
+    def _strategies(self) -> list[BufferSync]:
+        """The strategies of the buckets, each once, in bucket order (alike on every rank)."""
+        found: dict[int, BufferSync] = {}
+        for bucket in self.buckets:
+            found.setdefault(id(bucket.sync), bucket.sync)
+        return list(found.values())
+
+    def _all_written(self) -> None:
+        for strategy in self._strategies():
+            strategy.all_written()
 
     def describe(self) -> str:
         """How the shards reach every rank, in words: "host_shared" (barriers),
         "broadcast" or "all_gather", both for a mixture, "none" at one rank."""
         if not self.data_parallel.is_distributed:
             return "none"
-        kinds = {"host_shared" if b.host_shared else self.collective for b in self.buckets}
-        return " and ".join(sorted(kinds)) or self.collective
+        kinds = {strategy.describe() for strategy in self._strategies()}
+        return " and ".join(sorted(kinds)) or self.private.describe()
 
     @property
     def shares_host_memory(self) -> bool:
         """Whether some flat buffer is mapped by every rank of the host."""
-        return any(bucket.host_shared for bucket in self.buckets)
+        return any(strategy.shares_host_memory for strategy in self._strategies())
 
     def written_by_one(self) -> None:
-        """After one rank wrote whole host-shared buffers (built, or parameters adopted):
-        the others wait for it. Collective where buffers are shared."""
-        if self.shares_host_memory:
-            self.data_parallel.barrier()
+        """After one rank wrote whole new buffers (built, or parameters adopted): the others
+        wait for it where it matters (shared buffers). Collective."""
+        self._all_written()
 
     def before_update(self) -> None:
         """Before the update writes the shards: no rank still reads parameters there (a
         shared buffer is every rank's parameters), and no sync is still in flight. Collective
         where buffers are shared."""
         self.wait_all()
-        if self.shares_host_memory:
-            self.data_parallel.barrier()
+        self._all_written()
 
     def start(self, bucket: ShardedBucket) -> None:
-        """Start the collectives that bring ``bucket``'s other shards, once its own shard is
-        updated (they run while the next bucket is). Collective, in bucket order on every
-        rank; a host-shared bucket needs none."""
-        if bucket.host_shared:
-            return
-        if self.marks_stale and self.data_parallel.is_distributed:
-            start, end = bucket.plan.shard_range(self.data_parallel.rank)
-            bucket.flat[:start].fill_(float("nan"))
-            bucket.flat[end:].fill_(float("nan"))
-            self._fingerprints[bucket] = _fingerprint(bucket.shard)
-        works = self.data_parallel.sync_shards(
-            [bucket.flat], [bucket.plan.shard_numel], wait=False, collective=self.collective
-        )
-        if works:  # (none at one rank)
+        """Start bringing ``bucket``'s other shards, once its own shard is updated (while the
+        next bucket is). Collective, in bucket order on every rank."""
+        works = bucket.sync.start(bucket.flat, bucket.plan, self.marks_stale)
+        if works:  # (none at one rank, or for a shared buffer)
             self.pending[bucket] = works
+            if self.marks_stale:
+                self._fingerprints[bucket] = _fingerprint(bucket.shard)
 
     def finish(self) -> None:
         """After every bucket was :meth:`start` ed: every rank holds the whole of each flat
         buffer when it returns. Collective."""
         self.wait_all()
-        if self.shares_host_memory:
-            self.data_parallel.barrier()  # every shard of the shared buffers is written
+        self._all_written()
 
     def hand_over(self) -> None:
         """After every bucket was :meth:`start` ed: like :meth:`finish`, but the collectives of
         private buffers are left running, to be waited for by :meth:`wait`. Collective."""
-        if self.shares_host_memory:
-            self.data_parallel.barrier()
+        self._all_written()
         self._versions = {
             bucket: [param._version for param in bucket.params] for bucket in self.pending
         }
@@ -221,10 +216,3 @@ class ShardSync:
                 "from a checkpoint (this optimizer keeps raising this error)"
             )
             raise RuntimeError(self.raced)
-
-    def after_update(self) -> None:
-        """Give every rank the whole of each flat buffer, each rank's shard from it, after
-        all were updated. Collective."""
-        for bucket in self.buckets:
-            self.start(bucket)
-        self.finish()

@@ -70,8 +70,8 @@ def build(rank: int, world_size: int, sabotage: str | None, numel: int = 1000, d
         buckets = len(opt.sharding.buckets)
         opt.add_param_group({"params": [torch.randn(100, requires_grad=True)]})  # tries again
     return {
-        "shared": [bucket.host_shared for bucket in opt.sharding.buckets[:buckets]],
-        "later_group_shared": opt.sharding.buckets[-1].host_shared,
+        "shared": [bucket.sync.shares_host_memory for bucket in opt.sharding.buckets[:buckets]],
+        "later_group_shared": opt.sharding.buckets[-1].sync.shares_host_memory,
         "warnings": [str(w.message) for w in caught],
         "as_torch": train_and_compare(params, opt),
     }
@@ -81,7 +81,8 @@ def test_host_shared_is_off_by_default_and_on_when_asked() -> None:
     results = run_ranks(2, build, None)
     for result in results:
         assert result == {"shared": [True], "later_group_shared": True, "warnings": [], "as_torch": True}
-    assert ShardedRMSprop(params_of(10)).sharding.sync.host_shared is False
+    by_default = ShardedRMSprop(params_of(10)).sharding.sync.preferred
+    assert [type(strategy).__name__ for strategy in by_default] == ["CollectiveSync"]
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def ddp_on_rank(rank: int, world_size: int, host_shared: bool) -> dict:
         equal &= all(torch.equal(p, r) for p, r in zip(model.parameters(), reference))
         losses.append(loss.item())
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    shared = [bucket.host_shared for bucket in opt.sharding.buckets]
+    shared = [bucket.sync.shares_host_memory for bucket in opt.sharding.buckets]
     return {"equal": equal, "losses": losses, "flat": flat, "host_shared": shared}
 
 

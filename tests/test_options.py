@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 
 from sharded_rmsprop import ShardedRMSprop
 from sharded_rmsprop.kernels import rmsprop_cpu_fused_, rmsprop_reference_, rmsprop_triton_
-from sharded_rmsprop.options import FLAG_KEYS, IMPLIED, NUMBER_KEYS, OPTION_KEYS, OPTIONS
+from sharded_rmsprop.options import (
+    FLAG_KEYS,
+    IMPLIED,
+    NUMBER_KEYS,
+    OPTION_KEYS,
+    OPTIONS,
+    SETTINGS,
+)
 
 
 def test_each_option_is_the_constructors_and_torchs_with_the_same_default() -> None:
@@ -40,3 +48,38 @@ def test_torchs_checks_come_in_torchs_order_with_torchs_words() -> None:
             except ValueError as error:
                 assert str(error) == option.invalid.format(-1.0), (module, str(error))
         bad.pop(option.name)
+
+
+def test_the_constructors_signature_is_torchs_then_the_settings() -> None:
+    """The schema makes the signature: torch.optim.RMSprop's parameters in torch's order
+    (positional as in torch), then the library's settings, keyword-only."""
+    ours = list(inspect.signature(ShardedRMSprop).parameters.values())
+    theirs = list(inspect.signature(torch.optim.RMSprop).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    rest = ours[len(theirs) :]
+    assert [p.name for p in rest] == [setting.name for setting in SETTINGS]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
+    for setting, parameter in zip(SETTINGS, rest):
+        assert parameter.default == setting.default
+        assert f"{setting.name} (" in ShardedRMSprop.__doc__, setting.name
+    for option in OPTIONS:
+        assert f"{option.name} {option.doc.split(':')[0]}" in ShardedRMSprop.__doc__
+
+
+def test_arguments_bind_as_torchs_do() -> None:
+    params = [torch.zeros(2, requires_grad=True)]
+    ours = ShardedRMSprop(params, 0.1, 0.9, 1e-6, 0.01, 0.5, True, maximize=True)
+    theirs = torch.optim.RMSprop(params, 0.1, 0.9, 1e-6, 0.01, 0.5, True, maximize=True)
+    for key in OPTION_KEYS:
+        assert ours.param_groups[0][key] == theirs.param_groups[0][key], key
+    for call, words in (
+        (lambda: ShardedRMSprop(params, 0.1, lr=0.2), "multiple values for argument 'lr'"),
+        (lambda: ShardedRMSprop(params, lr_=0.2), "unexpected keyword argument 'lr_'"),
+        (lambda: ShardedRMSprop(params, *range(11)), "too many positional arguments"),
+        (lambda: ShardedRMSprop(params, 0.1, 0.9, 1e-6, 0, 0, False, False, None, False, False,
+                                None), "too many positional arguments"),  # settings: by name
+    ):  # fmt: skip
+        with pytest.raises(TypeError, match=words):
+            call()

@@ -86,3 +86,80 @@ def test_no_module_uses_another_modules_underscore_names() -> None:
                     if alias.name.startswith("_")
                 ]
     assert not reaching, reaching
+
+
+def _class_privates(cls: ast.ClassDef) -> tuple[set[str], dict[str, int]]:
+    """The underscore names a class defines (methods, class attributes, ``self._x = ...``)
+    and those it reads through ``self``, with a line of each."""
+    defined: set[str] = set()
+    used: dict[str, int] = {}
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {t.id for t in targets if isinstance(t, ast.Name)}
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id != "self" or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__"):
+                continue
+            if isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            else:
+                used.setdefault(node.attr, node.lineno)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Attribute):
+            defined.add(node.target.attr)
+    return defined, used
+
+
+def test_a_class_reads_through_self_only_the_underscore_names_it_defines() -> None:
+    """No class calls back into another through ``self`` (what mixins did: a method of one
+    module's class calling the optimizer's ``self._skip_this_step``). An underscore name read
+    through ``self`` is the class's own, or its torch base class's (named in that class's
+    source)."""
+    import inspect
+
+    import sharded_rmsprop  # noqa: F401  (the modules, imported, for their classes)
+
+    reaching = []
+    for name, tree in modules().items():
+        module = __import__(name, fromlist=["_"])
+        for cls in [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]:
+            defined, used = _class_privates(cls)
+            live = getattr(module, cls.name, None)
+            torch_bases = [
+                base
+                for base in (live.__mro__[1:] if isinstance(live, type) else ())
+                if base.__module__.startswith("torch")
+            ]
+            sources = "".join(map(_source_of, torch_bases))
+            for attr, line in used.items():
+                if attr not in defined and attr not in sources:
+                    reaching.append(f"{name}:{line} {cls.name} reads self.{attr}")
+    assert not reaching, reaching
+
+
+def _source_of(cls: type) -> str:
+    """A class's source, or "" for one without (defined in C)."""
+    import inspect
+
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+def test_the_optimizers_public_surface_is_defined_in_its_own_class() -> None:
+    """Every public member of ShardedRMSprop is torch's or defined in optimizer.py's class:
+    its bases are torch's alone (no mixins)."""
+    from sharded_rmsprop import ShardedRMSprop
+
+    own = [cls for cls in ShardedRMSprop.__mro__ if cls.__module__.startswith("sharded_rmsprop")]
+    assert own == [ShardedRMSprop], own
+    for name in dir(ShardedRMSprop):
+        if name.startswith("_"):
+            continue
+        home = next(cls for cls in ShardedRMSprop.__mro__ if name in vars(cls))
+        assert home is ShardedRMSprop or home.__module__.startswith("torch"), (name, home)
