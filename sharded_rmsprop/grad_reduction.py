@@ -32,17 +32,13 @@ gradient (its update never reads them; each gradient, since DDP leaves some out)
 Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
 they would train on wrong gradients: a second synchronised backward adding to gradients that
 were already reduced (accumulate under ``ddp_model.no_sync()`` instead), a gradient that was
-not reduced (a backward under ``no_sync()`` only, ``p.grad`` set by hand, or a parameter that
-DDP does not hold), and a gradient changed in place after the reduction. A change computed
-from the gradients (``torch.nn.utils.clip_grad_norm_``, a norm-based rescale) would read each
-rank's unaveraged elements, and no check after the fact can tell every such change from a
-harmless one (a rank whose factor comes out 1 while the average's would not), so every
-in-place change is refused: scale the loss instead of the gradients, clip with the
-optimizer's ``clip_grad_norm_()``, and let GradScaler unscale inside ``step()`` (its
-``unscale_`` does not count as a change). After DDP copied the gradients (a callback at the
-end of the backward) the hook notes each gradient's version counter, so the check is on the
-host, without waiting for a GPU. Writes through ``p.grad.data`` bypass version counters and
-are not seen.
+not reduced (``no_sync()`` only, ``p.grad`` set by hand, a parameter DDP does not hold), and a
+gradient changed in place after the reduction: a change computed from the gradients
+(``torch.nn.utils.clip_grad_norm_``) would read each rank's unaveraged elements, and no check
+after the fact tells every such change from a harmless one. Scale the loss instead, clip with
+the optimizer's ``clip_grad_norm_()``, and let GradScaler unscale inside ``step()``. The check
+compares version counters noted once DDP copied the gradients (a callback at the end of the
+backward): on the host, without waiting for a GPU; writes through ``p.grad.data`` are not seen.
 
 The reductions start in one order on every rank, from the last bucket to the first (the
 order in which a backward completes them), whatever the order DDP hands its buckets over in.
@@ -50,10 +46,9 @@ An optimizer bucket's reduction can only start once all of its gradients are in:
 bucket (the default) it runs after the whole backward; with ``bucket_numel`` about DDP's
 bucket size, each runs behind the rest of the backward, as DDP's all-reduces do.
 
-Memory: the staging buffers (as many elements as the parameters, plus padding), the reduced
-shards (1/N of that) and on gloo the other ranks' chunks as they arrive ((N-1)/N) are kept
-from one backward to the next: new memory each time costs more than the reduction itself on
-a CPU (page faults), and on a GPU the caching allocator would keep it anyway.
+Memory: the staging buffers (the parameters' size, padded), the reduced shards (1/N of it)
+and on gloo the other ranks' chunks ((N-1)/N) are kept from one backward to the next
+(:class:`_Buffers`).
 """
 
 from __future__ import annotations
@@ -66,45 +61,25 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from .agreement import Agreement
+from .ddp_hook import DDPHookSlot, ddp_parameters, group_ranks
 from .distributed_state_dict import initializing_state
 from .facts import Groups, param_labels
 from .gradients import has_nonfinite
 
 if TYPE_CHECKING:
-    from .comm import DataParallelGroup, Reduction
+    from .comm import Reduction
     from .sharding import Sharding
 
 __all__ = [
-    "DDPHookSlot",
     "GradientReduceScatter",
     "attach",
     "check_no_reduced_grads_held",
     "check_reduced_grads",
-    "ddp_parameters",
     "detach",
-    "reduce_scatter_hook",
 ]
-
-
-def _ranks(group: dist.ProcessGroup | None) -> list[int]:
-    """The global ranks of ``group`` (the default group if None)."""
-    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-
-
-def ddp_parameters(ddp_model: DistributedDataParallel) -> list[Tensor]:
-    """The parameters whose gradients DDP reduces: those that require a gradient and are not
-    ignored (``parameters_to_ignore``), each once."""
-    ignored = ddp_model.parameters_to_ignore
-    found: dict[int, Tensor] = {}
-    for module_name, module in ddp_model.module.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and f"{module_name}.{name}" not in ignored:
-                found.setdefault(id(param), param)
-    return list(found.values())
 
 
 @dataclass
@@ -197,7 +172,10 @@ class GradientReduceScatter:
             raise ValueError("reduce_scatter_gradients() was called already for this optimizer")
         labels = param_labels(groups)
         index_of = {param: i for i, param in enumerate(p for g in groups for p in g["params"])}
-        ours, theirs = _ranks(sharding.data_parallel.group), _ranks(ddp_model.process_group)
+        ours, theirs = (
+            group_ranks(sharding.data_parallel.group),
+            group_ranks(ddp_model.process_group),
+        )
         if ours != theirs:
             raise ValueError(
                 f"reduce_scatter_gradients(): the DDP model averages over ranks {theirs}, the "
@@ -461,82 +439,6 @@ class GradientReduceScatter:
         self._reduced.clear()
 
 
-class DDPHookSlot:
-    """The communication hook of one DDP model, registered once for its lifetime (DDP takes
-    one and never gives it back): it calls the reduction of the optimizer attached now, held
-    weakly, and all-reduces as DDP's own hook does when none is (before every rank attached,
-    after :meth:`ShardedRMSprop.close`, once the optimizer is gone). So a hook never outlives
-    its optimizer, and another optimizer can train the model, or attach, afterwards.
-
-    When Python frees a dropped optimizer depends on each rank's garbage collector, so the
-    ranks agree at the start of each backward whether every rank's is still there (one host
-    all-reduce of a flag, only while one is attached): they reduce-scatter or all-reduce
-    together, never some of each."""
-
-    def __init__(self, data_parallel: DataParallelGroup) -> None:
-        self.data_parallel = data_parallel
-        self._attached: weakref.ref[GradientReduceScatter] | None = None
-        self._in_backward = False
-
-    @classmethod
-    def of(
-        cls, ddp_model: DistributedDataParallel, data_parallel: DataParallelGroup
-    ) -> DDPHookSlot:
-        """``ddp_model``'s slot, registered as its communication hook on first use (DDP
-        refuses it where another hook was registered: a RuntimeError)."""
-        slot = _SLOTS.get(ddp_model)
-        if slot is None:
-            slot = cls(data_parallel)
-            ddp_model.register_comm_hook(slot, reduce_scatter_hook)
-            _SLOTS[ddp_model] = slot
-        return slot
-
-    @property
-    def attached(self) -> GradientReduceScatter | None:
-        """The reduction attached here, if its optimizer is still there on this rank."""
-        reduction = None if self._attached is None else self._attached()
-        if reduction is not None and not reduction.has_optimizer:
-            return None  # (its optimizer is gone; the reduction lingers in a reference cycle)
-        return reduction
-
-    def attach(self, reduction: GradientReduceScatter) -> None:
-        self._attached = weakref.ref(reduction)
-        reduction.slot = self
-
-    def detach(self, reduction: GradientReduceScatter) -> None:
-        if self.attached is reduction:
-            self._attached = None
-        reduction.slot = None
-
-    def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        try:
-            if not self._in_backward:
-                self._in_backward = True
-                self._agree_on_the_attached()
-            if bucket.is_last():
-                self._in_backward = False
-            reduction = self.attached
-            if reduction is None:
-                return default_hooks.allreduce_hook(self.data_parallel.group, bucket)
-            return reduction.reduce(bucket)
-        except BaseException:
-            self._in_backward = False
-            raise
-
-    def _agree_on_the_attached(self) -> None:
-        """Detach, on every rank, a reduction whose optimizer is gone on some rank. (Attaching
-        and :meth:`ShardedRMSprop.close` are collective: ``_attached`` is set alike.)"""
-        if self._attached is not None:
-            if not self.data_parallel.all_true(self.attached is not None):
-                self._attached = None
-
-
-#: Each DDP model's slot, for as long as the model lives.
-_SLOTS: weakref.WeakKeyDictionary[DistributedDataParallel, DDPHookSlot] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def attach(sharding: Sharding, ddp_model: DistributedDataParallel, groups: Groups) -> None:
     """Make ``ddp_model`` reduce-scatter its gradients into the shards of ``sharding`` (the
     parameters of ``groups``): ``ShardedRMSprop.reduce_scatter_gradients``; collective."""
@@ -589,17 +491,3 @@ def check_no_reduced_grads_held(sharding: Sharding, groups: Groups) -> None:
             "a backward after close() would add all-reduced ones: call step() and "
             "zero_grad() first. Nothing was changed on any rank."
         )
-
-
-def reduce_scatter_hook(
-    state: DDPHookSlot, bucket: dist.GradBucket
-) -> torch.futures.Future[Tensor]:
-    """The communication hook ``reduce_scatter_gradients()`` gives DDP (``state``: the DDP
-    model's :class:`DDPHookSlot`)."""
-    return state.reduce(bucket)
-
-
-# DDP compares the hook's annotations with the classes themselves, not their names.
-reduce_scatter_hook.__annotations__.update(
-    bucket=dist.GradBucket, state=DDPHookSlot, **{"return": torch.futures.Future[Tensor]}
-)
