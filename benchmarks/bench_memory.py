@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contenders  # noqa: E402
+from bandwidth_model import ALIGN, padded_numel  # noqa: E402
 from harness import Rank, all_gather, cores, run_ranks  # noqa: E402
 
 from sharded_rmsprop import ShardedRMSprop  # noqa: E402
@@ -55,7 +57,6 @@ from sharded_rmsprop.shards import GRAD_WINDOW_NUMEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
-ALIGNMENT = 64  # ShardedRMSprop's documented layout: each parameter starts at a multiple of 64
 STEP_BYTES = 4  # one float32 0-d ``step`` counter per parameter (torch's and ours)
 COLUMNS = ("params", "grads", "master", "state", "grad_window", "unaccounted")
 
@@ -123,12 +124,10 @@ def build_optimizer(
     c: Contender, params: list[torch.nn.Parameter], options: dict, fused: bool | None
 ) -> torch.optim.Optimizer:
     if c.kind == "replicated":
-        return torch.optim.RMSprop(params, **options)
+        return contenders.rmsprop(params, options)
     if c.kind == "zero":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.RMSprop, **options)
-    return ShardedRMSprop(params, **options, fused=fused, master_weights=True)
+        return contenders.torch_zero(params, options, bucket_view=False)
+    return contenders.sharded_rmsprop(params, options, fused=fused, master_weights=True)
 
 
 def live_storages() -> dict[int, int]:
@@ -238,15 +237,6 @@ def run_world(world: int, cfg: Config) -> dict:
 # -- formulas and report --------------------------------------------------------------------------
 
 
-def padded_numel(shapes: list[tuple[int, ...]], world: int) -> int:
-    """The flat buffer's length by ShardedRMSprop's documented rule: starts aligned to
-    ALIGNMENT, the end padded to a multiple of ALIGNMENT N."""
-    offset = 0
-    for shape in shapes:
-        offset = -(-offset // ALIGNMENT) * ALIGNMENT + torch.Size(shape).numel()
-    return -(-offset // (ALIGNMENT * world)) * (ALIGNMENT * world)
-
-
 def mib(nbytes: int) -> str:
     return f"{nbytes / MIB:.1f}"
 
@@ -258,7 +248,8 @@ def formula(
 
     Every count includes ``STEP_BYTES`` per step counter (torch: one per tensor it updates;
     ours: one per tensor on every rank); ZeRO's is for an even split it cannot reach."""
-    numel = sum(torch.Size(s).numel() for s in shapes)
+    numels = [torch.Size(s).numel() for s in shapes]
+    numel = sum(numels)
     steps = STEP_BYTES * len(shapes)
     width = torch.empty((), dtype=c.dtype).element_size()
     if c.kind == "replicated":
@@ -268,7 +259,7 @@ def formula(
         state = buffers * width * numel
         text = f"{mib(width * numel)} + {mib(width * numel)} + {mib(state)}/{world} (even split)"
         return text, 2 * width * numel + (state + steps) // world
-    pad = padded_numel(shapes, world)  # one bucket: all parameters share dtype and device
+    pad = padded_numel(numels, world)  # one bucket: all parameters share dtype and device
     master = 4 * pad if c.dtype != torch.float32 else 0
     sharded = [master, 4 * buffers * pad]  # fp32 master (bf16 only), fp32 state
     window = 4 * min(pad // world, GRAD_WINDOW_NUMEL)  # fp32 staging, a constant per bucket
@@ -365,7 +356,8 @@ def summary(results: dict, cfg: Config, full: bool) -> list[str]:
 
 def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
     shapes = MODELS[cfg.model].param_shapes()
-    numel = sum(torch.Size(s).numel() for s in shapes)
+    numels = [torch.Size(s).numel() for s in shapes]
+    numel = sum(numels)
     every_row = [row for by_key in results.values() for rows in by_key.values() for row in rows]
     unaccounted = max(row[COLUMNS.index("unaccounted")] for row in every_row)
     shared = sorted(  # world sizes at which ShardedRMSprop's buckets were host-shared
@@ -389,8 +381,8 @@ def render(results: dict, cfg: Config, command: str, seconds: float) -> str:
         "- (c): ZeRO assigns whole tensors; the row is the rank holding the most, the others are "
         "listed under the table. Its formula is the even split it cannot reach.",
         "- (d), (e): the formula is `params(P') + grads(P) + (fp32 master + fp32 state)/N + "
-        f"grad window`, with P' the padded flat length (starts aligned to {ALIGNMENT}, end to "
-        f"{ALIGNMENT}N) and "
+        f"grad window`, with P' the padded flat length (starts aligned to {ALIGN}, end to "
+        f"{ALIGN}N) and "
         f"the window min(P'/N, GRAD_WINDOW_NUMEL = {GRAD_WINDOW_NUMEL:,}) fp32 elements "
         f"(at most {mib(4 * GRAD_WINDOW_NUMEL)} MiB) per bucket, one bucket here; the step "
         "counters (4 B per tensor) are in every formula total.",

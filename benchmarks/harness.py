@@ -8,6 +8,8 @@
   :func:`quartiles_ms`: wall-clock time after the device's queued work, per call or across
   ranks, and the statistics the tables show.
 - :func:`cores`, :func:`cpu_name` and :func:`device_name`: the machine, in words.
+- :func:`measured_or_saved` and :func:`saved_config`: a run measured and written as ``.json``,
+  or one read back from its file, to render again.
 
 The benchmarks run as scripts (``python benchmarks/bench_step.py``), with this folder first on
 ``sys.path``, and import it as ``harness``.
@@ -23,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -198,3 +200,13 @@ def measured_or_saved(
     raw = json.loads(saved.read_text())
     return {int(w): r for w, r in raw["results"].items()}, raw["meta"], saved.with_suffix("")
 
+
+ConfigT = TypeVar("ConfigT")
+
+
+def saved_config(saved: Path, config: type[ConfigT]) -> ConfigT:
+    """The configuration (a dataclass ``config``) that a run saved by :func:`measured_or_saved`
+    was measured with (its lists as tuples)."""
+    raw = json.loads(saved.read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["config"].items()}
+    return config(**fields)
