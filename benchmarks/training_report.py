@@ -70,12 +70,15 @@ def goals(results: dict, world: int = 2) -> list[tuple[str, str, float, float, f
 
 
 def render(results: dict, cfg: Config, meta: dict) -> str:
+    """The markdown of a run; ``meta["note"]``, where a saved run's ``.json`` has one (added by
+    hand: what its command does not say, such as the venv and the commit it ran at), follows
+    the command."""
     worlds = sorted(results)
     versions = meta["peers"]
     lines = [
         f"# Training iterations: {meta['cpu']}, {meta['cores']} cores, gloo",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`" + (f" {meta['note']}" if "note" in meta else ""),
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} logical cores, 1 thread per rank; torch "
         f"{meta['torch']}; fairscale {versions['fairscale']}; deepspeed {versions['deepspeed']}. "
