@@ -98,8 +98,8 @@ class HostSharedSync:
         self.available = True
 
     def new_flat(self, plan: BucketPlan) -> Tensor | None:
-        if not (self.available and plan.device.type == "cpu"):
-            return None
+        if not (self.available and plan.device.type == "cpu" and plan.padded_numel):
+            return None  # (an empty bucket has nothing to share)
         shared = host_shared_zeros(self.data_parallel, plan.padded_numel, plan.dtype)
         self.available = shared is not None  # (after a fallback, no more: one warning)
         return shared

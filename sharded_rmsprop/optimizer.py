@@ -493,7 +493,7 @@ class ShardedRMSprop(Optimizer, Joinable):
 # The constructor's arguments as the schema defines them (options.py), for inspect.signature()
 # and help().
 ShardedRMSprop.__init__.__signature__ = schema.signature(ShardedRMSprop.__init__)
-ShardedRMSprop.__doc__ = ShardedRMSprop.__doc__.replace(
-    "        ARGUMENTS (from sharded_rmsprop/options.py)",
-    schema.documented(indent=" " * 8),
-)
+if ShardedRMSprop.__doc__ is not None:  # (None under python -OO)
+    ShardedRMSprop.__doc__ = ShardedRMSprop.__doc__.replace(
+        "        ARGUMENTS (from sharded_rmsprop/options.py)", schema.documented(indent=" " * 8)
+    )

@@ -10,8 +10,8 @@ an option without one must be in every saved group. ``doc`` is its entry in the 
 docstring.
 
 The constructor's signature is torch.optim.RMSprop's (:data:`TORCH_POSITIONAL`, with torch's
-implementation switches, :data:`TORCH_SWITCHES`), then an option torch lacks, keyword-only,
-then the library's own settings: :func:`bind` reads the options from its arguments and
+implementation switches, :data:`TORCH_SWITCHES`), then any option torch lacks (none yet),
+keyword-only, then the library's own settings: :func:`bind` reads the options from its arguments and
 :func:`signature` shows them. Adding an option is an entry here and the kernels' keyword
 (``docs/architecture.md`` has the recipe).
 """
@@ -146,17 +146,30 @@ IMPLIED: dict[str, Any] = {o.name: o.implied for o in OPTIONS if o.has_implied}
 _BY_NAME: dict[str, Option | Setting] = {o.name: o for o in OPTIONS + TORCH_SWITCHES + SETTINGS}
 
 
+def _annotation(entry: Option | Setting) -> str:
+    """The type its doc names, as an annotation: "(float, Tensor, optional)" is
+    ``float | Tensor | None`` where its default is None, else ``float | Tensor``."""
+    kinds = [kind.strip() for kind in entry.doc[1 : entry.doc.index(")")].split(",")]
+    kinds = [kind for kind in kinds if kind != "optional"]
+    return " | ".join(kinds + (["None"] if entry.default is None else []))
+
+
 def _parameters() -> list[inspect.Parameter]:
     """The constructor's parameters after ``params``: torch's, then the keyword-only options
     torch lacks, then the settings."""
     positional = [
         inspect.Parameter(
-            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_BY_NAME[name].default
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=_BY_NAME[name].default,
+            annotation=_annotation(_BY_NAME[name]),
         )
         for name in TORCH_POSITIONAL
     ]
     keyword = [
-        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+        inspect.Parameter(
+            o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=_annotation(o)
+        )
         for o in (*OPTIONS, *SETTINGS)
         if o.name not in TORCH_POSITIONAL
     ]
@@ -175,7 +188,7 @@ def bind(
     try:
         bound = _BINDING.bind(*args, **kwargs)
     except TypeError as error:
-        raise TypeError(f"ShardedRMSprop() {error}") from None
+        raise TypeError(f"ShardedRMSprop(): {error}") from None
     bound.apply_defaults()
     values = bound.arguments
     return tuple(  # type: ignore[return-value]
@@ -194,7 +207,9 @@ def signature(init: Callable[..., None]) -> inspect.Signature:
 def documented(indent: str) -> str:
     """Every argument's entry for the constructor's ``Args:``, in signature order."""
     names = [parameter.name for parameter in _parameters()]
-    entries = [f"{name} {_BY_NAME[name].doc} (default: {_BY_NAME[name].default})" for name in names]
+    entries = [
+        f"{name} {_BY_NAME[name].doc} (default: {_BY_NAME[name].default!r})" for name in names
+    ]
     return "\n".join(
         textwrap.fill(entry, 92, initial_indent=indent, subsequent_indent=indent + "    ")
         for entry in entries

@@ -146,11 +146,13 @@ class ShardSync:
     def start(self, bucket: ShardedBucket) -> None:
         """Start bringing ``bucket``'s other shards, once its own shard is updated (while the
         next bucket is). Collective, in bucket order on every rank."""
+        # (of this rank's own range, which the start leaves as it is)
+        fingerprint = _fingerprint(bucket.shard) if self.marks_stale else None
         works = bucket.sync.start(bucket.flat, bucket.plan, self.marks_stale)
         if works:  # (none at one rank, or for a shared buffer)
             self.pending[bucket] = works
-            if self.marks_stale:
-                self._fingerprints[bucket] = _fingerprint(bucket.shard)
+            if fingerprint is not None:
+                self._fingerprints[bucket] = fingerprint
 
     def finish(self) -> None:
         """After every bucket was :meth:`start` ed: every rank holds the whole of each flat

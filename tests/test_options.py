@@ -4,6 +4,8 @@ constructor, torch.optim.RMSprop and every kernel agree with it."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,6 +60,7 @@ def test_the_constructors_signature_is_torchs_then_the_settings() -> None:
     assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
         (p.name, p.kind, p.default) for p in theirs
     ]
+    assert all(p.annotation is not inspect.Parameter.empty for p in ours), "typed, for IDEs"
     rest = ours[len(theirs) :]
     assert [p.name for p in rest] == [setting.name for setting in SETTINGS]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
@@ -83,3 +86,11 @@ def test_arguments_bind_as_torchs_do() -> None:
     ):  # fmt: skip
         with pytest.raises(TypeError, match=words):
             call()
+
+
+def test_the_package_imports_without_docstrings() -> None:
+    """``python -OO`` strips docstrings: the generated Args section must not need one."""
+    done = subprocess.run(
+        [sys.executable, "-OO", "-c", "import sharded_rmsprop"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
