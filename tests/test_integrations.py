@@ -1,6 +1,6 @@
 """ShardedRMSprop inside HF Trainer, accelerate and Lightning, each used as its documentation
-shows plus the one line of this package's README: the checkpoints hold the whole state and
-resume bit for bit (fused=False), at the same world size against the uninterrupted run and at
+shows plus the one line of this package's docs/checkpoints.md: the checkpoints hold the whole
+state and resume bit for bit (fused=False), at the same world size against the uninterrupted run and at
 another against torch.optim.RMSprop doing the same resume.
 
 The frameworks are optional (``pip install -e .[integrations]``); each test is skipped

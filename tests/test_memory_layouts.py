@@ -229,7 +229,7 @@ def channels_last_ddp_on_rank(rank: int, world_size: int, path: str, reduce_scat
 
 
 # reduce-scattered gradients are DDP's bit for bit at 2 ranks; at 3 and more they are the same
-# sum in another order (README, "Communication"), so torch's bits are checked at 2 (and DDP's
+# sum in another order (docs/communication.md), so torch's bits are checked at 2 (and DDP's
 # all-reduce at 1, 3 and 4 ranks)
 @pytest.mark.parametrize(
     "world_size, reduce_scatter", [(1, False), (2, True), (3, False), (4, False)]

@@ -358,7 +358,7 @@ def own_collective_on_rank_0_only(rank: int, world_size: int) -> str:
 
 def test_torch_distributed_debug_detail_finds_a_collective_called_on_one_rank(monkeypatch) -> None:
     """A collective of the user's on rank 0 alone pairs with the other rank's step(): the
-    library cannot tell; TORCH_DISTRIBUTED_DEBUG=DETAIL (as the README says) can. (The
+    library cannot tell; TORCH_DISTRIBUTED_DEBUG=DETAIL (as docs/guarantees.md says) can. (The
     optimizer's own methods are told apart: see the clip_on_one_rank case.)"""
     monkeypatch.setitem(os.environ, "TORCH_DISTRIBUTED_DEBUG", "DETAIL")
     for message in run_ranks(2, own_collective_on_rank_0_only, timeout=120):
