@@ -1,12 +1,16 @@
-"""What the README promises first is what the code and the measurements say."""
+"""What the README promises is what the code and the measurements say, and it stays the short
+entry point to docs/."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
 import torch
 
+from sharded_rmsprop import ShardedRMSprop
 from sharded_rmsprop.kernels import rmsprop_reference_, select_update
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +42,39 @@ def test_the_figures_in_the_opening_are_the_measured_ones() -> None:
         mantissa, _, exponent = figure.partition("e-")
         as_measured = f"{mantissa}e-{int(exponent):02d}" if exponent else figure
         assert as_measured in measured, f"{figure} is not in fused_drift_cpu.md"
+
+
+def readme_section(title: str) -> str:
+    """The text of the README's ``## title`` section."""
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_stays_short_and_points_to_every_doc() -> None:
+    """The README is the entry point (at most 150 lines); the rest lives in docs/ and
+    benchmarks/README.md, each linked from it."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+    links = readme_section("Documentation")
+    for doc in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/README.md"]:
+        assert f"]({doc.relative_to(ROOT)})" in links, f"the README does not link {doc.name}"
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    block = readme_section("Quick start").split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert commands == [
+        "bash launch/setup.sh && .venv/bin/torchrun --standalone --nproc-per-node 2 launch/train.py",
+        "bash launch/setup.sh && .venv/bin/python -m pytest",
+    ]
+    assert (ROOT / ".ci/run").read_text().splitlines()[-1] == commands[1]
+
+
+def test_the_options_table_has_every_constructor_argument() -> None:
+    rows = re.findall(r"^\| `(\w+)` \|\s*(`[^`]*`)?\s*\|", readme_section("Options"), flags=re.M)
+    parameters = list(inspect.signature(ShardedRMSprop.__init__).parameters.values())[1:]
+    assert [name for name, _ in rows] == [p.name for p in parameters], (
+        "one row per argument, in the signature's order"
+    )
+    for (name, default), parameter in zip(rows, parameters):
+        if parameter.default is not inspect.Parameter.empty:
+            assert ast.literal_eval(default.strip("`")) == parameter.default, f"{name}'s default"
