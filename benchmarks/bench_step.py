@@ -29,7 +29,7 @@ noise hits all of them alike:
   parameter out of the flat buffer into memory of its own after each step, the work and the
   memory (counted as the optimizer's) that parameters with their own memory would cost, as
   torch ZeRO's default has them; ShardedRMSprop's parameters instead get a storage of their
-  own over their range of the flat buffer, which costs neither (README, "Model files").
+  own over their range of the flat buffer, which costs neither (docs/checkpoints.md, "Model files").
 
 For the ShardedRMSprop contenders it also times, inside the same steps, the agreement that
 starts each ``step()`` (building the facts and the one host all-reduce of their digests).
