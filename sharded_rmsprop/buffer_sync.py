@@ -9,7 +9,7 @@ reach it once each rank updated its own.
 
 Each has :class:`BufferSync`'s methods; :class:`~sharded_rmsprop.sync.ShardSync` runs them in
 the step's phases and never asks which kind a bucket's is. Adding a strategy is a class here
-and a place in ``ShardSync``'s ``preferred`` list (``docs/architecture.md``).
+and a place in :func:`preferred_strategies` (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .host_shared import host_shared_zeros
 if TYPE_CHECKING:
     from .layout import BucketPlan
 
-__all__ = ["BufferSync", "CollectiveSync", "HostSharedSync"]
+__all__ = ["BufferSync", "CollectiveSync", "HostSharedSync", "preferred_strategies"]
 
 
 class BufferSync(Protocol):
@@ -112,3 +112,12 @@ class HostSharedSync:
 
     def describe(self) -> str:
         return "host_shared"
+
+
+def preferred_strategies(
+    data_parallel: DataParallelGroup, host_shared: bool, param_sync: str
+) -> list[BufferSync]:
+    """The strategies to try for a new bucket, in order, as the settings ask: host-shared
+    buffers first where ``host_shared``, then private ones (which every bucket can have)."""
+    private = CollectiveSync(data_parallel, param_sync)
+    return [HostSharedSync(data_parallel), private] if host_shared else [private]

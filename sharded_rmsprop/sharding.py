@@ -188,7 +188,7 @@ class Sharding:
         copies a model copied with it has), on the same ranks, with private buffers."""
         twin = copy.copy(self)
         twin.buckets = []
-        twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.private.param_sync)
+        twin.sync = ShardSync(self.data_parallel, False, twin.buckets, self.sync.param_sync)
         for bucket in self.buckets:
             params = [copy.deepcopy(p, memo) for p in bucket.params]
             sync, flat = twin.sync.place(bucket.plan)

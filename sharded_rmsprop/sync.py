@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .comm import DataParallelGroup
 from .distributed import finish_before_teardown
-from .buffer_sync import BufferSync, CollectiveSync, HostSharedSync
+from .buffer_sync import BufferSync, preferred_strategies
 
 if TYPE_CHECKING:
     from .layout import BucketPlan
@@ -79,12 +79,10 @@ class ShardSync:
     ) -> None:
         self.data_parallel = data_parallel
         self.buckets = buckets
-        #: The strategy of private buffers, which every bucket can have.
-        self.private = CollectiveSync(data_parallel, param_sync)
-        #: The strategies to try for a new bucket, in order (the last always has one).
-        self.preferred: list[BufferSync] = [self.private]
-        if host_shared:
-            self.preferred.insert(0, HostSharedSync(data_parallel))
+        #: The strategies to try for a new bucket, in order (the last, private buffers,
+        #: always has one).
+        self.preferred = preferred_strategies(data_parallel, host_shared, param_sync)
+        self.param_sync = param_sync
         #: The collectives started for each bucket and not yet waited for (from :meth:`start`
         #: to :meth:`wait`).
         self.pending: dict[ShardedBucket, list[dist.Work]] = {}
@@ -124,7 +122,7 @@ class ShardSync:
         if not self.data_parallel.is_distributed:
             return "none"
         kinds = {strategy.describe() for strategy in self._strategies()}
-        return " and ".join(sorted(kinds)) or self.private.describe()
+        return " and ".join(sorted(kinds)) or self.preferred[-1].describe()
 
     @property
     def shares_host_memory(self) -> bool:

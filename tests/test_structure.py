@@ -160,3 +160,17 @@ def test_the_optimizers_public_surface_is_defined_in_its_own_class() -> None:
             continue
         home = next(cls for cls in ShardedRMSprop.__mro__ if name in vars(cls))
         assert home is ShardedRMSprop or home.__module__.startswith("torch"), (name, home)
+
+
+def test_only_the_sync_strategies_ask_whether_buffers_are_host_shared() -> None:
+    """Host sharing is a strategy (buffer_sync.py): no other module branches on it."""
+    asking = []
+    for name, tree in modules().items():
+        if name == "sharded_rmsprop.buffer_sync":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+                test = ast.unparse(node.test)
+                if "host_shared" in test or "shares_host_memory" in test:
+                    asking.append(f"{name}:{node.lineno} {test}")
+    assert not asking, asking
