@@ -5,8 +5,8 @@ Two formats:
 - **torch format**, ``{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...],
   "checksums": {...}}``: what ``torch.optim.RMSprop.state_dict()`` returns (full tensors shaped
   like the parameters), plus the checksums of its tensors, which torch ignores.
-  :func:`assembled_full_state_dict` assembles it on one rank (or all) chunk by chunk, so the receiving
-  rank's extra memory is the output plus one chunk. It holds only tensors and plain
+  :func:`assembled_full_state_dict` assembles it on one rank (or all) chunk by chunk, so the
+  receiving rank's extra memory is the output plus one chunk. It holds only tensors and plain
   containers: ``torch.load(..., weights_only=True)`` reads it.
 - **sharded format**, what ``optimizer.state_dict()`` returns for
   ``torch.distributed.checkpoint`` (DCP): the same structure, but each buffer, and its

@@ -27,7 +27,46 @@ __all__ = [
     "ddp_parameters",
     "group_ranks",
     "reduce_scatter_hook",
+    "reducible_parameters",
 ]
+
+
+def reducible_parameters(
+    ddp_model: DistributedDataParallel, group: dist.ProcessGroup | None
+) -> list[Tensor]:
+    """The parameters whose gradients ``ddp_model`` reduces, once it is checked to be a DDP
+    model whose gradients can be reduce-scattered over ``group`` (``TypeError`` or
+    ``ValueError`` saying why not)."""
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            "reduce_scatter_gradients() takes the DistributedDataParallel model whose "
+            f"gradients the optimizer steps, got {type(ddp_model).__name__}"
+        )
+    ours, theirs = group_ranks(group), group_ranks(ddp_model.process_group)
+    if ours != theirs:
+        raise ValueError(
+            f"reduce_scatter_gradients(): the DDP model averages over ranks {theirs}, the "
+            f"optimizer shards over ranks {ours}: give both the same process group (a "
+            "node-local optimizer group with a DDP model over all ranks needs DDP's "
+            "all-reduce)"
+        )
+    if ddp_model.gradient_as_bucket_view:
+        raise ValueError(
+            "reduce_scatter_gradients() needs DDP(..., gradient_as_bucket_view=False): with "
+            "gradients that are views of DDP's buckets, a gradient reset and one added to "
+            "cannot be told apart"
+        )
+    if getattr(ddp_model, "mixed_precision", None) is not None:
+        raise ValueError(
+            "reduce_scatter_gradients() does not take a DDP model with mixed_precision"
+        )
+    params = ddp_parameters(ddp_model)
+    if any(param.is_complex() for param in params):
+        raise ValueError(
+            "reduce_scatter_gradients() does not take complex parameters: DDP hands their "
+            "gradients to a communication hook as real views of half their length"
+        )
+    return params
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:

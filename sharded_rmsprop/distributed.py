@@ -352,7 +352,8 @@ atexit.register(_drain)  # (at import: see drain_at_exit)
 
 @contextmanager
 def distributed(backend: str | None = None, **kwargs) -> Iterator[DistributedContext]:
-    """``with distributed() as ctx:`` initialises as :func:`init_distributed` and always tears down."""
+    """``with distributed() as ctx:`` initialises as :func:`init_distributed` and always tears
+    down."""
     context = init_distributed(backend, **kwargs)
     try:
         yield context

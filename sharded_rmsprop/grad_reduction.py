@@ -25,9 +25,9 @@ gradients (``skip_nonfinite``, the GradScaler's, which sets that rank's next los
 find one on every rank exactly when DDP's average holds one, as it would after DDP's
 all-reduce. A rank's own elements alone would not tell it: an inf in one rank's gradient,
 in a range that rank owns, reaches no other rank. So the ranks agree on whether some
-averaged range holds an inf or NaN (one all-reduce of a flag at the end of the backward), and
-where one does, every rank writes a NaN into the first element it does not own of each
-gradient (its update never reads them; each gradient, since DDP leaves some out).
+averaged range holds an inf or NaN (one all-reduce of a flag at the end of the backward, on
+the device), and where one does, every rank writes a NaN into the first element it does not
+own of each gradient (its update never reads them; each gradient, since DDP leaves some out).
 
 Refused with an error on every rank at the next ``step()`` or ``clip_grad_norm_()``, since
 they would train on wrong gradients: a second synchronised backward adding to gradients that
@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .agreement import Agreement
-from .ddp_hook import DDPHookSlot, ddp_parameters, group_ranks
+from .ddp_hook import DDPHookSlot, reducible_parameters
 from .distributed_state_dict import initializing_state
 from .facts import Groups, param_labels
 from .gradients import has_nonfinite
@@ -106,10 +106,9 @@ class _Backward:
 
 @dataclass
 class _Buffers:
-    """What one optimizer bucket's reduction uses, kept from backward to backward (new memory
-    each time would cost more than the reduction on a CPU: page faults): the gradients, divided
-    by the number of ranks, in the bucket's flat layout; the reduced shard; and on gloo the
-    other ranks' chunks as they arrive."""
+    """One optimizer bucket's reduction buffers, kept from backward to backward (new memory
+    costs more than the reduction on a CPU): the gradients / N in the bucket's flat layout,
+    the reduced shard, and on gloo the other ranks' chunks as they arrive."""
 
     staging: Tensor
     shard: Tensor
@@ -152,6 +151,8 @@ class GradientReduceScatter:
         self._expected: list[int] = []  # by optimizer bucket: how many gradients DDP hands in
         #: By optimizer bucket, kept from backward to backward (see :class:`_Buffers`).
         self._buffers: dict[int, _Buffers] = {}
+        #: Each DDP bucket's positions to mark with NaN, as a device index (by the positions).
+        self._mark_positions: dict[tuple[int, ...], Tensor] = {}
         #: The version counter of each reduced gradient once DDP copied it into ``p.grad``.
         self._versions: dict[Tensor, int] = {}
         #: The DDP model's hook that calls this reduction while it is attached there.
@@ -163,42 +164,11 @@ class GradientReduceScatter:
     ) -> GradientReduceScatter:
         """The hook for ``ddp_model`` over the parameters of ``groups`` (laid out in
         ``sharding``); ``TypeError`` or ``ValueError`` if it cannot be had."""
-        if not isinstance(ddp_model, DistributedDataParallel):
-            raise TypeError(
-                "reduce_scatter_gradients() takes the DistributedDataParallel model whose "
-                f"gradients the optimizer steps, got {type(ddp_model).__name__}"
-            )
+        params = reducible_parameters(ddp_model, sharding.data_parallel.group)
         if sharding.grad_reduction is not None:
             raise ValueError("reduce_scatter_gradients() was called already for this optimizer")
         labels = param_labels(groups)
         index_of = {param: i for i, param in enumerate(p for g in groups for p in g["params"])}
-        ours, theirs = (
-            group_ranks(sharding.data_parallel.group),
-            group_ranks(ddp_model.process_group),
-        )
-        if ours != theirs:
-            raise ValueError(
-                f"reduce_scatter_gradients(): the DDP model averages over ranks {theirs}, the "
-                f"optimizer shards over ranks {ours}: give both the same process group (a "
-                "node-local optimizer group with a DDP model over all ranks needs DDP's "
-                "all-reduce)"
-            )
-        if ddp_model.gradient_as_bucket_view:
-            raise ValueError(
-                "reduce_scatter_gradients() needs DDP(..., gradient_as_bucket_view=False): with "
-                "gradients that are views of DDP's buckets, a gradient reset and one added to "
-                "cannot be told apart"
-            )
-        if getattr(ddp_model, "mixed_precision", None) is not None:
-            raise ValueError(
-                "reduce_scatter_gradients() does not take a DDP model with mixed_precision"
-            )
-        params = ddp_parameters(ddp_model)
-        if any(param.is_complex() for param in params):
-            raise ValueError(
-                "reduce_scatter_gradients() does not take complex parameters: DDP hands their "
-                "gradients to a communication hook as real views of half their length"
-            )
         foreign = [i for i, param in enumerate(params) if param not in index_of]
         if foreign:
             name = [n for n, p in ddp_model.module.named_parameters() if p is params[foreign[0]]]
@@ -335,8 +305,7 @@ class GradientReduceScatter:
                 if route.owned is not None:
                     start, end, averaged = route.owned
                     grad.reshape(-1)[start:end].copy_(averaged)
-                if mark and route.unowned_at is not None:
-                    grad.reshape(-1)[route.unowned_at] = math.nan
+            self._mark_nonfinite(buffer, pairs, mark)
             future.set_result(buffer)
         # DDP's own callback, queued after this hook returns, copies the buckets into p.grad;
         # a callback queued by a callback runs after it: note the versions then
@@ -346,18 +315,33 @@ class GradientReduceScatter:
         except RuntimeError:  # not in a backward: DDP's Join hook matching the others' one
             self._note_versions()
 
-    def _nonfinite_on_some_rank(self) -> bool:
-        """Whether some rank's averaged ranges hold an inf or NaN (one all-reduce; on a GPU
-        the host waits for it, once per backward). Where they do, every rank writes a NaN
-        into the first element it does not own of each gradient (which its update never
-        reads): so each rank's own inf check of all its gradients (GradScaler's, which sets
-        that rank's next scale, and ``skip_nonfinite``'s) finds one exactly when DDP's
-        average would hold one, as it would on every rank with DDP's all-reduce, even where
-        DDP leaves some gradients out (unused parameters)."""
+    def _nonfinite_on_some_rank(self) -> Tensor:
+        """Whether some rank's averaged ranges hold an inf or NaN: a 0-d bool on the device
+        (one all-reduce), for :meth:`_mark_nonfinite` (see the module docstring)."""
         shards = [buffers.shard for buffers in self._buffers.values()]
         device = shards[0].device if shards else torch.device("cpu")
         mine = has_nonfinite(shards, device).to(torch.int32)
-        return bool(self.sharding.data_parallel.all_reduce_tensor(mine, "max").item())
+        return self.sharding.data_parallel.all_reduce_tensor(mine, "max") > 0
+
+    def _mark_nonfinite(
+        self, buffer: Tensor, pairs: list[tuple[Tensor, Tensor]], mark: Tensor
+    ) -> None:
+        """Where ``mark`` is set, NaN into the first element this rank does not own of each
+        gradient of DDP's bucket ``buffer`` (they are views of it; see the module docstring):
+        one indexed write per DDP bucket, on the device (the host never reads ``mark``)."""
+        positions = tuple(
+            grad.storage_offset() - buffer.storage_offset() + self._routes[param].unowned_at
+            for param, grad in pairs
+            if self._routes[param].unowned_at is not None
+        )
+        if not positions:
+            return
+        index = self._mark_positions.get(positions)
+        if index is None or index.device != buffer.device:
+            index = torch.tensor(positions, device=buffer.device)
+            self._mark_positions[positions] = index
+        flat = buffer.view(-1)
+        flat[index] = torch.where(mark.to(buffer.device), math.nan, flat[index])
 
     def _note_versions(self) -> None:
         self._versions = {

@@ -93,7 +93,9 @@ class ShardView(torch.Tensor):
         if not (isinstance(local, Tensor) and local.dim() == 1 and not isinstance(local, cls)):
             raise ValueError(f"a ShardView's local range must be a 1-D tensor, got {local!r}")
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in (offset, numel)):
-            raise ValueError(f"a ShardView's offset and numel must be integers: {offset!r}, {numel!r}")
+            raise ValueError(
+                f"a ShardView's offset and numel must be integers: {offset!r}, {numel!r}"
+            )
         if not 0 <= offset <= offset + local.numel() <= numel:
             raise ValueError(
                 f"a ShardView's range [{offset}, {offset + local.numel()}) is not within "
@@ -128,7 +130,9 @@ class ShardView(torch.Tensor):
                 result = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
                 if in_place:
                     return view
-                return tree_map(lambda t: ShardView(t, *place) if isinstance(t, Tensor) else t, result)
+                return tree_map(
+                    lambda t: ShardView(t, *place) if isinstance(t, Tensor) else t, result
+                )
         raise RuntimeError(
             f"{func} was called on a ShardView: it is one rank's range of an optimizer buffer, "
             "from ShardedRMSprop.state_dict() (the sharded format for "

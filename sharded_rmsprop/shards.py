@@ -100,7 +100,8 @@ class ShardedBucket:
     ) -> None:
         """``sync``: how ``flat``, a zero buffer it made for ``plan``, gets the other ranks'
         shards (:mod:`sharded_rmsprop.buffer_sync`). ``master_weights``: keep float32 master
-        weights (for 16-bit parameters only). ``kernel``: the update (None while on the meta device)."""
+        weights (for 16-bit parameters only). ``kernel``: the update (None while on the meta
+        device)."""
         if len(params) != len(plan.slots):
             raise ValueError(f"the plan has {len(plan.slots)} slots, got {len(params)} params")
         self.plan = plan

@@ -95,6 +95,8 @@ class ShardSync:
         self._fingerprints: dict[ShardedBucket, Tensor] = {}
         #: Why the parameters cannot be trusted any more (a change raced with the sync).
         self.raced: str | None = None
+        #: Fingerprint comparisons on their way to the host (see :meth:`_check_landed`).
+        self._unread: list[_OnTheWay] = []
 
     def place(self, plan: BucketPlan) -> tuple[BufferSync, Tensor]:
         """The strategy of a new bucket for ``plan``, and its zero flat buffer: the first of
@@ -172,8 +174,7 @@ class ShardSync:
         """Wait for the sync of ``buckets`` where it is still in flight: their parameters are
         whole on return. Raises if a parameter was changed meanwhile (it raced with the
         sync), and from then on at every wait: the parameters are not to be trusted."""
-        if self.raced is not None:
-            raise RuntimeError(self.raced)
+        self._check_landed()
         for bucket in buckets:
             works = self.pending.pop(bucket, None)
             if works is None:
@@ -183,6 +184,7 @@ class ShardSync:
             self._check_unchanged(
                 bucket, self._versions.pop(bucket, None), self._fingerprints.pop(bucket, None)
             )
+        self._check_landed()
 
     def wait_all(self) -> None:
         """:meth:`wait` for every bucket (not a collective: the collectives were started)."""
@@ -193,26 +195,66 @@ class ShardSync:
         self, bucket: ShardedBucket, versions: list[int] | None, fingerprint: Tensor | None
     ) -> None:
         """Raise if one of ``bucket``'s parameters was changed in place (its version counter
-        moved), or this rank's own shard changed otherwise (through ``p.data``), since its
-        sync started."""
+        moved) since its sync started; send the comparison of this rank's own shard with its
+        fingerprint (a change through ``p.data``, which no counter sees) on its way to the
+        host, where :meth:`_check_landed` reads it."""
         changed = [
             f"shape {tuple(param.shape)}"
             for param, version in zip(bucket.params, versions or ())
             if param._version != version
         ]
-        if (
-            not changed
-            and fingerprint is not None
-            and bool(_fingerprint(bucket.shard) != fingerprint)
-        ):
-            changed = ["through p.data, in the range this rank owns"]
         if changed:
-            self.raced = (
-                "ShardedRMSprop: parameters (" + "; ".join(changed) + ") were changed while "
-                "the sync that step() left running behind the forward (overlap_param_sync) "
-                "was in flight: their values are a race between the two, and may differ "
-                "between ranks. Call optimizer.wait_for_params() after step() before reading "
-                "or changing parameters outside the model's forward; restore the parameters "
-                "from a checkpoint (this optimizer keeps raising this error)"
-            )
+            self._raise_raced("; ".join(changed))
+        if fingerprint is not None:
+            self._unread.append(_OnTheWay.of(_fingerprint(bucket.shard) != fingerprint))
+
+    def _check_landed(self) -> None:
+        """Raise if a parameter raced with the sync: once found, at every wait from then on
+        (the parameters are not to be trusted). A fingerprint comparison is read once it has
+        reached the host: at once on a CPU; on a GPU, when its copy has landed, so the host
+        never waits for the device (a change through ``p.data`` is then reported at a later
+        wait: the next step's agreement waits first, so the step refuses on every rank)."""
+        if self.raced is None and self._unread:
+            landed = {id(flag): flag.landed() for flag in self._unread}
+            found = any(flag.value() for flag in self._unread if landed[id(flag)])
+            self._unread = [flag for flag in self._unread if not landed[id(flag)]]
+            if found:
+                self._raise_raced("through p.data, in the range this rank owns")
+        if self.raced is not None:
             raise RuntimeError(self.raced)
+
+    def _raise_raced(self, what: str) -> None:
+        self.raced = (
+            f"ShardedRMSprop: parameters ({what}) were changed while the sync that step() "
+            "left running behind the forward (overlap_param_sync) was in flight: their values "
+            "are a race between the two, and may differ between ranks. Call "
+            "optimizer.wait_for_params() after step() before reading or changing parameters "
+            "outside the model's forward; restore the parameters from a checkpoint (this "
+            "optimizer keeps raising this error)"
+        )
+        raise RuntimeError(self.raced)
+
+
+class _OnTheWay:
+    """A 0-d bool on its way from the device to the host: on a GPU, copied into pinned memory
+    behind the work queued so far, readable once that copy's event has completed."""
+
+    def __init__(self, host: Tensor, copied: torch.cuda.Event | None) -> None:
+        self.host = host
+        self.copied = copied
+
+    @classmethod
+    def of(cls, flag: Tensor) -> _OnTheWay:
+        if flag.device.type != "cuda":
+            return cls(flag, None)
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied)
+
+    def landed(self) -> bool:
+        return self.copied is None or self.copied.query()
+
+    def value(self) -> bool:
+        return bool(self.host)
