@@ -24,11 +24,12 @@ import atexit
 import os
 import re
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -176,8 +177,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Open MPI's library, by the name of its ABI (``libmpi.so.40`` since Open MPI 3.0, 5.x too).
+_OPEN_MPI_LIBRARY = "libmpi.so.40"
+
+
+def _point_mpi4py_at_open_mpi(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Under Open MPI's ``mpirun``, make mpi4py load Open MPI's library; returns whether it did.
+
+    mpi4py's binary wheels (4.1 and later) carry one extension for MPICH's ABI and one for
+    Open MPI's, and load the first ``libmpi`` they find, the environment's own first: with the
+    ``mpich`` wheel beside them (``pip install ".[mpi]"``), that is MPICH's, whatever launched
+    the process. Under Open MPI's ``mpirun``, MPICH's ``MPI_Init`` then aborts the process
+    ("Runtime environment uses unsupported PMI version PMIx"), before Python can say why.
+    Where the process's own variables (``environ``, ``os.environ`` by default: the ones the MPI
+    library reads) say Open MPI started it, and neither ``MPI4PY_LIBMPI`` nor ``MPI4PY_MPIABI``
+    chooses already, ``MPI4PY_LIBMPI`` names Open MPI's library: the environment's own, else the
+    one the system's loader finds. mpi4py builds made against one MPI (from source, conda) do
+    not read the variable. Nothing changes once ``mpi4py.MPI`` is imported.
+    """
+    environ = os.environ if environ is None else environ
+    if (
+        "OMPI_COMM_WORLD_SIZE" not in environ
+        or "MPI4PY_LIBMPI" in environ
+        or "MPI4PY_MPIABI" in environ
+        or "mpi4py.MPI" in sys.modules
+    ):
+        return False
+    environ["MPI4PY_LIBMPI"] = os.pathsep.join(
+        (os.path.join(sys.prefix, "lib", _OPEN_MPI_LIBRARY), _OPEN_MPI_LIBRARY)
+    )
+    return True
+
+
 def _rendezvous_over_mpi(info: LaunchInfo) -> tuple[LaunchInfo, str]:
     """Rank 0 chooses the address and port and tells the others; returns the init method."""
+    _point_mpi4py_at_open_mpi()
     try:
         from mpi4py import MPI
     except ImportError:
