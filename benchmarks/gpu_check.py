@@ -4,7 +4,7 @@ Run from the repository root on a machine with a CUDA GPU::
 
     python3 -m benchmarks.gpu_check                    # every part; report in benchmarks/results/
     python3 -m benchmarks.gpu_check --out "$OUT"       # the report elsewhere
-    python3 -m benchmarks.gpu_check --dry-run          # on a CPU: the report's skeleton
+    python3 -m benchmarks.gpu_check --dry-run          # on a CPU: the skeleton, parts rehearsed
     python3 -m benchmarks.gpu_check --parts kernels train --budget 200
 
 It installs nothing: the python it runs with must already hold torch (a CUDA build), triton and
@@ -14,6 +14,11 @@ past the whole budget, keeping enough for the parts after it. A part that fails 
 time loses only its own unfinished measurements: each part writes its results as it goes, and
 the report (``gpu_<device>.md`` beside the raw ``gpu_<device>.json``) is rewritten after every
 part. The summary is printed last.
+
+A dry run (``--dry-run``, on a CPU) runs the environment part and rehearses the parts that
+measure (kernels, train_modes, host_syncs: ``gpu_parts.REHEARSALS``) through the very command
+line a GPU gets, on the CPU at small sizes, so that their report sections are written too;
+the others are skipped and said so.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks.gpu_report import headline, section
+
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The note of a part rehearsed in a dry run.
+REHEARSED = "CPU rehearsal (dry run): the part's own code on the CPU, small; not a GPU's figures."
 
 __all__ = ["PARTS", "Budget", "Outcome", "Part", "Report", "main", "parse_args", "slug"]
 
@@ -40,15 +50,35 @@ class Part:
     limit: float  # seconds it may take at most
     floor: float  # seconds without which it is not worth starting
     needs_cuda: bool = True
+    rehearsal: bool = False  # whether its code runs on the CPU in a dry run (gpu_parts.REHEARSALS)
 
 
 PARTS = (
     Part("environment", "python, packages and the device, as found", 30, 10, needs_cuda=False),
     Part("cuda_tests", "every test marked `cuda`, at one rank", 150, 60),
-    Part("kernels", "update kernels against copy bandwidth and torch, 1 M to 256 M", 110, 40),
+    Part(
+        "kernels",
+        "update kernel variants and sizes against copy bandwidth and torch",
+        110,
+        40,
+        rehearsal=True,
+    ),
     Part("train", "launch/train.py at world size 1 under torchrun with NCCL", 110, 50),
+    Part(
+        "train_modes",
+        "DDP + torch.optim.RMSprop beside ShardedRMSprop's sync modes, NCCL at world size 1",
+        75,
+        30,
+        rehearsal=True,
+    ),
     Part("two_ranks", "two ranks on the one GPU through gloo: sync, checkpoints", 90, 40),
-    Part("host_syncs", "host synchronisations of step(), CUDA graph capture", 45, 20),
+    Part(
+        "host_syncs",
+        "host synchronisations in every training mode, CUDA graph",
+        60,
+        25,
+        rehearsal=True,
+    ),
 )
 
 
@@ -166,201 +196,12 @@ class Report:
         )
 
 
-def section(outcome: Outcome) -> list[str]:
-    """A part's figures in markdown; the raw JSON if they are not all there (a part cut
-    short may have written only some)."""
-    try:
-        return SECTIONS.get(outcome.part, _raw)(outcome.data)
-    except (KeyError, TypeError, ValueError):
-        return _raw(outcome.data)
-
-
-def headline(outcome: Outcome) -> str:
-    """One line of what a part found (empty if its figures are not all there)."""
-    try:
-        return _headline(outcome)
-    except (KeyError, TypeError, ValueError):
-        return ""
-
-
-def _headline(outcome: Outcome) -> str:
-    data = outcome.data
-    if outcome.part == "environment":
-        versions = data.get("versions", {})
-        device = data.get("device", {})
-        found = f"torch {versions.get('torch')}, triton {versions.get('triton')}"
-        if device:
-            found += f", {device['name']} ({device['memory_gib']} GiB, CUDA {device['cuda']})"
-        elif data:
-            found += ", no CUDA device"
-        return found
-    if outcome.part in ("cuda_tests", "two_ranks") and "results" in data:
-        r = data["results"]
-        return f"{r['passed']} passed, {r['failures'] + r['errors']} failed, {r['skipped']} skipped"
-    if outcome.part == "kernels" and data.get("rows"):
-        best = _kernel_headline(data["rows"])
-        return best or ""
-    if outcome.part == "train":
-        runs = []
-        for dtype in ("float32", "bfloat16"):
-            figures = (data.get(dtype) or {}).get("figures")
-            if figures:
-                runs.append(
-                    f"{dtype} loss {figures['loss_start']:.2f} -> {figures['loss_end']:.2f}"
-                    f", {figures['tokens_per_s'] / 1e3:.0f}k tokens/s"
-                )
-        return "; ".join(runs)
-    if outcome.part == "host_syncs" and data.get("phases"):
-        syncs = ", ".join(f"{p['phase']}: {p['syncs']}" for p in data["phases"])
-        graph = data.get("cuda_graph", {})
-        if graph:
-            syncs += "; CUDA graph " + ("captured" if graph.get("captured") else "not captured")
-        return "syncs per " + syncs
-    return ""
-
-
-def _kernel_headline(rows: list[dict]) -> str | None:
-    """The fused kernel at the largest size measured, with momentum and centered if there."""
-    fused = [r for r in rows if r["kernel"].startswith("fused")]
-    if not fused:
-        return None
-    largest = max(r["millions"] for r in fused)
-    at_largest = [r for r in fused if r["millions"] == largest]
-    row = next((r for r in at_largest if r["options"] == "momentum+centered"), at_largest[-1])
-    return (
-        f"fused {row['gbs']:.0f} GB/s = {100 * row['of_copy']:.0f}% of copy, "
-        f"{row['x_foreach']:.2f}x torch foreach ({largest} M, {row['options']})"
-    )
-
-
-def _raw(data: dict[str, Any]) -> list[str]:
-    return ["```json", json.dumps(data, indent=1, default=str)[:4000], "```"] if data else []
-
-
-def _environment_section(data: dict[str, Any]) -> list[str]:
-    lines = ["| what | found |", "| --- | --- |", f"| python | {data.get('python')} |"]
-    lines += [f"| {name} | {version} |" for name, version in data.get("versions", {}).items()]
-    lines += [f"| device {key} | {value} |" for key, value in data.get("device", {}).items()]
-    lines += [f"| host {key} | {value} |" for key, value in data.get("host", {}).items()]
-    return lines
-
-
-def _tests_section(data: dict[str, Any]) -> list[str]:
-    lines = [f"`{data['command']}`", ""] if "command" in data else []
-    results = data.get("results")
-    if results:
-        lines.append(
-            f"{results['passed']} passed, {results['failures']} failed, "
-            f"{results['errors']} errors, {results['skipped']} skipped "
-            f"({data.get('seconds', 0)} s)."
-        )
-        if results.get("incomplete"):
-            lines.append("Cut short: counted from pytest's lines up to then.")
-        lines += [f"- FAILED `{f['test']}`: {f['message']}" for f in results["failed"]]
-        if results["slowest"]:
-            lines += [
-                "",
-                "Slowest: "
-                + ", ".join(
-                    f"`{s['test'].rsplit('::', 1)[-1]}` {s['seconds']} s"
-                    for s in results["slowest"]
-                ),
-            ]
-    elif "tail" in data:
-        lines += ["```", data["tail"][-1500:], "```"]
-    if data.get("note"):
-        lines += ["", data["note"]]
-    return lines
-
-
-def _kernels_section(data: dict[str, Any]) -> list[str]:
-    if "copy_gbs" not in data:
-        return _raw(data)
-    lines = [
-        f"Device copy bandwidth (`dst.copy_(src)`, 256 M float32, 8 bytes an element): "
-        f"{data['copy_gbs']} GB/s. Bytes an element of the update: "
-        + ", ".join(f"{k} {v}" for k, v in data.get("byte_model", {}).items())
-        + ".",
-        "",
-        "| M elements | options | kernel | ms | GB/s | of copy | x torch foreach |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in data.get("rows", []):
-        lines.append(
-            f"| {r['millions']} | {r['options']} | {r['kernel']} | {r['ms']} | "
-            f"{r['gbs']} | {100 * r['of_copy']:.0f}% | {r['x_foreach']} |"
-        )
-    if data.get("cut_short"):
-        lines += ["", data["cut_short"]]
-    return lines
-
-
-def _train_section(data: dict[str, Any]) -> list[str]:
-    lines = [
-        "| dtype | exit | loss | val loss | tokens/s | peak allocated MiB | formula MiB "
-        "(params + grads + state) |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: |",
-    ]
-    for dtype in ("float32", "bfloat16"):
-        run = data.get(dtype)
-        if run is None:
-            continue
-        f = run.get("figures") or {}
-        if f:
-            lines.append(
-                f"| {dtype} | {run['exit_code']} | {f['loss_start']:.3f} -> {f['loss_end']:.3f} | "
-                f"{f['val_start']:.3f} -> {f['val_end']:.3f} | {f['tokens_per_s']:.0f} | "
-                f"{f.get('cuda_peak_mib', 'n/a')} | {f.get('formula_mib', 'n/a')} |"
-            )
-        else:
-            lines.append(f"| {dtype} | {run['exit_code']} | no summary line | | | | |")
-    commands = [f"`{data[d]['command']}`" for d in ("float32", "bfloat16") if d in data]
-    if commands:
-        lines += [
-            "",
-            "Commands: " + "; ".join(commands) + ". The peak includes activations, "
-            "DDP's gradient buckets and workspaces, which the formula leaves out.",
-        ]
-    for dtype in ("float32", "bfloat16"):
-        run = data.get(dtype)
-        if run and run["exit_code"] != 0:
-            lines += ["", f"{dtype} log tail:", "```", run["tail"][-1500:], "```"]
-    return lines
-
-
-def _host_syncs_section(data: dict[str, Any]) -> list[str]:
-    lines = ["| phase | host synchronisations | where |", "| --- | ---: | --- |"]
-    for p in data.get("phases", []):
-        lines.append(f"| {p['phase']} | {p['syncs']} | {', '.join(p['where'])} |")
-    graph = data.get("cuda_graph")
-    if graph:
-        lines += [
-            "",
-            "step() in a CUDA graph: "
-            + (
-                "captured and replayed."
-                if graph["captured"]
-                else f"not captured ({graph['error']})."
-            ),
-        ]
-    return lines
-
-
-SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "environment": _environment_section,
-    "cuda_tests": _tests_section,
-    "two_ranks": _tests_section,
-    "kernels": _kernels_section,
-    "train": _train_section,
-    "host_syncs": _host_syncs_section,
-}
-
-
 # -- running the parts --------------------------------------------------------------------------
 
 
-def run_part(part: Part, seconds: float, workdir: Path) -> Outcome:
-    """Run ``part`` in its own process for at most ``seconds``; what it wrote survives."""
+def run_part(part: Part, seconds: float, workdir: Path, rehearse: bool = False) -> Outcome:
+    """Run ``part`` in its own process for at most ``seconds`` (on the CPU, small, if
+    ``rehearse``); what it wrote survives."""
     results, log = workdir / f"{part.name}.json", workdir / f"{part.name}.log"
     command = [
         sys.executable,
@@ -371,6 +212,7 @@ def run_part(part: Part, seconds: float, workdir: Path) -> Outcome:
         str(results),
         "--seconds",
         str(seconds),
+        *(["--rehearse"] if rehearse else []),
     ]
     env = {
         **os.environ,
@@ -425,7 +267,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="skip every part that needs CUDA, and say so (for a CPU)",
+        help="on a CPU: rehearse the parts that can run their code there, skip the others",
     )
     args = parser.parse_args(argv)
     if args.budget <= 0:
@@ -445,7 +287,8 @@ def main(argv: Sequence[str] | None = None, runner: Callable[..., Outcome] = run
     workdir.mkdir(parents=True, exist_ok=True)
     for index, part in enumerate(chosen):
         cuda = report.data_of("environment").get("cuda_available")
-        if part.needs_cuda and (args.dry_run or cuda is False):
+        rehearse = part.needs_cuda and args.dry_run and part.rehearsal
+        if part.needs_cuda and (args.dry_run or cuda is False) and not rehearse:
             why = "dry run" if args.dry_run else "torch sees no CUDA device"
             report.add(Outcome(part.name, "skipped", note=f"Needs CUDA ({why})."))
             continue
@@ -454,7 +297,12 @@ def main(argv: Sequence[str] | None = None, runner: Callable[..., Outcome] = run
             report.add(Outcome(part.name, "skipped", note="No time left in the budget."))
             continue
         print(f"[gpu_check] {part.name}: up to {seconds:.0f} s", flush=True)
-        report.add(runner(part, seconds, workdir))
+        if not rehearse:
+            report.add(runner(part, seconds, workdir))
+            continue
+        outcome = runner(part, seconds, workdir, rehearse=True)
+        outcome.note = "\n\n".join(filter(None, [REHEARSED, outcome.note]))
+        report.add(outcome)
     markdown, raw = report.write()
     print(f"\n[gpu_check] report: {markdown} and {raw}\n{report.summary()}", flush=True)
     return 0 if all(o.status in ("passed", "skipped") for o in report.outcomes) else 1

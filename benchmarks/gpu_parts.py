@@ -2,12 +2,17 @@
 
 ``python -m benchmarks.gpu_parts PART --json FILE`` runs one part and rewrites ``FILE`` after
 every measurement, so that a part killed at its time limit still leaves what it found. Each
-part uses the python it runs in as it is (a GPU machine reaches no package index).
+part uses the python it runs in as it is (a GPU machine reaches no package index). The parts
+that measure are modules of their own: ``gpu_kernels.py`` (``kernels``), ``gpu_training.py``
+(``train_modes``) and ``gpu_host_syncs.py`` (``host_syncs``); each takes a ``device``, and
+``--rehearse`` runs it on the CPU at the small sizes of :data:`REHEARSALS` (what
+``gpu_check.py --dry-run`` and the tests do).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -17,14 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["PARTS", "Recorder", "parse_junit", "parse_train_summary", "parse_verbose"]
+__all__ = [
+    "PARTS",
+    "REHEARSALS",
+    "Recorder",
+    "parse_junit",
+    "parse_train_summary",
+    "parse_verbose",
+]
 
 
 class Recorder:
@@ -189,49 +200,6 @@ def two_ranks(out: Recorder, seconds: float) -> None:
     _pytest(out, seconds, ["tests/test_cuda.py", "-k", "two_ranks"])
 
 
-def kernels(
-    out: Recorder,
-    seconds: float,
-    device: str = "cuda",
-    sizes: tuple[float, ...] = (1, 4, 16, 64, 256),
-) -> None:
-    """The update kernels by the byte model, beside the device's copy bandwidth; ``sizes``
-    in millions of elements (the largest also for the copy)."""
-    import torch
-
-    from benchmarks.bench_kernels import (
-        BYTES_PER_ELEMENT,
-        OPTION_SETS,
-        candidates,
-        copy_bandwidth,
-        median_seconds,
-    )
-
-    on = torch.device(device)
-    deadline = time.monotonic() + seconds - 10
-    out["byte_model"] = BYTES_PER_ELEMENT
-    copy_gbs = copy_bandwidth(int(max(sizes) * 1e6), on, 20) / 1e9
-    out["copy_gbs"] = round(copy_gbs, 1)
-    for millions in sizes:
-        numel = int(millions * 1e6)
-        for name, options in OPTION_SETS.items():
-            if time.monotonic() > deadline:
-                out["cut_short"] = f"stopped before {millions} M {name}: out of time"
-                return
-            runs = candidates(numel, on, options)
-            times = {kernel: median_seconds(fn, on, 10) for kernel, fn in runs.items()}
-            del runs
-            if on.type == "cuda":
-                torch.cuda.empty_cache()
-            for kernel, t in times.items():
-                gbs = BYTES_PER_ELEMENT[name] * numel / t / 1e9
-                row = {"millions": millions, "options": name, "kernel": kernel}
-                row |= {"ms": round(t * 1e3, 4), "gbs": round(gbs, 1)}
-                row |= {"of_copy": round(gbs / copy_gbs, 3)}
-                row |= {"x_foreach": round(times["torch foreach"] / t, 2)}
-                out.append("rows", row)
-
-
 #: launch/train.py's model and run for the GPU check: a few seconds of a GPU's time each.
 TRAIN_ARGS = (
     "--n-layer 6 --n-head 6 --n-embd 384 --block-size 128 --batch-size 32 --max-steps 300 "
@@ -280,105 +248,37 @@ def _text(value: bytes | str | None) -> str:
     return value or ""
 
 
-def host_syncs(out: Recorder, seconds: float) -> None:
-    """Host synchronisations in step() phases (``torch.cuda.set_sync_debug_mode("warn")``),
-    and whether step() can be captured in a CUDA graph."""
-    import torch
+def _imported(module: str, name: str) -> Callable[..., None]:
+    """The part ``name`` of ``benchmarks.<module>``, imported when it runs (so that the
+    environment part reports the versions even where torch fails to import)."""
 
-    from sharded_rmsprop import ShardedRMSprop
+    def part(*args: Any, **kwargs: Any) -> None:
+        getattr(importlib.import_module(f"benchmarks.{module}"), name)(*args, **kwargs)
 
-    device = torch.device("cuda")
-    batch = torch.randn(64, 256, device=device)
-
-    def model_and_loss() -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
-        torch.manual_seed(0)
-        layers = [torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)]
-        model = torch.nn.Sequential(*layers).to(device)
-        return model, lambda: model(batch).square().mean()
-
-    Phase = tuple[Callable[[], None], Callable[[], None]]  # (backward, what is checked)
-
-    def plain(model, loss) -> Phase:
-        opt = ShardedRMSprop(model.parameters(), lr=1e-3)
-        return lambda: loss().backward(), opt.step
-
-    def scheduled(model, loss) -> Phase:
-        opt = ShardedRMSprop(model.parameters(), lr=1e-3)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
-        return lambda: loss().backward(), lambda: (opt.step(), schedule.step())
-
-    def clipped(model, loss) -> Phase:
-        opt = ShardedRMSprop(model.parameters(), lr=1e-3, skip_nonfinite=True)
-        return lambda: loss().backward(), lambda: (opt.clip_grad_norm_(1.0), opt.step())
-
-    def scaled(model, loss) -> Phase:
-        opt, scaler = ShardedRMSprop(model.parameters(), lr=1e-3), torch.amp.GradScaler("cuda")
-        return lambda: scaler.scale(loss()).backward(), lambda: (scaler.step(opt), scaler.update())
-
-    def tensor_lr(model, loss) -> Phase:
-        opt = ShardedRMSprop(model.parameters(), lr=torch.tensor(1e-3, device=device))
-        return lambda: loss().backward(), opt.step
-
-    phases = {
-        "step()": plain,
-        "step() + LR scheduler": scheduled,
-        "clip_grad_norm_() + step(), skip_nonfinite": clipped,
-        "GradScaler step(), update()": scaled,
-        "step() with a CUDA tensor lr": tensor_lr,
-    }
-    for name, make in phases.items():
-        backward, run = make(*model_and_loss())
-        for _ in range(2):  # warm-up: kernels compiled, state created
-            backward()
-            run()
-        backward()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                run()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        where = [
-            f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
-        ]
-        out.append("phases", {"phase": name, "syncs": len(where), "where": where})
-    out["cuda_graph"] = _capture_step(*model_and_loss())
+    return part
 
 
-def _capture_step(model: Any, loss: Callable[[], Any]) -> dict[str, Any]:
-    """Try to capture one step() in a CUDA graph and replay it."""
-    import torch
+kernels = _imported("gpu_kernels", "kernels")
+train_modes = _imported("gpu_training", "train_modes")
+host_syncs = _imported("gpu_host_syncs", "host_syncs")
 
-    from sharded_rmsprop import ShardedRMSprop
-
-    opt = ShardedRMSprop(model.parameters(), lr=1e-3)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            loss().backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            opt.step()
-        graph.replay()
-        torch.cuda.synchronize()
-        return {"captured": True}
-    except Exception as error:  # noqa: BLE001 - the answer is the error
-        return {"captured": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
-
-
-PARTS: dict[str, Callable[[Recorder, float], None]] = {
+PARTS: dict[str, Callable[..., None]] = {
     "environment": environment,
     "cuda_tests": cuda_tests,
     "kernels": kernels,
     "train": train,
+    "train_modes": train_modes,
     "two_ranks": two_ranks,
     "host_syncs": host_syncs,
+}
+
+
+#: How each part that can be rehearsed runs its own code on the CPU, small (``--rehearse``;
+#: ``gpu_check.py --dry-run`` runs them).
+REHEARSALS: dict[str, dict[str, Any]] = {
+    "kernels": {"device": "cpu", "sizes": (0.01,), "variant_millions": 0.01},
+    "train_modes": {"device": "cpu", "models": ("small",), "warmup": 1, "repeats": 2},
+    "host_syncs": {"device": "cpu"},
 }
 
 
@@ -387,8 +287,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("part", choices=sorted(PARTS))
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--seconds", type=float, default=600, help="this part's time limit")
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help=f"run on the CPU, small (parts {', '.join(REHEARSALS)})",
+    )
     args = parser.parse_args(argv)
-    PARTS[args.part](Recorder(args.json), args.seconds)
+    if args.rehearse and args.part not in REHEARSALS:
+        parser.error(f"{args.part} has no CPU rehearsal")
+    settings = REHEARSALS[args.part] if args.rehearse else {}
+    PARTS[args.part](Recorder(args.json), args.seconds, **settings)
 
 
 if __name__ == "__main__":

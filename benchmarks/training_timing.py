@@ -6,6 +6,9 @@ under (DDP, or DeepSpeed's engine): ``forward``, ``backward`` and ``step`` are t
 :class:`OursGradHooks` is the prototype of the other reduce-scatter design (the gradients
 staged by per-parameter hooks), compared at the end with ``ours reduce-scatter``
 (:func:`parity_with_reduce_scatter`).
+
+The GPU check (``gpu_training.py``) drives the same contenders on CUDA: ``make_contender``,
+:func:`iteration` and :func:`back_to_back` take a ``device``.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ class Contender:
     """One way to train: its own model copy; ``forward``, ``backward`` and ``step`` are the
     timed phases."""
 
-    def __init__(self, model_name: str, ddp: bool = True) -> None:
+    def __init__(self, model_name: str, ddp: bool = True, device: torch.device | None = None):
         self.model_name = model_name
-        self.module = build_model(model_name)
+        self.module = build_model(model_name).to(device)
         #: What runs the forward: the module under DDP (with its defaults), or DeepSpeed's engine.
         self.wrapped: Any = DDP(self.module) if ddp else None
         self.opt: Any = None
@@ -71,8 +74,8 @@ class Contender:
 
 
 class DDPRMSprop(Contender):
-    def __init__(self, model_name, cfg: Config) -> None:
-        super().__init__(model_name)
+    def __init__(self, model_name, cfg: Config, device: torch.device | None = None) -> None:
+        super().__init__(model_name, device=device)
         self.opt = contenders.rmsprop(self.module.parameters(), cfg.options())
 
 
@@ -83,8 +86,15 @@ def ours(module: torch.nn.Module, cfg: Config):
 
 
 class Ours(Contender):
-    def __init__(self, model_name, cfg: Config, reduce_scatter: bool, overlap: bool = False):
-        super().__init__(model_name)
+    def __init__(
+        self,
+        model_name,
+        cfg: Config,
+        reduce_scatter: bool,
+        overlap: bool = False,
+        device: torch.device | None = None,
+    ):
+        super().__init__(model_name, device=device)
         self.opt = ours(self.module, cfg)
         if reduce_scatter:
             self.opt.reduce_scatter_gradients(self.wrapped)
@@ -217,15 +227,22 @@ class DeepSpeedZero(Contender):
         return int(self.wrapped.skipped_steps)
 
 
-def make_contender(name: str, model_name: str, cfg: Config, world: int) -> Contender:
+def make_contender(
+    name: str, model_name: str, cfg: Config, world: int, device: torch.device | None = None
+) -> Contender:
+    """The contender ``name``; ``device`` (the CPU if None) only for DDP + torch's RMSprop and
+    ShardedRMSprop's (``ours overlapped sync``, without the reduce-scatter, is the GPU
+    check's)."""
     if name == "ddp+rmsprop":
-        return DDPRMSprop(model_name, cfg)
+        return DDPRMSprop(model_name, cfg, device)
     if name == "ours zero-1":
-        return Ours(model_name, cfg, reduce_scatter=False)
+        return Ours(model_name, cfg, reduce_scatter=False, device=device)
     if name == "ours reduce-scatter":
-        return Ours(model_name, cfg, reduce_scatter=True)
+        return Ours(model_name, cfg, reduce_scatter=True, device=device)
+    if name == "ours overlapped sync":
+        return Ours(model_name, cfg, reduce_scatter=False, overlap=True, device=device)
     if name == "ours rs + overlapped sync":
-        return Ours(model_name, cfg, reduce_scatter=True, overlap=True)
+        return Ours(model_name, cfg, reduce_scatter=True, overlap=True, device=device)
     if name == "ours rs via grad hooks (prototype)":
         return OursGradHooks(model_name, cfg)
     if name == "torch zero":
@@ -252,23 +269,42 @@ def barrier() -> None:
     dist.barrier(group=_BARRIERS[0])
 
 
-def iteration(c: Contender, batch) -> tuple[float, float, float, float]:
+def iteration(
+    c: Contender, batch, device: torch.device | None = None
+) -> tuple[float, float, float, float]:
     """(forward, backward, step seconds, loss) of one iteration on this rank, the ranks
-    barriered before each phase."""
+    barriered before each phase (and a CUDA ``device``'s queued work waited for at each
+    clock reading)."""
     c.zero_grad()
     barrier()
-    t0 = now()
+    t0 = now(device)
     loss = c.forward(batch)
-    t1 = now()
+    t1 = now(device)
     barrier()
-    t2 = now()
+    t2 = now(device)
     c.backward(loss)
-    t3 = now()
+    t3 = now(device)
     barrier()
-    t4 = now()
+    t4 = now(device)
     c.step()
-    t5 = now()
+    t5 = now(device)
     return t1 - t0, t3 - t2, t5 - t4, loss.item()
+
+
+def back_to_back(
+    c: Contender, model_name: str, rank: int, first: int, repeats: int, device=None
+) -> float:
+    """Seconds per iteration of ``repeats`` iterations of ``c`` with no barrier between them,
+    on batches ``first``, ``first + 1``... (whatever it leaves running at the end is waited
+    for inside the time)."""
+    barrier()
+    start = now(device)
+    for r in range(repeats):
+        c.zero_grad()
+        c.backward(c.forward(batch_for(model_name, rank, first + r, device)))
+        c.step()
+    c.params()
+    return (now(device) - start) / repeats
 
 
 def measure_model(model_name: str, cfg: Config, at: Rank, names: list[str]) -> dict:
@@ -297,26 +333,18 @@ def measure_model(model_name: str, cfg: Config, at: Rank, names: list[str]) -> d
     slowest = every.max(dim=0).values  # [contender, repeat, phase]
     # (d) back to back: each contender alone, its iterations with no barrier between them
     # (whatever a contender leaves running at the end is waited for inside the time)
-    back_to_back = torch.zeros(len(names), dtype=torch.float64)
-    for i, name in enumerate(names):
-        barrier()
-        start = now()
-        for r in range(cfg.repeats):
-            c = running[name]
-            c.zero_grad()
-            c.backward(c.forward(batch_for(model_name, at.rank, step + r)))
-            c.step()
-        running[name].params()
-        back_to_back[i] = (now() - start) / cfg.repeats
+    seconds = [
+        back_to_back(running[name], model_name, at.rank, step, cfg.repeats) for name in names
+    ]
     step += cfg.repeats
-    back_to_back = all_gather(back_to_back).max(dim=0).values
+    in_a_row = all_gather(torch.tensor(seconds, dtype=torch.float64)).max(dim=0).values
     parity = parity_with_reduce_scatter(running, names)
     out: dict[str, Any] = {"contenders": {}, "parity": parity, "iterations": step}
     for i, name in enumerate(names):
         fwd, bwd, stp = (slowest[i, :, j] for j in range(3))
         out["contenders"][name] = {
             "fwd+bwd+step": (fwd + bwd + stp).tolist(),
-            "back to back": back_to_back[i].item(),
+            "back to back": in_a_row[i].item(),
             "bwd+step": (bwd + stp).tolist(),
             "step": stp.tolist(),
             "forward": fwd.tolist(),

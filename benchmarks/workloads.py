@@ -3,11 +3,13 @@ models and data.
 
 - :func:`build_set` (:data:`SETS`): the parameters of one optimizer step, as a module whose
   forward nothing runs: ``wide``, 24 x Linear(1024, 1024); ``many-small``, 400 x
-  Linear(256, 256); ``gpt2``, GPT-2-shaped (a 50257x384 token embedding, a 1024x384 position
+  Linear(256, 256) (``small``, 4 of them, is the GPU check's rehearsal on a CPU, in no
+  table); ``gpt2``, GPT-2-shaped (a 50257x384 token embedding, a 1024x384 position
   embedding, six pre-LayerNorm blocks, a final LayerNorm and an untied 50257x384 head).
 - :func:`build_model` (:data:`MODELS`), :func:`batch_for` and :func:`loss_of`: a model that
-  trains, this rank's batch of an iteration, and its loss: ``gpt``, ``launch/gpt.py``'s GPT
-  (:data:`GPT_SHAPE`), or the Linears of ``wide`` / ``many-small`` in sequence (:class:`Chain`).
+  trains, this rank's batch of an iteration (on a device, if given), and its loss: ``gpt``,
+  ``launch/gpt.py``'s GPT (:data:`GPT_SHAPE`), or the Linears of ``wide`` / ``many-small``
+  (or ``small``) in sequence (:class:`Chain`).
 
 The launch folder goes on ``sys.path`` here, so that ``gpt`` imports as the scripts do.
 """
@@ -58,6 +60,8 @@ def build_set(name: str) -> nn.Module:
         return nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(24)))
     if name == "many-small":
         return nn.Sequential(*(nn.Linear(256, 256) for _ in range(400)))
+    if name == "small":  # the GPU check's rehearsal on a CPU (in no table)
+        return nn.Sequential(*(nn.Linear(256, 256) for _ in range(4)))
     if name == "gpt2":
         return _GPT2Shaped()
     raise ValueError(f"unknown parameter set {name!r}; choose from {SETS}")
@@ -101,7 +105,7 @@ def build_model(name: str) -> nn.Module:
         from gpt import GPT, GPTConfig
 
         return GPT(GPTConfig(**GPT_SHAPE))
-    if name in ("wide", "many-small"):
+    if name in ("wide", "many-small", "small"):
         return Chain(build_set(name))
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
@@ -111,16 +115,19 @@ def micro_batch(name: str) -> int:
     return GPT_BATCH if name == "gpt" else LINEAR_BATCH
 
 
-def batch_for(name: str, rank: int, step: int) -> tuple[torch.Tensor, ...]:
-    """This rank's batch of iteration ``step`` (different on every rank)."""
+def batch_for(
+    name: str, rank: int, step: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, ...]:
+    """This rank's batch of iteration ``step`` (different on every rank), on ``device`` (the
+    CPU if None: it is drawn there either way)."""
     gen = torch.Generator().manual_seed(1_000_003 * step + 7919 * rank + 17)
     if name == "gpt":
         shape = (GPT_BATCH, GPT_SHAPE["block_size"])
         idx = torch.randint(0, GPT_SHAPE["vocab_size"], shape, generator=gen)
         targets = torch.randint(0, GPT_SHAPE["vocab_size"], shape, generator=gen)
-        return idx, targets
+        return idx.to(device), targets.to(device)
     width = 1024 if name == "wide" else 256
-    return (torch.randn(LINEAR_BATCH, width, generator=gen),)
+    return (torch.randn(LINEAR_BATCH, width, generator=gen).to(device),)
 
 
 def loss_of(model: nn.Module, name: str, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The CPU side of benchmarks/gpu_check.py: arguments, the time budget, the report, parsers.
 
 The CUDA parts themselves run only on a GPU; here a dry run must produce the report's
-skeleton, and the driver must survive parts that fail, run out of time or never start.
+skeleton, the driver must survive parts that fail, run out of time or never start, and the
+parts that measure (kernels, train_modes, host_syncs) run their own code on the CPU, at one
+gloo rank where they take one, so that the one call a GPU gets fails on no typo.
 """
 
 from __future__ import annotations
@@ -9,19 +11,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import PARTS, Budget, Outcome, Report, parse_args, slug
+from benchmarks.gpu_host_syncs import SyncWarnings
+from benchmarks.gpu_kernels import VARIANTS
 from benchmarks.gpu_parts import (
+    REHEARSALS,
     Recorder,
-    kernels,
     parse_junit,
     parse_train_summary,
     parse_verbose,
 )
+from benchmarks.gpu_training import BARE, MODES
+from benchmarks.host_reads import MODES as MODES_OF_HOST_READS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +60,10 @@ def test_the_budget_keeps_the_floors_of_later_parts() -> None:
     budget = Budget(300, clock=clock)
     environment, tests, kernels = PARTS[0], PARTS[1], PARTS[2]
     assert budget.limit_for(environment, PARTS[1:]) == environment.limit
-    clock.now += 50  # 250 s left; the floors after the tests need 40 + 50 + 40 + 20
-    assert budget.limit_for(tests, PARTS[2:]) == 250 - 150
-    assert budget.limit_for(kernels, PARTS[3:]) == kernels.limit  # 250 - 110 is more
+    assert budget.limit_for(kernels, PARTS[3:]) == kernels.limit  # 300 - 145 is more
+    clock.now += 50  # 250 s left; the floors after the tests need 40 + 50 + 30 + 40 + 25
+    assert budget.limit_for(tests, PARTS[2:]) == 250 - 185
+    assert budget.limit_for(kernels, PARTS[3:]) == 250 - 145  # under its own limit
     clock.now += 220  # 30 s left: under the kernels' floor
     assert budget.limit_for(kernels, PARTS[3:]) == 0
 
@@ -82,6 +91,7 @@ def test_a_part_that_fails_or_runs_out_of_time_does_not_lose_the_others(tmp_path
         "cuda_tests": "passed",
         "kernels": "timed out",
         "train": "failed",
+        "train_modes": "passed",
         "two_ranks": "passed",
         "host_syncs": "passed",
     }
@@ -99,22 +109,74 @@ def test_parts_without_time_left_are_skipped_and_said_so(tmp_path) -> None:
     assert skipped and all("No time left" in p["note"] for p in skipped)
 
 
-def test_a_dry_run_writes_the_skeleton_and_says_what_it_skipped(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[Path, str]:
+    """``--dry-run``'s report folder and what it printed (one run for the tests below)."""
+    out = tmp_path_factory.mktemp("dry_run")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    markdown = (tmp_path / "gpu_cpu_dry_run.md").read_text()
+    return out, proc.stdout
+
+
+def test_a_dry_run_writes_the_skeleton_and_says_what_it_skipped(dry_run) -> None:
+    out, printed = dry_run
+    markdown = (out / "gpu_cpu_dry_run.md").read_text()
     for part in PARTS:
         assert f"## {part.name}:" in markdown
-    assert markdown.count("Needs CUDA (dry run).") == sum(p.needs_cuda for p in PARTS)
+    assert {p.name for p in PARTS if p.rehearsal} == set(REHEARSALS)
+    skipped = [p for p in PARTS if p.needs_cuda and not p.rehearsal]
+    assert markdown.count("Needs CUDA (dry run).") == len(skipped)
+    assert markdown.count(gpu_check.REHEARSED) == len(REHEARSALS)
     assert "| torch |" in markdown  # the environment part ran
-    lines = proc.stdout.strip().splitlines()
+    lines = printed.strip().splitlines()
     assert lines[-len(PARTS) :][0].startswith("environment  passed")  # the summary comes last
+    statuses = {line.split()[0]: line.split()[1] for line in lines[-len(PARTS) :]}
+    assert {part: statuses[part] for part in REHEARSALS} == dict.fromkeys(REHEARSALS, "passed")
+
+
+def test_the_train_modes_rehearsal_runs_every_mode(dry_run) -> None:
+    """The part's own code at one gloo rank on a small model (on the GPU: NCCL, CUDA)."""
+    out, _ = dry_run
+    data = json.loads((out / "gpu_check_logs" / "train_modes.json").read_text())
+    rows = {row["mode"]: row for row in data["rows"]}
+    assert list(rows) == [*MODES, BARE]
+    losses = [row["last_loss"] for row in rows.values()]
+    assert max(losses) - min(losses) < 1e-5  # the same model, batches and update everywhere
+    assert rows["DDP + torch.optim.RMSprop"]["x_ddp_throughput"] == 1.0
+    assert rows[BARE]["exposed_ms"] == 0
+    assert all(row["iterations_per_s"] > 0 and row["tokens_per_s"] > 0 for row in rows.values())
+    markdown = (out / "gpu_cpu_dry_run.md").read_text()
+    assert "small throughput vs DDP + torch: blocking" in markdown  # the headline
+    assert "| reduce_scatter_gradients + overlap_param_sync |" in markdown
+
+
+def test_the_host_syncs_rehearsal_counts_every_mode(dry_run) -> None:
+    """The part's own code at one gloo rank (on the GPU the sync debug mode counts too)."""
+    out, _ = dry_run
+    data = json.loads((out / "gpu_check_logs" / "host_syncs.json").read_text())
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert list(modes) == list(MODES_OF_HOST_READS)
+    assert all(m["as_documented"] and m["syncs"] is None for m in modes.values())
+    assert modes["plain"]["device_reads"] == {}
+    assert set(modes["tensor lr"]["device_reads"]) == set(modes["tensor lr"]["documented"])
+    markdown = (out / "gpu_cpu_dry_run.md").read_text()
+    assert "10/10 modes as documented" in markdown  # the headline
+    assert "| skip_nonfinite | n/a | not counted (no CUDA) | `gradients.py:" in markdown
+
+
+def test_sync_warnings_are_charged_to_the_line_that_asked() -> None:
+    """What set_sync_debug_mode("warn") raises is counted; other warnings pass."""
+    with SyncWarnings(torch.device("cpu")) as syncs:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        with pytest.warns(UserWarning, match="something else"):
+            warnings.warn("something else", UserWarning)
+    assert syncs.by_site == {"(outside the package)": 1}
 
 
 def test_a_part_past_its_limit_is_killed_and_reported(tmp_path) -> None:
@@ -205,7 +267,26 @@ def test_report_sections_render_every_parts_figures(tmp_path) -> None:
             10,
             45,
             data={
-                "phases": [{"phase": "step()", "syncs": 1, "where": ["optimizer.py:12"]}],
+                "modes": [
+                    {
+                        "mode": "skip_nonfinite",
+                        "syncs": {"gradients.py:nonfinite_on_some_rank": 1},
+                        "syncs_by_phase": {"forward": 0, "backward": 0, "step": 1},
+                        "device_reads": {"gradients.py:nonfinite_on_some_rank": 1},
+                        "host_values": {},
+                        "documented": ["gradients.py:nonfinite_on_some_rank"],
+                        "as_documented": True,
+                    },
+                    {
+                        "mode": "plain",
+                        "syncs": {"optimizer.py:step": 1},
+                        "syncs_by_phase": {"forward": 0, "backward": 0, "step": 1},
+                        "device_reads": {},
+                        "host_values": {},
+                        "documented": [],
+                        "as_documented": False,
+                    },
+                ],
                 "cuda_graph": {"captured": False, "error": "RuntimeError: no"},
             },
         )
@@ -218,7 +299,8 @@ def test_report_sections_render_every_parts_figures(tmp_path) -> None:
         "fused 3600 GB/s = 90% of copy, 2.80x torch foreach",
         "900.5",
         "123k tokens/s",
-        "optimizer.py:12",
+        "| plain | 1 (0, 0, 1) | `optimizer.py:step` 1 | none | none | none | **no** |",
+        "syncs per iteration: skip_nonfinite 1, plain 1; 1/2 modes as documented",
         "not captured (RuntimeError: no)",
         "40 passed, 1 failed",
     ):
@@ -308,11 +390,11 @@ def test_the_junit_parser_counts_and_names_failures(tmp_path) -> None:
     assert parsed["slowest"][0] == {"test": "tests.test_a::test_bad", "seconds": 1.5}
 
 
-def test_the_kernel_part_measures_every_kernel_on_a_cpu(tmp_path) -> None:
-    """The GPU part's own code, on a tiny CPU shard (on the GPU it only changes device)."""
-    recorder = Recorder(tmp_path / "kernels.json")
-    kernels(recorder, 60, device="cpu", sizes=(0.01,))
-    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+def test_the_kernel_rehearsal_measures_every_kernel_and_variant(dry_run) -> None:
+    """The part's own code, on a tiny CPU shard (on the GPU it only changes device)."""
+    out, _ = dry_run
+    data = json.loads((out / "gpu_check_logs" / "kernels.json").read_text())
+    rows = data["rows"]
     assert {row["options"] for row in rows} == {
         "plain",
         "momentum",
@@ -321,7 +403,26 @@ def test_the_kernel_part_measures_every_kernel_on_a_cpu(tmp_path) -> None:
     }
     assert {row["kernel"].split(" ")[0] for row in rows} == {"reference", "torch", "fused"}
     assert all(row["ms"] > 0 and row["x_foreach"] > 0 for row in rows)
-    assert "fused" in gpu_check.headline(Outcome("kernels", "passed", data=recorder.data))
+    outcome = Outcome("kernels", "passed", data=data)
+    assert "fused" in gpu_check.headline(outcome)
+    variants = data["variants"]
+    assert [row["variant"] for row in variants] == list(VARIANTS)
+    assert all(row["ms"] > 0 and 0 < row["of_copy"] for row in variants)
+    assert {row["variant"]: row["bytes"] for row in variants} == {
+        "float32": 20,
+        "float32 momentum": 28,
+        "float32 centered": 28,
+        "float32 momentum+centered": 36,
+        "float32 weight_decay": 20,
+        "float32 maximize": 20,
+        "float32 grad_scale tensor": 20,
+        "bfloat16": 10,
+        "float16": 10,
+        "float32 master + bfloat16 copy": 22,  # the bfloat16 copy written too
+        "float32 master + bfloat16 copy, momentum, grad_scale tensor": 30,
+    }
+    assert "11 fused variants at" in gpu_check.headline(outcome)
+    assert "| bfloat16 | rmsprop_cpu_fused_ | 10 |" in "\n".join(gpu_check.section(outcome))
 
 
 def test_tests_cut_short_are_counted_from_pytests_verbose_lines() -> None:
