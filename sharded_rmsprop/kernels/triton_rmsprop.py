@@ -2,7 +2,8 @@
 
 :func:`rmsprop_triton_` has the signature and the semantics of
 :func:`~sharded_rmsprop.kernels.reference.rmsprop_reference_` (``torch.optim.RMSprop``'s
-algorithm), but does the whole update in a single kernel launch: every element of ``param``,
+algorithm), but does the whole update in one pass (one kernel launch, two where the length is
+not a multiple of 16: see below): every element of ``param``,
 ``grad`` and ``square_avg`` (and ``momentum_buffer`` / ``grad_avg`` when enabled) is read once
 and every result is written once. The eager reference runs 5 to 9 torch operations, each a full
 pass over memory with its own intermediate; the update is purely memory-bound, so the fused pass
@@ -48,8 +49,25 @@ argument on its value nor retypes it (an ``int`` equal to 1 *would* be specialis
 ``0`` would change the signature to ``i32``), and the wrapper passes ``float(...)`` anyway. An LR
 scheduler changing ``lr``, or a clipping coefficient changing every step, therefore reuses the
 compiled kernel. ``n_elements`` keeps Triton's default specialisation (divisible by 16 or not),
-which enables vectorised access on the padded shards and adds at most a couple of variants per
-option set.
+and only the divisible variant vectorises: with any other ``n_elements`` every access of the
+launch is a scalar one (``ld.global.b16`` for 16-bit storage), since the mask may turn false at
+any element. The optimizer's layout aligns every parameter's start but updates only a
+parameter's own elements, so a parameter of odd size is an ``n`` that is not a multiple of 16:
+such a call on 16-byte-aligned shards is two launches, the first ``n - n % 16`` elements through
+the vectorised variant and the last ``n % 16`` through the scalar one.
+
+**The compiled code.** For 16-byte-aligned shards and a multiple of 16 elements every global
+access is a 128-bit one (``ld.global.v4.b32`` / ``st.global.v4.b32``, eight 16-bit values or
+four float32 ones): two per thread and float32 stream, one per 16-bit stream; the only other
+load is a tensor ``grad_scale``'s 4 bytes. No variant spills, none contains an ``fma``, the
+divisions are ``div.rn.f32`` and the square roots ``sqrt.rn.f32``, on sm_80, sm_90 and sm_100.
+With ``STORE_LOW_PRECISION`` Triton lays the 16-bit store out as eight values per thread and
+the float32 stores as four (it never makes a store wider than 128 bits), so the float32
+results pass through 4 KiB of shared memory on their way to their stores (barriers between):
+the bytes moved to and from global memory are the ones above, what the exchange costs has not
+been measured. ``tests/test_kernel_compiled.py`` checks all of this on every commit, compiling
+ahead of time without a GPU; ``benchmarks/triton_compiled.py`` compiles every variant and keeps
+the table (``benchmarks/results/triton_compiled.md``).
 
 **Interpreter.** With ``TRITON_INTERPRET=1`` Triton runs kernels in numpy on the host, which CI uses
 to test this math on CPU tensors. ``triton.jit`` decides between the compiled and the interpreted
@@ -91,6 +109,9 @@ __all__ = ["BLOCK_SIZE", "RULES", "SUPPORTED_DTYPES", "rmsprop_triton_", "triton
 #: accesses per fp32 stream, one per 16-bit stream; large enough to hide latency on every stream.
 BLOCK_SIZE: int = 1024
 _NUM_WARPS: int = 4
+#: Triton specialises an integer argument, and a pointer, on being divisible by 16 (the
+#: pointer's address, in bytes): only then are the accesses vectorised.
+_DIVISIBILITY: int = 16
 
 #: The storage dtypes the kernel handles; the caller routes others (float64, complex) to the
 #: reference update.
@@ -273,7 +294,7 @@ def rmsprop_triton_(
     while the other
     buffers are still being read and written: the contract's rule that no two arguments share
     memory is what keeps a bfloat16 view of ``param``'s own storage from corrupting the update.
-    Every check runs before the launch, so a call that raises has written nothing.
+    Every check runs before the first launch, so a call that raises has written nothing.
     """
     written = check_update_arguments(
         RULES,
@@ -306,17 +327,16 @@ def rmsprop_triton_(
 
     scale_mode, scale_tensor, scale_value = _grad_scale_args(grad_scale)
     kernel = _get_kernel(interpret)
-    grid = (triton.cdiv(n, BLOCK_SIZE),)
-    args = (
+    shards = [
         param,
         grad,
         square_avg,
         momentum_buffer if momentum_buffer is not None else param,  # placeholder, never read
         grad_avg if grad_avg is not None else param,  # placeholder, never read
-        # Placeholders, never touched, where a feature is off.
+        # A placeholder, never touched, where the feature is off.
         low_precision_param if low_precision_param is not None else param,
-        scale_tensor if scale_tensor is not None else param,
-        n,
+    ]
+    numbers = (
         float(lr),
         float(alpha),
         1.0 - float(alpha),
@@ -339,14 +359,36 @@ def rmsprop_triton_(
         # explicitly also silences Triton 3.9's warning about the default changing in 3.10.
         enable_fp_fusion=False,
     )
-    if device.type == "cuda":
-        # Triton launches on the *current* device and its current stream.
-        with torch.cuda.device(device):
+    for start, end in _launch_ranges(n, shards):
+        part = shards if end - start == n else [t[start:end] for t in shards]
+        # A placeholder, never touched, where grad_scale is not a tensor.
+        scale_ptr = scale_tensor if scale_tensor is not None else param
+        args = (*part, scale_ptr, end - start, *numbers)
+        grid = (triton.cdiv(end - start, BLOCK_SIZE),)
+        if device.type == "cuda":
+            # Triton launches on the *current* device and its current stream.
+            with torch.cuda.device(device):
+                kernel[grid](*args, **options)
+        else:
             kernel[grid](*args, **options)
-    else:
-        kernel[grid](*args, **options)
 
     mark_written(written)
+
+
+def _launch_ranges(n: int, shards: list[Tensor]) -> list[tuple[int, int]]:
+    """The ranges ``[start, end)`` of the launches that update ``n`` elements: one, or two.
+
+    Triton specialises ``n_elements`` on being divisible by 16, and only that variant
+    vectorises: otherwise ``offsets < n_elements`` may turn false at any element, and every
+    access of the launch becomes a scalar one (``ld.global.b16`` for 16-bit storage). So when
+    ``n`` is not a multiple of 16 and every shard starts on a 16-byte boundary (without that,
+    the accesses are scalar anyway), the first ``n - n % 16`` elements are one launch, of the
+    vectorised variant, and the last ``n % 16`` another.
+    """
+    body = n - n % _DIVISIBILITY
+    if 0 < body < n and all(t.data_ptr() % _DIVISIBILITY == 0 for t in shards):
+        return [(0, body), (body, n)]
+    return [(0, n)]
 
 
 def _grad_scale_args(grad_scale: Tensor | float | None) -> tuple[str, Tensor | None, float]:
