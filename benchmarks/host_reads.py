@@ -82,6 +82,7 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.by_site: collections.Counter[str] = collections.Counter()
         self._wrapped: dict[str, Any] = {}
+        self._within_read = False
 
     def __enter__(self) -> HostReads:
         for name in ("tolist", "numpy"):
@@ -99,7 +100,11 @@ class HostReads(TorchDispatchMode):
     def _counting(self, original: Any) -> Any:
         def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.by_site[package_frame()] += 1
-            return original(tensor, *args, **kwargs)
+            self._within_read = True  # (its own copy to the CPU, off a GPU, is this read)
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self._within_read = False
 
         return read
 
@@ -107,7 +112,8 @@ class HostReads(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _READS or (func in _COPIES and _copies_to_host(func, args, kwargs)):
+        reads = func in _READS or (func in _COPIES and _copies_to_host(func, args, kwargs))
+        if reads and not self._within_read:
             self.by_site[package_frame()] += 1
         return func(*args, **kwargs)
 

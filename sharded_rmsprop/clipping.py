@@ -38,7 +38,7 @@ def clip_grad_norm(
     ``pending``, a clip not applied yet); collective."""
     sharding = opt.sharding
     with Agreement(sharding.data_parallel, "clip_grad_norm_()", followable=True) as agreement:
-        sharding.sync.wait_all()
+        sharding.sync.wait_all(settle=True)
         norm_type = gradients.check_norm_type(norm_type)
         scan = sharding.scan(opt.param_groups, check_grad)
         check_reduced_grads(sharding, opt.param_groups)

@@ -110,7 +110,7 @@ def agree_on_step(opt: ShardedOptimizer, clip: PendingClip | None) -> OwnGradien
     sharding = opt.sharding
     try:
         with Agreement(sharding.data_parallel, "step()", followable=True) as agreement:
-            sharding.sync.wait_all()  # (the sync the last step left running)
+            sharding.sync.wait_all(settle=True)  # (the sync the last step left running)
             for g, group in enumerate(opt.param_groups):
                 check_numeric_options(f"param_groups[{g}]", group)
             scaler = ScalerRequest.from_optimizer(opt)

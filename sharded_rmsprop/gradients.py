@@ -182,7 +182,7 @@ def norm_part(
     op = reduce_op(norm_type)
     grads = [grad for grad in grads if grad.numel()]
     if not grads:
-        return torch.tensor(math.inf if op == "min" else 0.0, device=device, dtype=dtype)
+        return torch.full((), math.inf if op == "min" else 0.0, device=device, dtype=dtype)
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for grad in grads:
         by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
@@ -231,7 +231,7 @@ def nonfinite_on_some_rank(
     (it ran out of data under Join) has no say: it gives what leaves their maxima theirs. The
     answer is known on the host, so on a GPU this waits for the gradients.
     """
-    found = torch.tensor(False, device=device)
+    found = torch.zeros((), dtype=torch.bool, device=device)  # (a fill: no copy from the host)
     if scaler is not None:
         found |= scaler.found_inf.to(device) > 0
     if grads is not None:
@@ -241,7 +241,8 @@ def nonfinite_on_some_rank(
         inverse = scaler.inverse_scale.to(device, torch.float64)
     mine = torch.stack([found.to(torch.float64), inverse, -inverse])
     if following:
-        mine = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64, device=device)
+        mine = torch.full((3,), -math.inf, dtype=torch.float64, device=device)
+        mine[0] = 0.0
     any_found, highest, minus_lowest = data_parallel.all_reduce_tensor(mine, "max").tolist()
     if highest != -minus_lowest:
         raise RuntimeError(
@@ -264,7 +265,7 @@ def has_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
-        return torch.tensor(False, device=device)
+        return torch.zeros((), dtype=torch.bool, device=device)
     if any(t.device.type != "cpu" for t in tensors):
         return norm_part(tensors, math.inf, device, torch.float64).isfinite().logical_not()
     extremes = [

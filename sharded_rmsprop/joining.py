@@ -307,7 +307,7 @@ class Record:
         """The leaders' gradient factor, the same bits on ``device``."""
         if not self.scale_dtype:
             return None
-        return torch.tensor(self.scale, dtype=_DTYPES[self.scale_dtype], device=device)
+        return torch.full((), self.scale, dtype=_DTYPES[self.scale_dtype], device=device)
 
 
 def receiver(opt: ShardedOptimizer, leader: int) -> Callable[[Tensor], None]:

@@ -119,7 +119,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         sharing = shares_failure(self._data_parallel, "add_param_group()")
         try:
             with sharing if self._constructed else contextlib.nullcontext():
-                self.wait_for_params()
+                self.sharding.sync.wait_all(settle=True)
                 if self._clip is not None:
                     raise RuntimeError(
                         "add_param_group() between clip_grad_norm_() and step(): the pending "
@@ -286,7 +286,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         Collective: every rank must call it (the DDP models' collectives must match).
         """
         with Agreement(self._data_parallel, "close()"):
-            self.wait_for_params()
+            self.sharding.sync.wait_all(settle=True)
             grad_reduction.check_no_reduced_grads_held(self.sharding, self.param_groups)
         grad_reduction.detach(self.sharding)
         if self.sharding.param_overlap is not None:
@@ -344,7 +344,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         """
         self._consolidated = None
         with shares_failure(self.sharding.data_parallel, "consolidate_state_dict()"):
-            self.sharding.sync.wait_all()
+            self.sharding.sync.wait_all(settle=True)
             self._state_dict_pre_hooks()
         self._consolidated = checkpoint.assembled_full_state_dict(
             self, to, operation="consolidate_state_dict()"
@@ -364,7 +364,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         Collective: every rank of the process group must call it.
         """
         with shares_failure(self.sharding.data_parallel, "full_state_dict()"):
-            self.sharding.sync.wait_all()
+            self.sharding.sync.wait_all(settle=True)
             self._state_dict_pre_hooks()
         state_dict = checkpoint.assembled_full_state_dict(self, to, chunk_numel=chunk_numel)
         return None if state_dict is None else self._after_state_dict_hooks(state_dict)
@@ -394,7 +394,7 @@ class ShardedRMSprop(Optimizer, Joinable):
         """
         self._forget_consolidated()
         with shares_failure(self.sharding.data_parallel, "load_state_dict()"):
-            self.sharding.sync.wait_all()
+            self.sharding.sync.wait_all(settle=True)
             if isinstance(state_dict, Mapping):
                 state_dict = dict(state_dict)  # a shallow copy for the hooks, as torch's
             for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -186,10 +186,17 @@ class ShardSync:
             )
         self._check_landed()
 
-    def wait_all(self) -> None:
-        """:meth:`wait` for every bucket (not a collective: the collectives were started)."""
+    def wait_all(self, settle: bool = False) -> None:
+        """:meth:`wait` for every bucket (not a collective: the collectives were started).
+        ``settle``, inside a collective method's agreement: also wait for the race checks
+        still on their way to the host, so that a race is found there, on every rank (on a
+        GPU an event recorded in the forward, long complete by then)."""
         self.wait(list(self.pending))
         _IN_FLIGHT.discard(self)
+        if settle:
+            for flag in self._unread:
+                flag.land()
+            self._check_landed()
 
     def _check_unchanged(
         self, bucket: ShardedBucket, versions: list[int] | None, fingerprint: Tensor | None
@@ -213,7 +220,8 @@ class ShardSync:
         (the parameters are not to be trusted). A fingerprint comparison is read once it has
         reached the host: at once on a CPU; on a GPU, when its copy has landed, so the host
         never waits for the device (a change through ``p.data`` is then reported at a later
-        wait: the next step's agreement waits first, so the step refuses on every rank)."""
+        wait, at the latest at the next collective method's agreement, which settles them:
+        :meth:`wait_all`, so that method refuses on every rank)."""
         if self.raced is None and self._unread:
             landed = {id(flag): flag.landed() for flag in self._unread}
             found = any(flag.value() for flag in self._unread if landed[id(flag)])
@@ -248,13 +256,19 @@ class _OnTheWay:
         if flag.device.type != "cuda":
             return cls(flag, None)
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        stream = torch.cuda.current_stream(flag.device)  # (the copy's: the flag's device's)
         host.copy_(flag, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(stream)
         return cls(host, copied)
 
     def landed(self) -> bool:
         return self.copied is None or self.copied.query()
+
+    def land(self) -> None:
+        """Wait until it has reached the host."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
     def value(self) -> bool:
         return bool(self.host)

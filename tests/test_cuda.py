@@ -119,3 +119,34 @@ def test_two_ranks_checkpoint_saved_on_cuda_resumes_at_one_and_three(tmp_path) -
     for world_size in (1, 3):
         for result in run_ranks(world_size, dcp_resume_on_rank, path, 3, CUDA):
             assert result["equal_at_load"] and result["equal_after"]
+
+
+def overlap_race_on_rank(rank: int, world_size: int, race: bool) -> dict:
+    """overlap_param_sync with CUDA buffers shared by gloo ranks: the race check's flags go
+    through pinned host memory (sync._OnTheWay). ``race``: every rank clamps p.data while the
+    sync is in flight (no version counter sees it), and the next step's agreement, which
+    settles the flags, must refuse on every rank."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).to(CUDA)
+    opt = ShardedRMSprop(model.parameters(), lr=1e-2)
+    opt.overlap_param_sync(model)
+    model(torch.randn(8, 64, device=CUDA)).square().mean().backward()
+    opt.step()  # (its sync left in flight)
+    if race:
+        for p in model.parameters():
+            p.data.clamp_(-0.01, 0.01)
+    try:
+        opt.step()  # (the same gradients again: its agreement waits for the sync first)
+    except RuntimeError as caught:
+        return {"error": str(caught)}
+    opt.wait_for_params()
+    return {"error": None, "finite": all(p.isfinite().all().item() for p in model.parameters())}
+
+
+@pytest.mark.parametrize("race", [False, True], ids=["no race", "p.data in flight"])
+def test_overlap_race_check_on_cuda_reaches_every_rank(race: bool) -> None:
+    for result in run_ranks(2, overlap_race_on_rank, race):
+        if race:
+            assert result["error"] and "changed while the sync" in result["error"], result
+        else:
+            assert result["error"] is None and result["finite"], result

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
 import string
 import subprocess
@@ -30,7 +31,7 @@ from test_train_job import MEMORY, REPO_ROOT, TINY, TRAIN, _describe, _env, summ
 
 from sharded_rmsprop.distributed import _free_port, _point_mpi4py_at_open_mpi
 
-APT_TIMEOUT_S = 300  # one apt-get call (an index update or an install)
+APT_BUDGET_S = 240  # every apt-get call of one install together (index update, retry)
 DAEMONS_UP_S = 30  # munged, slurmctld and slurmd up and the node idle
 TIMEOUT_S = 120  # one launch
 SLURM_CONF = Path(__file__).parent / "launchers" / "slurm.conf"
@@ -64,20 +65,36 @@ def _apt_install(*packages: str) -> str | None:
         return "no apt-get on this machine"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = [apt, "install", "-y", "-q", "--no-install-recommends",
-               "-o", "DPkg::Lock::Timeout=120", *packages]
+               "-o", "DPkg::Lock::Timeout=60", *packages]
+    deadline = time.monotonic() + APT_BUDGET_S
+    apt_get = lambda command: subprocess.run(  # noqa: E731
+        command, env=env, capture_output=True, text=True,
+        timeout=max(1.0, deadline - time.monotonic()),
+    )
     try:
-        proc = subprocess.run(install, env=env, capture_output=True, text=True,
-                              timeout=APT_TIMEOUT_S)
+        proc = apt_get(install)
         if proc.returncode != 0:  # an index that is missing or stale: update it, try again
-            subprocess.run([apt, "update", "-q"], env=env, capture_output=True,
-                           timeout=APT_TIMEOUT_S)
-            proc = subprocess.run(install, env=env, capture_output=True, text=True,
-                                  timeout=APT_TIMEOUT_S)
+            apt_get([apt, "update", "-q"])
+            proc = apt_get(install)
     except subprocess.TimeoutExpired:
-        return f"apt-get install {' '.join(packages)} took over {APT_TIMEOUT_S} s"
+        return f"apt-get install {' '.join(packages)} took over {APT_BUDGET_S} s"
     if proc.returncode != 0:
         return f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-500:]}"
     return None
+
+
+def _run_bounded(command: list[str], env: dict[str, str], timeout: float):
+    """``command`` run to its end, or, past ``timeout``, killed with everything it started
+    (a launcher's ranks too) and its output so far returned with exit code -9."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {timeout} s)"
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _which(command: str) -> str | None:
@@ -118,10 +135,9 @@ class SlurmCluster:
         """The variables its clients need: a launcher-free environment plus ``SLURM_CONF``."""
         return _env(SLURM_CONF=str(self.dir / "slurm.conf"))
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         command = [self.commands.get(args[0], args[0]), *args[1:]]
-        return subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
+        return _run_bounded(command, self.env, timeout)
 
     def logs(self) -> str:
         return "\n".join(_tail(self.dir / name) for name in ("slurmctld.log", "slurmd.log"))
@@ -130,7 +146,10 @@ class SlurmCluster:
 def _node_hardware(slurmd: str) -> str:
     """This machine's CPUs, sockets, cores and threads as ``slurmd -C`` sees them (the node
     would be drained if the configuration promised more); its memory is left out."""
-    proc = subprocess.run([slurmd, "-C"], capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run([slurmd, "-C"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"CPUs={os.cpu_count() or 1}"
     fields = dict(re.findall(r"(\w+)=(\S+)", proc.stdout.splitlines()[0] if proc.stdout else ""))
     keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
     if proc.returncode != 0 or not all(key in fields for key in keys):
@@ -178,7 +197,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
                                                 stdin=subprocess.DEVNULL, env=cluster.env))
             if daemon is daemons[0]:  # slurmctld needs munge
                 _wait_for((munge / "munge.socket").exists, "munged's socket", started, root)
-        state = lambda: cluster.run("sinfo", "-h", "-N", "-n", node, "-o", "%T").stdout.strip()
+        state = lambda: cluster.run(  # noqa: E731  ("" while sinfo gets no answer)
+            "sinfo", "-h", "-N", "-n", node, "-o", "%T", timeout=10
+        ).stdout.strip()
         _wait_for(lambda: state() == "idle", f"node {node} idle", started, root)
         yield cluster
     finally:
@@ -214,8 +235,12 @@ def open_mpi_run() -> list[str]:
     flags a root user in a container needs."""
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install mpi4py)")
+    import mpi4py
+
+    if tuple(int(part) for part in re.findall(r"\d+", mpi4py.__version__)[:2]) < (4, 1):
+        pytest.skip(f"mpi4py {mpi4py.__version__} predates the wheels that load Open MPI (4.1)")
     mpirun = _need(("mpirun.openmpi",), ("openmpi-bin",))["mpirun.openmpi"]
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    version = _run_bounded([mpirun, "--version"], dict(os.environ), 30)
     if not re.search(r"Open MPI|OpenRTE|open-mpi\.org", version.stdout + version.stderr):
         pytest.skip(f"{mpirun} is not Open MPI's: {version.stdout.strip()[:200]}")
     return [mpirun, "--allow-run-as-root", "--oversubscribe"]
@@ -277,9 +302,9 @@ def test_open_mpi_mpirun_two_ranks(open_mpi_run: list[str]) -> None:
     Open MPI, init_distributed points it at Open MPI's (without, MPICH's MPI_Init aborts)."""
     env = _env()
     assert "MPI4PY_LIBMPI" not in env and "MPI4PY_MPIABI" not in env
-    run = lambda *args: subprocess.run([*open_mpi_run, "-n", "2", sys.executable, *args],
-                                       cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                       timeout=TIMEOUT_S)
+    run = lambda *args: _run_bounded(  # noqa: E731
+        [*open_mpi_run, "-n", "2", sys.executable, *args], env, TIMEOUT_S
+    )
     probe = run("-c", PROBE)
     lines = probe_lines(probe)
     assert all(m.group(4) == "mpi" for m in lines.values()), _describe(probe)
