@@ -222,4 +222,14 @@ def _fork_rank(
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        _finalize_mpi()
         os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """What a normal exit would do that ``os._exit`` skips: finalize MPI where the rank's
+    code started it (Lightning's environment detection does, through mpi4py), or MPICH leaves
+    its shared-memory segments in /dev/shm, 1 MiB each, at every such test."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
