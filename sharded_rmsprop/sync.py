@@ -223,10 +223,9 @@ class ShardSync:
         wait, at the latest at the next collective method's agreement, which settles them:
         :meth:`wait_all`, so that method refuses on every rank)."""
         if self.raced is None and self._unread:
-            landed = {id(flag): flag.landed() for flag in self._unread}
-            found = any(flag.value() for flag in self._unread if landed[id(flag)])
-            self._unread = [flag for flag in self._unread if not landed[id(flag)]]
-            if found:
+            arrived = [flag for flag in self._unread if flag.landed()]
+            self._unread = [flag for flag in self._unread if flag not in arrived]
+            if any(flag.value() for flag in arrived):
                 self._raise_raced("through p.data, in the range this rank owns")
         if self.raced is not None:
             raise RuntimeError(self.raced)
