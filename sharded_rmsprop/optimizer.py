@@ -93,9 +93,9 @@ class ShardedRMSprop(Optimizer, Joinable):
         #: for the next :meth:`state_dict` call unless the state changes first.
         self._consolidated: dict[str, Any] | None = None
         self._constructed = False
-        options, switches, settings = schema.bind(args, kwargs)
-        data_parallel = DataParallelGroup.resolve(settings["process_group"])
+        data_parallel = DataParallelGroup.resolve(kwargs.get("process_group"))  # (bind: shared)
         with shares_failure(data_parallel, "__init__()"):
+            options, switches, settings = schema.bind(args, kwargs)
             check_hyperparameters(options)
             check_torch_implementation(**switches)
             #: The settings every rank must share (compared at construction).

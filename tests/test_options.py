@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from spawn import run_ranks
 
 from sharded_rmsprop import ShardedRMSprop
 from sharded_rmsprop.kernels import rmsprop_cpu_fused_, rmsprop_reference_, rmsprop_triton_
@@ -94,3 +95,20 @@ def test_the_package_imports_without_docstrings() -> None:
         [sys.executable, "-OO", "-c", "import sharded_rmsprop"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def bind_on_rank(rank: int, world_size: int) -> str:
+    params = [torch.zeros(4, requires_grad=True)]
+    try:
+        ShardedRMSprop(params, 0.1, **({"lr_": 1} if rank == 1 else {}))
+    except TypeError as error:
+        return str(error)
+    return "built"
+
+
+def test_a_call_that_fits_on_one_rank_only_is_an_error_on_every_rank() -> None:
+    """The arguments are bound inside the construction's shared failure: a rank whose call
+    does not fit does not leave the others waiting in the agreement."""
+    theirs, mine = run_ranks(2, bind_on_rank, timeout=60)
+    assert mine == "ShardedRMSprop(): got an unexpected keyword argument 'lr_'"
+    assert "failed on rank 1" in theirs and mine in theirs
